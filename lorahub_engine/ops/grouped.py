@@ -1,0 +1,115 @@
+"""`grouped_lora`: the public op, its backend choice and its autograd Function.
+
+Index legend: t tokens (T), j slots (k), e experts (E), p = t * k + j a (token, slot) pair, r rank.
+
+    delta[t] = sum_j gates[t, j] * scale[e] * B[e] @ A[e] @ x[t],   e = idx[t, j],  idx == -1 contributes nothing
+
+A backend is a module with four functions over one `plan` it builds from `idx`:
+    plan(idx[T,k], num_experts)            -> opaque metadata (pairs grouped by expert), built once per call
+    shrink(x[T,in], A[E,r,in], plan)       -> u[T*k, r] acc,   u[p] = A[e] @ x[t]          (0 where idx < 0)
+    expand(u[T*k,r], B[E,out,r], coef[T*k], plan) -> y[T,out] acc,  y[t] = sum_j coef[p] * B[e] @ u[p]
+    outer(left[T*k,a], right[T,b], plan)   -> g[E,a,b] acc,   g[e] = sum_{p: idx=e} left[p]^T right[t]
+"acc" is the accumulation dtype: fp32 for half inputs, the input's own precision above that.
+The forward and the backward below are written once in terms of these, so every backend trains the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def grouped_lora(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: torch.Tensor,
+    idx: torch.Tensor,
+    gates: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LoRA deltas of many experts for many tokens at once.
+
+    x [T, in], A [E, r, in], B [E, out, r], scale [E], idx [T, k] integer (-1 = none), gates [T, k] (None = ones).
+    Returns delta [T, out] in x's dtype. Differentiable in x, A, B and gates (scale and idx are constants).
+    Mixed ranks are expressed by zero-padding A's rows and B's columns to a common r.
+    """
+    _check_shapes(x, A, B, scale, idx, gates)
+    if gates is None:
+        gates = torch.ones(idx.shape, dtype=torch.float32, device=x.device)
+    return _GroupedLora.apply(x, A, B, scale, idx.long(), gates, resolve_backend(backend, x))
+
+
+def resolve_backend(name: str, x: torch.Tensor) -> ModuleType:
+    """The backend module for `name`; "auto" picks Triton for CUDA tensors and torch otherwise."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        name = "triton" if x.is_cuda and importlib.util.find_spec("triton") is not None else "torch"
+    return importlib.import_module(f"lorahub_engine.ops.{name}_backend")
+
+
+def pair_coefficients(scale: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """coef[p] = gates[t, j] * scale[e] for valid pairs, 0 for idx == -1. Shape [T*k], at least fp32."""
+    valid = idx >= 0
+    dtype = torch.promote_types(gates.dtype, torch.float32)
+    coef = gates.to(dtype) * scale.to(dtype)[idx.clamp(min=0)]
+    return torch.where(valid, coef, torch.zeros_like(coef)).reshape(-1)
+
+
+class _GroupedLora(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A, B, scale, idx, gates, backend):
+        plan = backend.plan(idx, A.shape[0])
+        coef = pair_coefficients(scale, idx, gates)
+        u = backend.shrink(x, A, plan)  # (T*k, r) acc
+        y = backend.expand(u, B, coef, plan)  # (T, out) acc
+        ctx.save_for_backward(x, A, B, scale, idx, gates, u, coef)
+        ctx.plan, ctx.backend = plan, backend
+        return y.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, A, B, scale, idx, gates, u, coef = ctx.saved_tensors
+        plan, backend = ctx.plan, ctx.backend
+        need_x, need_A, need_B, _, _, need_gates, _ = ctx.needs_input_grad
+        grad_y = grad_y.contiguous()
+        grad_x = grad_A = grad_B = grad_gates = None
+        # v[p] = B[e]^T grad_y[t]: the gradient arriving at the rank-r bottleneck of pair p.
+        v = backend.shrink(grad_y, B.transpose(1, 2).contiguous(), plan)  # (T*k, r)
+        if need_x:
+            grad_x = backend.expand(v, A.transpose(1, 2).contiguous(), coef, plan).to(x.dtype)
+        if need_A:
+            grad_A = backend.outer(v * coef[:, None], x, plan).to(A.dtype)  # (E, r, in)
+        if need_B:
+            grad_B = backend.outer(u * coef[:, None], grad_y, plan).transpose(1, 2).to(B.dtype)  # (E, out, r)
+        if need_gates:
+            per_pair = scale.to(u.dtype)[idx.clamp(min=0)].reshape(-1) * (u * v).sum(-1)
+            per_pair = torch.where(idx.reshape(-1) >= 0, per_pair, torch.zeros_like(per_pair))
+            grad_gates = per_pair.view(idx.shape).to(gates.dtype)
+        return grad_x, grad_A, grad_B, None, None, grad_gates, None
+
+
+def _check_shapes(x, A, B, scale, idx, gates) -> None:
+    if x.dim() != 2 or A.dim() != 3 or B.dim() != 3:
+        raise ValueError(f"expected x [T,in], A [E,r,in], B [E,out,r]; got {tuple(x.shape)}, {tuple(A.shape)}, {tuple(B.shape)}")
+    E, r, d_in = A.shape
+    if x.shape[1] != d_in or B.shape[0] != E or B.shape[2] != r:
+        raise ValueError(f"shapes do not chain: x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
+    if A.dtype != x.dtype or B.dtype != x.dtype:
+        raise ValueError(f"x, A and B must share a dtype, got {x.dtype}, {A.dtype}, {B.dtype}")
+    if scale.shape != (E,):
+        raise ValueError(f"scale must have shape ({E},), got {tuple(scale.shape)}")
+    if idx.dim() != 2 or idx.shape[0] != x.shape[0]:
+        raise ValueError(f"idx must have shape [T={x.shape[0]}, k], got {tuple(idx.shape)}")
+    if idx.dtype.is_floating_point:
+        raise ValueError(f"idx must be an integer tensor, got {idx.dtype}")
+    if gates is not None and gates.shape != idx.shape:
+        raise ValueError(f"gates must match idx's shape {tuple(idx.shape)}, got {tuple(gates.shape)}")
+    if not idx.is_cuda and idx.numel() and (int(idx.max()) >= E or int(idx.min()) < -1):
+        raise ValueError(f"idx values must lie in [-1, {E - 1}]")
