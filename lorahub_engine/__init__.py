@@ -1,0 +1,28 @@
+"""lorahub-engine: compose, retrieve, search and route LoRA adapters through one grouped LoRA op."""
+
+from lorahub_engine.adapter import LoraAdapter, LoraModule
+from lorahub_engine.errors import (
+    AdapterError,
+    AdapterFileError,
+    AdapterFormatError,
+    IncompatibleModelError,
+    MergeError,
+    NonFiniteError,
+    UnsupportedFeatureError,
+)
+from lorahub_engine.ops import grouped_lora
+from lorahub_engine.zoo import AdapterZoo
+
+__all__ = [
+    "AdapterError",
+    "AdapterFileError",
+    "AdapterFormatError",
+    "AdapterZoo",
+    "IncompatibleModelError",
+    "LoraAdapter",
+    "LoraModule",
+    "MergeError",
+    "NonFiniteError",
+    "UnsupportedFeatureError",
+    "grouped_lora",
+]

@@ -1,0 +1,245 @@
+"""LoraAdapter: per-module factors A [r, in], B [out, r] and a scale; PEFT folder I/O (safetensors only).
+
+Everything else (delta weights, ranks, the PEFT config written back) derives from those three per module.
+Factors are always kept in nn.Linear orientation; `fan_in_fan_out` (GPT-2 Conv1D) only matters where a delta is
+folded into a stored weight, and is kept so a saved adapter round-trips.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lorahub_engine._io import atomic_dir
+from lorahub_engine.errors import (
+    AdapterError,
+    AdapterFileError,
+    AdapterFormatError,
+    NonFiniteError,
+    UnsupportedFeatureError,
+)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
+_METADATA_KEY = "lorahub_engine.metadata"
+
+
+@dataclass
+class LoraModule:
+    """One target module: dW = scale * B @ A, in nn.Linear orientation [out, in]."""
+
+    A: torch.Tensor  # (r, in)
+    B: torch.Tensor  # (out, r)
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.B.float() @ self.A.float())
+
+
+@dataclass
+class LoraAdapter:
+    """A LoRA adapter as plain data: `modules` maps module paths (as in the model) to their factors."""
+
+    name: str
+    modules: Mapping[str, LoraModule]
+    base_model: str | None = None
+    task_type: str | None = None
+    fan_in_fan_out: bool = False
+    metadata: dict = field(default_factory=dict)  # "description", "family", "samples" (list of inputs)
+
+    def delta_weight(self, module: str) -> torch.Tensor:
+        """Scaled dW of one module in nn.Linear orientation [out, in], fp32."""
+        return self.modules[module].delta_weight()
+
+    def with_modules(self, modules: Mapping[str, LoraModule], **changes) -> LoraAdapter:
+        return replace(self, modules=dict(modules), **changes)
+
+    @classmethod
+    def load(cls, path: str | Path, name: str | None = None, lazy: bool = False) -> LoraAdapter:
+        """Read a PEFT LoRA folder. `lazy=True` reads each module's tensors only when it is accessed."""
+        folder = Path(path)
+        config = _read_config(folder)
+        weights = folder / WEIGHTS_FILE
+        if not weights.is_file():
+            if (folder / "adapter_model.bin").is_file():
+                raise AdapterFileError(
+                    f"{folder}: only adapter_model.bin (a pickle) is present; we never unpickle adapter files. "
+                    "Convert it to adapter_model.safetensors with a tool you trust."
+                )
+            raise AdapterFileError(f"{folder}: {WEIGHTS_FILE} is missing")
+        reader = _SafetensorsModules(weights, config)
+        modules = reader if lazy else {m: reader[m] for m in reader}
+        return cls(
+            name=name or folder.name,
+            modules=modules,
+            base_model=config.get("base_model_name_or_path"),
+            task_type=config.get("task_type"),
+            fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+            metadata=reader.metadata,
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write a PEFT folder (config + safetensors) atomically: it appears whole or not at all."""
+        if not self.modules:
+            raise AdapterFormatError(f"adapter {self.name!r} has no modules to save")
+        tensors, ranks, alphas = {}, {}, {}
+        for module, lora in self.modules.items():
+            _check_finite(self.name, module, lora)
+            tensors[f"{PREFIX}{module}.lora_A.weight"] = lora.A.contiguous()
+            tensors[f"{PREFIX}{module}.lora_B.weight"] = lora.B.contiguous()
+            ranks[module], alphas[module] = lora.rank, lora.scale * lora.rank
+        with atomic_dir(path) as tmp:
+            (tmp / CONFIG_FILE).write_text(json.dumps(self._peft_config(ranks, alphas), indent=2))
+            save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", _METADATA_KEY: json.dumps(self.metadata)})
+
+    def _peft_config(self, ranks: dict[str, int], alphas: dict[str, float]) -> dict:
+        r = Counter(ranks.values()).most_common(1)[0][0]
+        alpha = Counter(a for m, a in alphas.items() if ranks[m] == r).most_common(1)[0][0]
+        return {
+            "peft_type": "LORA",
+            "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model,
+            "r": r,
+            "lora_alpha": alpha,
+            "use_rslora": False,
+            "rank_pattern": {re.escape(m): n for m, n in ranks.items() if n != r},
+            "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
+            "target_modules": sorted(self.modules),
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "use_dora": False,
+            "modules_to_save": None,
+            "inference_mode": True,
+        }
+
+
+def pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module path."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def module_scale(config: Mapping, module: str) -> tuple[int, float]:
+    """(rank, scale) of a module under a PEFT LoRA config: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    r = int(pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+    alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+    return r, alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+_UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "LoRA bias (lora_bias)",
+    "modules_to_save": "modules_to_save",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+}
+
+
+def _read_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise AdapterFileError(f"{folder}: no such adapter folder")
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterFileError(f"{folder}: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UnsupportedFeatureError(f"{path}: peft_type {config['peft_type']!r} is not LORA")
+    for key, feature in _UNSUPPORTED.items():
+        if config.get(key):
+            raise UnsupportedFeatureError(f"{path}: {feature} is not supported")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+            raise AdapterFormatError(f"{path}: {key!r} must be a positive number, got {config.get(key)!r}")
+    return config
+
+
+class _SafetensorsModules(Mapping):
+    """Module path -> LoraModule, read from a safetensors file on access (validated there)."""
+
+    def __init__(self, weights: Path, config: dict):
+        self.weights, self.config = weights, config
+        try:
+            with safe_open(weights, framework="pt") as f:
+                keys = list(f.keys())
+                header = f.metadata() or {}
+        except (SafetensorError, OSError) as e:
+            raise AdapterFileError(f"{weights}: unreadable safetensors file ({e})") from None
+        self.metadata = json.loads(header.get(_METADATA_KEY, "{}"))
+        self._keys: dict[str, dict[str, str]] = {}
+        for key in keys:
+            match = _KEY.match(key)
+            if match is None:
+                raise _unknown_key(weights, key)
+            self._keys.setdefault(match["module"], {})[match["factor"]] = key
+        for module, factors in self._keys.items():
+            if set(factors) != {"A", "B"}:
+                raise AdapterFormatError(f"{weights}: module {module!r} lacks lora_{({'A', 'B'} - set(factors)).pop()}")
+        if not self._keys:
+            raise AdapterFormatError(f"{weights}: no LoRA weights found")
+
+    def __getitem__(self, module: str) -> LoraModule:
+        keys = self._keys[module]
+        try:
+            with safe_open(self.weights, framework="pt") as f:
+                A, B = f.get_tensor(keys["A"]), f.get_tensor(keys["B"])
+        except (SafetensorError, OSError) as e:
+            raise AdapterFileError(f"{self.weights}: cannot read {module!r} ({e})") from None
+        r, scale = module_scale(self.config, module)
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise AdapterFormatError(
+                f"{self.weights}: {module!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
+                "expected [r, in] and [out, r]"
+            )
+        if A.shape[0] != r:
+            raise AdapterFormatError(f"{self.weights}: {module!r} has rank {A.shape[0]} but the config says r={r}")
+        lora = LoraModule(A, B, scale)
+        _check_finite(str(self.weights), module, lora)
+        return lora
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _unknown_key(weights: Path, key: str) -> AdapterError:
+    for marker, feature in (
+        ("lora_embedding_", "embedding LoRA"),
+        ("lora_magnitude_vector", "DoRA"),
+        ("lora_B.bias", "LoRA bias"),
+        ("modules_to_save", "modules_to_save"),
+    ):
+        if marker in key:
+            return UnsupportedFeatureError(f"{weights}: {feature} is not supported (key {key!r})")
+    return AdapterFormatError(f"{weights}: unexpected key {key!r}")
+
+
+def _check_finite(where: str, module: str, lora: LoraModule) -> None:
+    for factor, t in (("A", lora.A), ("B", lora.B)):
+        if not torch.isfinite(t).all():
+            raise NonFiniteError(f"{where}: {module!r} lora_{factor} holds NaN or inf")
+    if not math.isfinite(lora.scale):
+        raise NonFiniteError(f"{where}: {module!r} has a non-finite scale {lora.scale}")
