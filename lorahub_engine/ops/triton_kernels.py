@@ -113,7 +113,9 @@ def outer_reduce_kernel(part, g, first_chunk, num_chunks, numel, BLOCK: tl.const
     ok = offs < numel
     first = tl.load(first_chunk + e)
     count = tl.load(num_chunks + e)
+    ptr = part + first.to(tl.int64) * numel + offs
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for c in range(first, first + count):
-        acc += tl.load(part + c.to(tl.int64) * numel + offs, mask=ok, other=0.0)
+    for _ in range(count):
+        acc += tl.load(ptr, mask=ok, other=0.0)
+        ptr += numel
     tl.store(g + e.to(tl.int64) * numel + offs, acc.to(g.dtype.element_ty), mask=ok)
