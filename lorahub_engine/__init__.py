@@ -1,6 +1,16 @@
 """lorahub-engine: compose, retrieve, search and route LoRA adapters through one grouped LoRA op."""
 
 from lorahub_engine.adapter import LoraAdapter, LoraModule
+from lorahub_engine.attach import (
+    attach,
+    attached_names,
+    detach,
+    init_adapter,
+    merge_into_base,
+    read_adapters,
+    routing,
+    set_weights,
+)
 from lorahub_engine.errors import (
     AdapterError,
     AdapterFileError,
@@ -24,5 +34,13 @@ __all__ = [
     "MergeError",
     "NonFiniteError",
     "UnsupportedFeatureError",
+    "attach",
+    "attached_names",
+    "detach",
     "grouped_lora",
+    "init_adapter",
+    "merge_into_base",
+    "read_adapters",
+    "routing",
+    "set_weights",
 ]

@@ -1,0 +1,121 @@
+"""The one LoRA layer: wraps nn.Linear or Conv1D, holds a stacked expert bank, calls grouped_lora.
+
+The layer holds no composition logic: which experts each token uses, with which gates, comes from the model's
+`Dispatch` (per-row adapter ids, a fixed weight vector, a retrieval or population assignment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorahub_engine.merge.lorahub import lorahub_factors
+from lorahub_engine.ops import grouped_lora
+
+MODES = ("mixture", "fusion")
+
+
+@dataclass(frozen=True)
+class RowRouting:
+    """Per batch row: experts idx [N, k] (-1 = none) with gates [N, k]; N = 1 broadcasts to every row.
+
+    mode "mixture" sums the k experts' outputs; "fusion" first merges each row's k experts into one by the
+    LoraHub factor rule (gates as weights), then applies that single expert.
+    """
+
+    idx: torch.Tensor
+    gates: torch.Tensor
+    mode: str = "mixture"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.idx.dim() != 2 or self.gates.shape != self.idx.shape:
+            raise ValueError(f"idx and gates must both be [rows, k]; got {tuple(self.idx.shape)}, {tuple(self.gates.shape)}")
+
+
+class Dispatch:
+    """The routing every LoRA layer of one model reads during a forward: a stack, innermost wins."""
+
+    def __init__(self):
+        self.stack: list[RowRouting] = []
+        self.default: RowRouting | None = None  # from set_weights
+
+    @property
+    def current(self) -> RowRouting | None:
+        return self.stack[-1] if self.stack else self.default
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D (weight stored [in, out]); None otherwise."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+class LoraLayer(nn.Module):
+    """y = base(x) + grouped_lora(x, A, B, scale, idx, gates) for a bank of E experts (zero-padded to rank r)."""
+
+    def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, ranks: list[int],
+                 dispatch: Dispatch):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(A, requires_grad=False)  # (E, r, in)
+        self.lora_B = nn.Parameter(B, requires_grad=False)  # (E, out, r)
+        self.register_buffer("lora_scale", scale)  # (E,)
+        self.ranks = ranks  # true rank of each expert here; 0 = that adapter does not target this module
+        self.dispatch = dispatch
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped module's weight (models such as T5 read `.weight` of their projections)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base(x, *args, **kwargs)
+        routing = self.dispatch.current
+        if routing is None:
+            return y
+        rows = x.shape[0] if x.dim() > 1 else 1
+        tokens = x.reshape(-1, x.shape[-1])  # (T, in), rows-major
+        idx, gates = _per_token(routing, rows, tokens.shape[0])
+        A, B, scale = self.lora_A, self.lora_B, self.lora_scale
+        if routing.mode == "fusion":
+            # One merged expert per row: gather its k experts, mix factors, then route each token to its row's expert.
+            e = routing.idx.clamp(min=0)  # (N, k)
+            w = torch.where(routing.idx >= 0, routing.gates, torch.zeros_like(routing.gates))
+            A, B = lorahub_factors(A[e], B[e], scale[e], w)  # (N, r, in), (N, out, r)
+            A, B = _expand_rows(A, rows), _expand_rows(B, rows)
+            scale = torch.ones(rows, dtype=scale.dtype, device=scale.device)
+            idx, gates = _per_token(_row_identity(rows, x.device), rows, tokens.shape[0])
+        delta = grouped_lora(tokens, A, B, scale, idx, gates.to(tokens.dtype))
+        return y + delta.view(y.shape)
+
+
+def _expand_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t.expand(rows, *t.shape[1:]) if t.shape[0] == 1 else t
+
+
+def _row_identity(rows: int, device) -> RowRouting:
+    idx = torch.arange(rows, device=device)[:, None]
+    return RowRouting(idx, torch.ones(rows, 1, device=device))
+
+
+def _per_token(routing: RowRouting, rows: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand per-row (idx, gates) [N, k] to per-token [T, k], T = rows * tokens per row."""
+    idx, gates = routing.idx, routing.gates
+    if idx.shape[0] == 1:
+        return idx.expand(num_tokens, -1), gates.expand(num_tokens, -1)
+    if idx.shape[0] != rows:
+        raise ValueError(f"routing has {idx.shape[0]} rows but the batch has {rows}")
+    per_row = num_tokens // rows
+    return idx.repeat_interleave(per_row, dim=0), gates.repeat_interleave(per_row, dim=0)

@@ -1,0 +1,178 @@
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+
+import lorahub_engine as le
+from lorahub_engine.merge.lorahub import lorahub_factors
+from tests.tiny_models import ARCHITECTURES, make_peft_adapter, tiny_gpt2, tiny_llama
+
+
+def outputs(model, x, arch, **kwargs):
+    extra = {"decoder_input_ids": x[:, :5]} if arch == "t5" else {}
+    with torch.no_grad():
+        out = model(input_ids=x, **extra, **kwargs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def arch_case(request, tmp_path_factory):
+    arch = request.param
+    factory, targets, fan_in_fan_out, _ = ARCHITECTURES[arch]
+    base = factory()
+    folder = tmp_path_factory.mktemp(arch)
+    extra = {"fan_in_fan_out": True} if fan_in_fan_out else {}
+    make_peft_adapter(base, folder / "a", 0, targets, r=4, lora_alpha=8, **extra)
+    make_peft_adapter(base, folder / "b", 1, targets[:2], r=2, lora_alpha=3, use_rslora=True, **extra)
+    return arch, base, folder
+
+
+def test_one_adapter_matches_peft(arch_case):
+    arch, base, folder = arch_case
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), folder / "a")
+    ours = le.attach(copy.deepcopy(base), [le.LoraAdapter.load(folder / "a")])
+    x = torch.randint(0, 64, (2, 9))
+    le.set_weights(ours, [1.0])
+    torch.testing.assert_close(outputs(ours, x, arch), outputs(peft_model, x, arch), atol=1e-5, rtol=0)
+
+
+def test_mixed_batch_matches_peft_adapter_names(arch_case):
+    arch, base, folder = arch_case
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), folder / "a", adapter_name="a")
+    peft_model.load_adapter(folder / "b", adapter_name="b")
+    adapters = [le.LoraAdapter.load(folder / n) for n in "ab"]
+    ours = le.attach(copy.deepcopy(base), adapters)
+    x = torch.randint(0, 64, (4, 9))
+    ref = outputs(peft_model, x, arch, adapter_names=["a", "b", "__base__", "b"])
+    got = outputs(ours, x, arch, adapter_ids=torch.tensor([0, 1, -1, 1]))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(ref[0], ref[2])  # the adapters really change the output
+    torch.testing.assert_close(outputs(ours, x, arch), outputs(base, x, arch))  # no routing = base
+
+
+def test_set_weights_is_exact_task_arithmetic_and_fusion_is_lorahub():
+    base = tiny_llama()
+    targets = ["q_proj", "v_proj", "up_proj"]
+    a = le.init_adapter(base, "a", targets, r=4, seed=1)
+    b = le.init_adapter(base, "b", targets[:2], r=2, seed=2)
+    for adapter in (a, b):
+        for m in adapter.modules.values():
+            m.B.normal_()
+    x = torch.randint(0, 64, (3, 7))
+    model = le.attach(copy.deepcopy(base), [a, b])
+    le.set_weights(model, [0.7, -0.3])
+    mixture = outputs(model, x, "llama")
+    expected = copy.deepcopy(base)
+    le.merge_into_base(expected, a, weight=0.7)
+    le.merge_into_base(expected, b, weight=-0.3)
+    torch.testing.assert_close(mixture, outputs(expected, x, "llama"), atol=1e-5, rtol=0)
+
+    le.set_weights(model, [0.7, -0.3], mode="fusion")
+    fused = copy.deepcopy(base)
+    for path in a.modules:
+        mods = [ad.modules.get(path) for ad in (a, b)]
+        r = max(m.rank for m in mods if m)
+        A = torch.stack([torch.nn.functional.pad(m.A, (0, 0, 0, r - m.rank)) if m else torch.zeros(r, m_in(a, path)) for m in mods])
+        B = torch.stack([torch.nn.functional.pad(m.B, (0, r - m.rank)) if m else torch.zeros(m_out(a, path), r) for m in mods])
+        scale = torch.tensor([m.scale if m else 0.0 for m in mods])
+        fA, fB = lorahub_factors(A, B, scale, torch.tensor([0.7, -0.3]))
+        fused.get_submodule(path).weight.data += fB @ fA
+    torch.testing.assert_close(outputs(model, x, "llama"), outputs(fused, x, "llama"), atol=1e-5, rtol=0)
+
+
+def m_in(adapter, path):
+    return adapter.modules[path].A.shape[1]
+
+
+def m_out(adapter, path):
+    return adapter.modules[path].B.shape[0]
+
+
+def test_routing_context_gives_each_row_its_own_mixture():
+    base = tiny_llama()
+    adapters = [le.init_adapter(base, n, ["q_proj", "down_proj"], r=3, seed=i) for i, n in enumerate("abc")]
+    for ad in adapters:
+        for m in ad.modules.values():
+            m.B.normal_()
+    model = le.attach(copy.deepcopy(base), adapters)
+    x = torch.randint(0, 64, (2, 6))
+    idx, gates = torch.tensor([[0, 2], [1, -1]]), torch.tensor([[0.5, 0.25], [2.0, 9.0]])
+    with le.routing(model, idx, gates):
+        got = outputs(model, x, "llama")
+    for row, mix in enumerate([{0: 0.5, 2: 0.25}, {1: 2.0}]):
+        ref = copy.deepcopy(base)
+        for e, w in mix.items():
+            le.merge_into_base(ref, adapters[e], weight=w)
+        torch.testing.assert_close(got[row], outputs(ref, x[row : row + 1], "llama")[0], atol=1e-5, rtol=0)
+
+
+def test_merge_into_base_matches_peft_merge_and_unload(tmp_path):
+    base = tiny_gpt2()
+    make_peft_adapter(base, tmp_path / "a", 3, ["c_attn", "c_fc"], fan_in_fan_out=True)
+    merged_peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").merge_and_unload()
+    ours = le.merge_into_base(copy.deepcopy(base), le.LoraAdapter.load(tmp_path / "a"))
+    x = torch.randint(0, 64, (2, 8))
+    torch.testing.assert_close(outputs(ours, x, "gpt2"), outputs(merged_peft, x, "gpt2"), atol=1e-5, rtol=0)
+
+
+def test_detach_restores_the_plain_model():
+    base = tiny_llama()
+    model = le.attach(copy.deepcopy(base), [le.init_adapter(base, "a", ["q_proj"])])
+    le.detach(model)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    with pytest.raises(le.AdapterError, match="no adapters are attached"):
+        le.set_weights(model, [1.0])
+
+
+def test_training_reaches_only_routed_adapters_and_reads_back():
+    base = tiny_llama()
+    adapters = [le.init_adapter(base, n, ["q_proj", "v_proj"], r=2, seed=i) for i, n in enumerate("abc")]
+    model = le.attach(copy.deepcopy(base), adapters, trainable=True)
+    x = torch.randint(0, 64, (2, 6))
+    model(input_ids=x, labels=x, adapter_ids=torch.tensor([0, 2])).loss.backward()
+    grad_B = model.model.layers[0].self_attn.q_proj.lora_B.grad  # (E, out, r)
+    assert grad_B[0].abs().sum() > 0 and grad_B[2].abs().sum() > 0
+    assert grad_B[1].abs().sum() == 0
+    read = le.read_adapters(model)
+    assert [a.name for a in read] == ["a", "b", "c"]
+    torch.testing.assert_close(read[1].modules["model.layers.1.self_attn.v_proj"].A,
+                               adapters[1].modules["model.layers.1.self_attn.v_proj"].A)
+
+
+def test_generate_under_routing_matches_merged_model():
+    base = tiny_llama()
+    adapter = le.init_adapter(base, "a", ["q_proj", "o_proj"], r=2, seed=4)
+    for m in adapter.modules.values():
+        m.B.normal_()
+    model = le.attach(copy.deepcopy(base), [adapter])
+    x = torch.randint(1, 64, (2, 5))
+    with le.routing(model, torch.tensor([0, 0])):
+        got = model.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    merged = le.merge_into_base(copy.deepcopy(base), adapter)
+    assert torch.equal(got, merged.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0))
+
+
+def test_bad_input_is_refused():
+    base = tiny_llama()
+    a = le.init_adapter(base, "a", ["q_proj"])
+    with pytest.raises(le.AdapterError, match="at least one"):
+        le.attach(base, [])
+    wrong = a.with_modules({"model.layers.0.self_attn.nope": a.modules["model.layers.0.self_attn.q_proj"]})
+    with pytest.raises(le.IncompatibleModelError, match="unknown target module"):
+        le.attach(copy.deepcopy(base), [wrong])
+    bad_shape = a.with_modules({"model.layers.0.mlp.down_proj": a.modules["model.layers.0.self_attn.q_proj"]})
+    with pytest.raises(le.IncompatibleModelError, match="maps 48 -> 32"):
+        le.attach(copy.deepcopy(base), [bad_shape])
+    model = copy.deepcopy(base)
+    model.config._name_or_path = "org/SmolLM2-135M"
+    with pytest.raises(le.IncompatibleModelError, match="trained on"):
+        le.attach(model, [a.with_modules(a.modules, base_model="other/Qwen2-0.5B")])
+    le.attach(model, [a.with_modules(a.modules, base_model="/local/path/SmolLM2-135M")])
+    with pytest.raises(le.AdapterError, match="already has adapters"):
+        le.attach(model, [a])
+    with pytest.raises(le.AdapterError, match="out of range"):
+        with le.routing(model, torch.tensor([3])):
+            pass
+    with pytest.raises(le.AdapterError, match="2 weights for 1"):
+        le.set_weights(model, [1.0, 2.0])
