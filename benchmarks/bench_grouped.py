@@ -1,0 +1,394 @@
+"""Speed of grouped_lora alone and inside a SmolLM2-135M-shaped Llama, against PEFT, per-expert loops and dense.
+
+    HF_HUB_OFFLINE=1 python -m benchmarks.bench_grouped [--repeats 5] [--layers 30] [--out PATH]
+
+Model: random Llama body (30 layers, hidden 576, intermediate 1536, 9 heads, 3 kv heads; no LM head), LoRA r=8 on
+all 7 projections, a batch of 32 rows x 64 tokens. Every ratio compares timings of one run, taken round-robin (each
+repeat times every case once) and summarized by the median. Cases:
+  model level   base forward; one adapter; 16 distinct adapters (one per row; ours vs PEFT `adapter_names=`);
+                top-2 of 16 experts (ours vs all 16 computed densely); training steps (forward + backward to the
+                input embeddings and the LoRA factors) of the base and of top-2 of 16.
+                attach routes per batch row, so the model-level top-2 gives each row 2 random experts: the op sees
+                the same pair count, k and expert loads as per-token top-2 in expectation.
+  op level      per projection shape over 2048 tokens, summed over the model's layers: grouped_lora vs a plain
+                per-expert loop vs dense all-experts, for 16 distinct adapters and per-token top-2 of 16.
+  kernels       (CUDA only) the Triton shrink and expand alone: time, TFLOP/s and GB/s.
+CPU runs use fp32 and the torch backend, CUDA runs bf16 and the Triton backend (`grouped_lora`'s "auto").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import lorahub_engine as le
+from lorahub_engine.ops import grouped_lora
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHAPES = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
+          "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}  # (in, out)
+ROWS, SEQ, RANK, EXPERTS, TOP_K, SEED = 32, 64, 8, 16, 2, 0
+
+
+# ---------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(cases: dict[str, Callable[[], object]], device, repeats: int, inner: int = 1, desc: str = "") -> dict:
+    """Median seconds per call of each case: one warm-up each, then `repeats` round-robin passes."""
+    for fn in cases.values():
+        fn()
+    times = {name: [] for name in cases}
+    for _ in tqdm(range(repeats), desc=desc, leave=False):
+        for name, fn in cases.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# ---------------------------------------------------------------- baselines (independent of the op)
+
+
+def per_expert_loop(x, A, B, scale, idx, gates):
+    """Plain loop: for each expert, gather its (token, slot) pairs, two matmuls, scatter-add."""
+    y = torch.zeros(x.shape[0], B.shape[1], dtype=x.dtype, device=x.device)
+    for e in range(A.shape[0]):
+        t, j = (idx == e).nonzero(as_tuple=True)
+        if t.numel():
+            w = (gates[t, j] * scale[e]).to(x.dtype)[:, None]
+            y.index_add_(0, t, w * (x[t] @ A[e].T @ B[e].T))
+    return y
+
+
+def dense_all_experts(x, A, B, scale, idx, gates):
+    """Every expert on every token, then weighted: (x @ A_all^T * w) @ B_all^T with w zero off the top-k."""
+    E, r, d_in = A.shape
+    w = torch.zeros(x.shape[0], E, dtype=x.dtype, device=x.device)
+    w.scatter_add_(1, idx.clamp(min=0), torch.where(idx >= 0, gates, 0).to(x.dtype))  # (T, E)
+    u = (x @ A.reshape(E * r, d_in).T).view(-1, E, r) * (w * scale.to(x.dtype))[:, :, None]  # (T, E, r)
+    return u.reshape(-1, E * r) @ B.permute(1, 0, 2).reshape(B.shape[1], E * r).T  # (T, out)
+
+
+# ---------------------------------------------------------------- routing and adapters
+
+
+def assignments(device, g: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-token (idx [T, k], gates [T, k]) of each scenario, T = ROWS * SEQ."""
+    T = ROWS * SEQ
+    rows = torch.arange(ROWS).repeat_interleave(SEQ) % EXPERTS
+    top = torch.rand(T, EXPERTS, generator=g).topk(TOP_K, dim=1).indices
+    gates = torch.softmax(torch.randn(T, TOP_K, generator=g), dim=1)
+    return {
+        "one_adapter": (torch.zeros(T, 1, dtype=torch.long).to(device), torch.ones(T, 1, device=device)),
+        "16_distinct": (rows[:, None].to(device), torch.ones(T, 1, device=device)),
+        "top2_of_16": (top.to(device), gates.to(device)),
+    }
+
+
+def random_adapters(model: nn.Module, n: int, g: torch.Generator) -> list[le.LoraAdapter]:
+    paths = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and p.rpartition(".")[2] in TARGETS]
+    adapters = []
+    for i in range(n):
+        modules = {}
+        for p in paths:
+            lin = model.get_submodule(p)
+            A = torch.randn(RANK, lin.in_features, generator=g) / lin.in_features**0.5
+            B = torch.randn(lin.out_features, RANK, generator=g) / RANK**0.5
+            modules[p] = le.LoraModule(A, B, 2.0)  # alpha 16 / r 8
+        adapters.append(le.LoraAdapter(f"a{i}", modules))
+    return adapters
+
+
+def peft_model(base: nn.Module, adapters: list[le.LoraAdapter]) -> nn.Module:
+    """PEFT's LoRA with the same factors, one named adapter per bank entry."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=RANK, lora_alpha=2.0 * RANK, target_modules=list(TARGETS), init_lora_weights=False)
+    model = get_peft_model(base, config, adapter_name=adapters[0].name)
+    for a in adapters[1:]:
+        model.add_adapter(a.name, config)
+    with torch.no_grad():
+        for a in adapters:
+            for path, m in a.modules.items():
+                layer = model.base_model.model.get_submodule(path)
+                layer.lora_A[a.name].weight.copy_(m.A)
+                layer.lora_B[a.name].weight.copy_(m.B)
+    return model.eval()
+
+
+class DenseHooks:
+    """Adds the dense all-experts delta to every target Linear of a plain model (the naive MoE-LoRA baseline)."""
+
+    def __init__(self, model: nn.Module, adapters: list[le.LoraAdapter], idx, gates, trainable: bool):
+        self.handles, self.params = [], []
+        dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        for path in adapters[0].modules:
+            A = torch.stack([a.modules[path].A for a in adapters]).to(dev, dtype).requires_grad_(trainable)
+            B = torch.stack([a.modules[path].B for a in adapters]).to(dev, dtype).requires_grad_(trainable)
+            scale = torch.tensor([a.modules[path].scale for a in adapters], device=dev)
+            self.params += [A, B]
+            hook = self._hook(A, B, scale, idx, gates)
+            self.handles.append(model.get_submodule(path).register_forward_hook(hook))
+
+    @staticmethod
+    def _hook(A, B, scale, idx, gates):
+        def hook(module, args, out):
+            x = args[0].reshape(-1, args[0].shape[-1])  # (T, in)
+            return out + dense_all_experts(x, A, B, scale, idx, gates).view(out.shape)
+
+        return hook
+
+
+# ---------------------------------------------------------------- model level
+
+
+def build_body(layers: int, device, dtype) -> nn.Module:
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(SEED)
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         tie_word_embeddings=True)
+    return LlamaModel(config).to(device, dtype).eval().requires_grad_(False)
+
+
+def model_level(layers: int, device, dtype, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(SEED)
+    base = build_body(layers, device, dtype)
+    adapters = random_adapters(base, EXPERTS, g)
+    ours16 = le.attach(copy.deepcopy(base), adapters, trainable=True)
+    ours1 = le.attach(copy.deepcopy(base), adapters[:1])
+    peft = peft_model(copy.deepcopy(base), adapters)
+    ids = torch.randint(0, 49152, (ROWS, SEQ), generator=g).to(device)
+    row_ids = torch.arange(ROWS, device=device) % EXPERTS
+    names = [adapters[i].name for i in row_ids.tolist()]
+    row_top = torch.rand(ROWS, EXPERTS, generator=g).topk(TOP_K, dim=1).indices.to(device)  # (rows, k)
+    row_gates = torch.softmax(torch.randn(ROWS, TOP_K, generator=g), dim=1).to(device)
+    tok_top, tok_gates = row_top.repeat_interleave(SEQ, 0), row_gates.repeat_interleave(SEQ, 0)  # (T, k)
+    dense = copy.deepcopy(base)
+    hooks = DenseHooks(dense, adapters, tok_top, tok_gates, trainable=True)
+
+    def top2_ours():
+        with le.routing(ours16, row_top, row_gates):
+            return ours16(ids).last_hidden_state
+
+    with torch.inference_mode():
+        parity = {
+            "16_distinct_ours_vs_peft": _max_diff(ours16(ids, adapter_ids=row_ids).last_hidden_state,
+                                                  peft(input_ids=ids, adapter_names=names).last_hidden_state),
+            "top2_ours_vs_dense": _max_diff(top2_ours(), dense(ids).last_hidden_state),
+        }
+        forward = measure({
+            "base": lambda: base(ids),
+            "one_adapter": lambda: ours1(ids, adapter_ids=torch.zeros(ROWS, dtype=torch.long, device=device)),
+            "16_distinct_ours": lambda: ours16(ids, adapter_ids=row_ids),
+            "16_distinct_peft": lambda: peft(input_ids=ids, adapter_names=names),
+            "top2_of_16_ours": top2_ours,
+            "top2_of_16_dense": lambda: dense(ids),
+        }, device, repeats, desc="model forward")
+    embeds = base.embed_tokens(ids).detach()
+
+    def train_step(model, params, routed: bool):
+        def step():
+            x = embeds.clone().requires_grad_()
+            with le.routing(model, row_top, row_gates) if routed else contextlib.nullcontext():
+                loss = model(inputs_embeds=x).last_hidden_state.float().pow(2).mean()
+            grads = torch.autograd.grad(loss, [x, *params])
+            return grads
+
+        return step
+
+    lora_params = [p for n, p in ours16.named_parameters() if "lora_" in n]
+    training = measure({
+        "base": train_step(base, [], routed=False),
+        "top2_of_16_ours": train_step(ours16, lora_params, routed=True),
+        "top2_of_16_dense": train_step(dense, hooks.params, routed=False),
+    }, device, repeats, desc="model training step")
+    return {"parity_max_abs_diff": parity, "forward_s": forward, "train_step_s": training}
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+# ---------------------------------------------------------------- op level and kernels
+
+
+def op_level(layers: int, device, dtype, repeats: int) -> dict:
+    """Per projection shape, seconds per call; `model_sum` multiplies by the layers (7 projections per layer)."""
+    g = torch.Generator().manual_seed(SEED)
+    routes = assignments(device, g)
+    inner = 20 if device.type == "cuda" else 1
+    per_shape = {}
+    for name, (d_in, d_out) in SHAPES.items():
+        x = torch.randn(ROWS * SEQ, d_in, generator=g).to(device, dtype)
+        W = torch.randn(d_out, d_in, generator=g).to(device, dtype) / d_in**0.5
+        A = (torch.randn(EXPERTS, RANK, d_in, generator=g) / d_in**0.5).to(device, dtype)
+        B = (torch.randn(EXPERTS, d_out, RANK, generator=g) / RANK**0.5).to(device, dtype)
+        scale = torch.full((EXPERTS,), 2.0, device=device)
+        cases = {"base_linear": lambda: x @ W.T}
+        for scen in ("16_distinct", "top2_of_16"):
+            idx, gates = routes[scen]
+            args = (x, A, B, scale, idx, gates)
+            ref = grouped_lora(*args)
+            tol = 1e-3 if dtype == torch.float32 else 5e-2
+            torch.testing.assert_close(per_expert_loop(*args), ref, rtol=tol, atol=tol)
+            torch.testing.assert_close(dense_all_experts(*args), ref, rtol=tol, atol=tol)
+            cases[f"{scen}_ours"] = lambda args=args: grouped_lora(*args)
+            cases[f"{scen}_loop"] = lambda args=args: per_expert_loop(*args)
+            cases[f"{scen}_dense"] = lambda args=args: dense_all_experts(*args)
+        idx, gates = routes["top2_of_16"]
+        trainable = [t.clone().requires_grad_() for t in (x, A, B)]
+        for method, fn in (("ours", grouped_lora), ("dense", dense_all_experts)):
+            cases[f"top2_of_16_{method}_fwd_bwd"] = lambda fn=fn: torch.autograd.grad(
+                fn(trainable[0], trainable[1], trainable[2], scale, idx, gates).float().square().sum(), trainable)
+        per_shape[name] = measure(cases, device, repeats, inner, desc=f"op {name}")
+    model_sum = {case: layers * sum(s[case] for s in per_shape.values()) for case in per_shape["q_proj"]}
+    return {"per_shape_s": per_shape, "model_sum_s": model_sum}
+
+
+def kernel_level(device, dtype, repeats: int) -> dict:
+    """The Triton shrink and expand alone (plan prebuilt): seconds, TFLOP/s and GB/s by the bytes they must move."""
+    from lorahub_engine.ops import triton_backend as tb
+
+    g = torch.Generator().manual_seed(SEED)
+    routes = assignments(device, g)
+    elt = torch.finfo(dtype).bits // 8
+    report = {}
+    for name, (d_in, d_out) in SHAPES.items():
+        x = torch.randn(ROWS * SEQ, d_in, generator=g).to(device, dtype)
+        A = torch.randn(EXPERTS, RANK, d_in, generator=g).to(device, dtype)
+        B = torch.randn(EXPERTS, d_out, RANK, generator=g).to(device, dtype)
+        for scen in ("16_distinct", "top2_of_16"):
+            idx, gates = routes[scen]
+            pairs, k = int((idx >= 0).sum()), idx.shape[1]
+            plan = tb.plan(idx, EXPERTS)
+            u = tb.shrink(x, A, plan)
+            coef = gates.reshape(-1).float()
+            t = measure({"plan": lambda: tb.plan(idx, EXPERTS), "shrink": lambda: tb.shrink(x, A, plan),
+                         "expand": lambda: tb.expand(u, B, coef, plan)}, device, repeats, inner=50,
+                        desc=f"kernels {name} {scen}")
+            flops = {"shrink": 2 * pairs * d_in * RANK, "expand": 2 * pairs * RANK * d_out}
+            moved = {
+                "shrink": pairs * d_in * elt + EXPERTS * RANK * d_in * elt + pairs * RANK * 4,
+                # per-pair rows in fp32, then (k > 1) read again and summed into (T, out)
+                "expand": pairs * RANK * 4 + EXPERTS * d_out * RANK * elt + pairs * d_out * 4
+                + (pairs * d_out * 4 + x.shape[0] * d_out * 4 if k > 1 else 0),
+            }
+            report[f"{name}/{scen}"] = {
+                "plan_s": t["plan"],
+                **{f"{kern}_s": t[kern] for kern in ("shrink", "expand")},
+                **{f"{kern}_tflops": flops[kern] / t[kern] / 1e12 for kern in ("shrink", "expand")},
+                **{f"{kern}_gbps": moved[kern] / t[kern] / 1e9 for kern in ("shrink", "expand")},
+            }
+    return report
+
+
+# ---------------------------------------------------------------- report
+
+
+def ratios(model: dict, ops: dict) -> dict:
+    f, tr, s = model["forward_s"], model["train_step_s"], ops["model_sum_s"]
+    return {
+        "one_adapter / base": f["one_adapter"] / f["base"],
+        "16_distinct_ours / base": f["16_distinct_ours"] / f["base"],
+        "16_distinct_peft / base": f["16_distinct_peft"] / f["base"],
+        "16_distinct peft / ours (speedup)": f["16_distinct_peft"] / f["16_distinct_ours"],
+        "top2_of_16_ours / base": f["top2_of_16_ours"] / f["base"],
+        "top2_of_16 dense / ours (speedup)": f["top2_of_16_dense"] / f["top2_of_16_ours"],
+        "train top2_of_16_ours / base": tr["top2_of_16_ours"] / tr["base"],
+        "train top2_of_16 dense / ours (speedup)": tr["top2_of_16_dense"] / tr["top2_of_16_ours"],
+        "op: per-token top2 ours, 1 + sum over projections / base forward": 1 + s["top2_of_16_ours"] / f["base"],
+        "op: 16_distinct loop / ours (speedup)": s["16_distinct_loop"] / s["16_distinct_ours"],
+        "op: top2 loop / ours (speedup)": s["top2_of_16_loop"] / s["top2_of_16_ours"],
+        "op: top2 dense / ours (speedup)": s["top2_of_16_dense"] / s["top2_of_16_ours"],
+        "op: top2 fwd+bwd dense / ours (speedup)": s["top2_of_16_dense_fwd_bwd"] / s["top2_of_16_ours_fwd_bwd"],
+    }
+
+
+def targets(r: dict) -> dict:
+    """The issue's targets for this CPU: (measured, bound, met)."""
+    checks = {
+        "16 distinct <= 1.10x base": (r["16_distinct_ours / base"], 1.10, "<="),
+        "16 distinct >= 1.3x faster than PEFT": (r["16_distinct peft / ours (speedup)"], 1.3, ">="),
+        "top-2 of 16 <= 1.15x base": (r["top2_of_16_ours / base"], 1.15, "<="),
+        "top-2 of 16 >= 3x faster than dense": (r["top2_of_16 dense / ours (speedup)"], 3.0, ">="),
+        "train top-2 of 16 <= 1.3x base train": (r["train top2_of_16_ours / base"], 1.3, "<="),
+    }
+    return {k: {"measured": v, "bound": b, "met": v <= b if op == "<=" else v >= b} for k, (v, b, op) in checks.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=30, help="30 for SmolLM2-135M; fewer for a quick smoke run")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    result = {"env": _env(device, dtype, args)}
+    result["ops"] = op_level(args.layers, device, dtype, args.repeats)
+    result["model"] = model_level(args.layers, device, dtype, args.repeats)
+    if device.type == "cuda":
+        result["kernels"] = kernel_level(device, dtype, args.repeats)
+    result["ratios"] = ratios(result["model"], result["ops"])
+    result["targets"] = targets(result["ratios"])
+    _print(result)
+    out = args.out or Path(__file__).parent / "results" / f"bench_grouped_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return result
+
+
+def _env(device, dtype, args) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype), "commit": commit,
+            "layers": args.layers, "repeats": args.repeats, "batch": [ROWS, SEQ], "rank": RANK, "experts": EXPERTS}
+
+
+def _print(result: dict) -> None:
+    print(json.dumps(result["env"]))
+    for section, key in (("model forward", "forward_s"), ("model training step", "train_step_s")):
+        print(f"\n{section} (median s)")
+        for name, t in result["model"][key].items():
+            print(f"  {name:24s} {t:9.4f}")
+    print("\nop level, summed over the model's projections (median s)")
+    for name, t in result["ops"]["model_sum_s"].items():
+        print(f"  {name:32s} {t:9.4f}")
+    for name, row in result.get("kernels", {}).items():
+        print(f"  kernel {name:28s} " + "  ".join(f"{k}={v:.3g}" for k, v in row.items()))
+    print("\nparity (max abs diff):", result["model"]["parity_max_abs_diff"])
+    print("\nratios")
+    for name, v in result["ratios"].items():
+        print(f"  {name:66s} {v:6.3f}")
+    print("\ntargets")
+    for name, t in result["targets"].items():
+        print(f"  {'MET ' if t['met'] else 'MISS'} {name:40s} measured {t['measured']:.3f} (bound {t['bound']})")
+
+
+if __name__ == "__main__":
+    main()
