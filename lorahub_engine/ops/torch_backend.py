@@ -46,30 +46,29 @@ def shrink(x: torch.Tensor, A: torch.Tensor, plan: Plan) -> torch.Tensor:
     u = torch.zeros(plan.num_pairs, A.shape[1], dtype=accum_dtype(x.dtype), device=x.device)
     if not plan.segments:
         return u
-    xs = x.index_select(0, plan.tokens)  # (P, in)
-    us = torch.empty(len(plan.order), A.shape[1], dtype=x.dtype, device=x.device)
+    At = A.transpose(1, 2).contiguous()  # (E, in, r): mm on contiguous operands avoids hidden copies
+    us = torch.empty(len(plan.order), A.shape[1], dtype=x.dtype, device=x.device)  # (P, r)
     for e, s, t in plan.segments:
-        torch.matmul(xs[s:t], A[e].t(), out=us[s:t])
+        torch.mm(x.index_select(0, plan.tokens[s:t]), At[e], out=us[s:t])
     return u.index_copy_(0, plan.order, us.to(u.dtype))
 
 
 def expand(u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, plan: Plan) -> torch.Tensor:
-    y = torch.zeros(plan.num_tokens, B.shape[1], dtype=u.dtype, device=u.device)
-    if not plan.segments:
-        return y
-    us = (u.index_select(0, plan.order) * coef.index_select(0, plan.order)[:, None]).to(B.dtype)  # (P, r)
-    ys = torch.empty(len(plan.order), B.shape[1], dtype=B.dtype, device=u.device)
-    for e, s, t in plan.segments:
-        torch.matmul(us[s:t], B[e].t(), out=ys[s:t])
-    return y.index_add_(0, plan.tokens, ys.to(y.dtype))
+    k = plan.num_pairs // max(plan.num_tokens, 1)
+    y_pairs = torch.zeros(plan.num_pairs, B.shape[1], dtype=u.dtype, device=u.device)  # (T*k, out)
+    if plan.segments:
+        us = (u.index_select(0, plan.order) * coef.index_select(0, plan.order)[:, None]).to(B.dtype)  # (P, r)
+        Bt = B.transpose(1, 2).contiguous()  # (E, r, out): mm on contiguous operands avoids hidden copies
+        ys = torch.empty(len(plan.order), B.shape[1], dtype=B.dtype, device=u.device)  # (P, out)
+        for e, s, t in plan.segments:
+            torch.mm(us[s:t], Bt[e], out=ys[s:t])
+        y_pairs.index_copy_(0, plan.order, ys.to(u.dtype))  # each pair id once: a copy, not an atomic add
+    return y_pairs.view(plan.num_tokens, k, -1).sum(1) if k > 1 else y_pairs  # slots summed in a fixed order
 
 
 def outer(left: torch.Tensor, right: torch.Tensor, plan: Plan) -> torch.Tensor:
     g = torch.zeros(plan.num_experts, left.shape[1], right.shape[1], dtype=left.dtype, device=left.device)
-    if not plan.segments:
-        return g
-    ls = left.index_select(0, plan.order)  # (P, a)
-    rs = right.index_select(0, plan.tokens).to(left.dtype)  # (P, b)
     for e, s, t in plan.segments:
-        torch.matmul(ls[s:t].t(), rs[s:t], out=g[e])
+        rows = right.index_select(0, plan.tokens[s:t]).to(left.dtype)  # (n_e, b)
+        torch.mm(left.index_select(0, plan.order[s:t]).t(), rows, out=g[e])
     return g
