@@ -120,11 +120,11 @@ KNOTS_INNER = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 @register("knots", paper="https://arxiv.org/abs/2410.19735", spaces=("delta",),
           options=("density", "majority_sign_method", "knots_method"))
 def knots(tasks: ModuleTasks, options: MergeOptions) -> MethodResult:
-    """KnOTS (Stoica et al. 2024): SVD of the concatenated [dW_1 ... dW_n] gives a shared basis U S and per-task
-    coordinates V_i^T (dW_i = U S V_i^T); the weighted coordinates w_i V_i^T are merged by `knots_method` (a
-    task-arithmetic-family method, delta semantics) and mapped back: dW = U S V_merged^T, rank sum r_i."""
-    U, S, coords = shared_basis([lora.B for lora in tasks.loras], [lora.scale * lora.A for lora in tasks.loras])
-    weighted = torch.stack([w * v for w, v in zip(tasks.weights, coords)])  # (n, K, in)
+    """KnOTS (Stoica et al. 2024) on the weighted deltas u_i = w_i s_i B_i A_i: the SVD of [u_1 ... u_n] gives a
+    shared basis U S and per-task coordinates V_i^T (u_i = U S V_i^T); `knots_method` (a task-arithmetic-family
+    method, delta semantics) merges the V_i^T entry by entry, and dW = U S V_merged^T keeps rank sum r_i."""
+    U, S, coords = shared_basis([lora.B for lora in tasks.loras],
+                                [w * lora.scale * lora.A for w, lora in zip(tasks.weights, tasks.loras)])
     inner: TaskArithmeticFamily = METHODS[options.knots_method].fn
-    merged = inner.merge_tasks(weighted, torch.ones(len(weighted)), options, tasks.generator(options.seed))
+    merged = inner.merge_tasks(torch.stack(coords), torch.ones(len(coords)), options, tasks.generator(options.seed))
     return LowRank(U * S, merged)
