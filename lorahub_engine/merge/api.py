@@ -6,6 +6,7 @@ import functools
 import math
 import os
 from collections.abc import Sequence
+from pathlib import PurePath
 
 import torch
 from tqdm.auto import tqdm
@@ -124,15 +125,21 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
 
 
 def _common_model(adapters: list[LoraAdapter]) -> tuple[str | None, str | None, bool]:
-    """The base model, task type and fan_in_fan_out the adapters share; disagreement is an error."""
+    """The base model, task type and fan_in_fan_out the adapters share; disagreement is an error. Base models are
+    compared by the last path component, case-folded ("org/Llama-2-7b" and "/models/llama-2-7b" agree), as attach
+    does."""
     result = []
-    for field in ("base_model", "task_type", "fan_in_fan_out"):
+    for field, key in (("base_model", _model_key), ("task_type", str), ("fan_in_fan_out", bool)):
         values = {a.name: getattr(a, field) for a in adapters if getattr(a, field) is not None}
-        if len(set(values.values())) > 1:
+        if len({key(v) for v in values.values()}) > 1:
             listing = ", ".join(f"{n!r}: {v!r}" for n, v in values.items())
             raise IncompatibleModelError(f"adapters disagree on {field} ({listing}); they cannot be merged")
         result.append(next(iter(values.values()), None))
     return result[0], result[1], bool(result[2])
+
+
+def _model_key(base_model: str) -> str:
+    return PurePath(base_model).name.lower()
 
 
 def _merge_module(path: str, adapters: list[LoraAdapter], weights: list[float], spec: Method,

@@ -52,6 +52,6 @@ def test_missing_folder_is_a_file_error(tmp_path):
         merge([adapter("a"), tmp_path / "nowhere"])
 
 
-def test_one_base_model_unknown_is_fine():
-    merged = merge([adapter("a", base_model="llama-7b"), adapter("b")])
-    assert merged.base_model == "llama-7b"
+def test_base_models_agree_by_last_path_component():
+    merged = merge([adapter("a", base_model="org/Llama-7b"), adapter("b"), adapter("c", base_model="/m/llama-7b")])
+    assert merged.base_model == "org/Llama-7b"

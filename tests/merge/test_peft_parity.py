@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+import lorahub_engine as le
 from lorahub_engine.merge import merge
 from tests.merge.conftest import assert_deltas_equal, peft_deltas, peft_merge
 
@@ -85,11 +86,14 @@ def folded_logits(base, adapter, x):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_saved_merge_loads_in_peft(arch, llama, gpt2, folders, gpt2_folders, tmp_path):
     """Saved merges (mixed ranks per module: ties keeps each module's numerical rank) load in PEFT with the same
-    deltas, and PEFT's logits equal the base with our deltas folded in."""
+    deltas, and PEFT's logits equal ours through le.attach and the base with our deltas folded in."""
     base, srcs = (llama, [folders["a"], folders["c"]]) if arch == "llama" else (gpt2, list(gpt2_folders.values()))
     merged = merge(srcs, [1.0, -0.5], "ties", density=0.3, name="m")
     merged.save(tmp_path / "m")
     model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "m")
     assert_deltas_equal(merged, peft_deltas(model, "default", merged.fan_in_fan_out))
     x = torch.randint(0, 64, (2, 9))
-    torch.testing.assert_close(model(x).logits, folded_logits(base, merged, x), atol=1e-5, rtol=0)
+    logits = model(x).logits
+    torch.testing.assert_close(logits, folded_logits(base, merged, x), atol=1e-5, rtol=0)
+    ours = le.attach(copy.deepcopy(base), [merged])(x, adapter_ids=torch.zeros(2, dtype=torch.long)).logits
+    torch.testing.assert_close(ours, logits, atol=1e-5, rtol=0)
