@@ -13,7 +13,7 @@ KINDS = ("auto", "flat", "ivf", "hnsw")
 class IndexConfig:
     kind: str = "auto"  # "flat" = exact inner product; "ivf"/"hnsw" approximate; "auto" picks by size
     threshold: int = 20_000  # "auto": exact up to this many adapters (a flat search of 20k x 384 is ~1 ms)
-    approximate: str = "ivf"  # what "auto" uses above the threshold; IVF can remove adapters in place, HNSW not
+    approximate: str = "hnsw"  # "auto" above the threshold; HNSW rebuilds on remove/update, IVF removes in place
     nlist: int | None = None  # IVF cells; None = 4 sqrt(n), at most n / 39 (faiss wants >= 39 points per cell)
     nprobe: int = 32  # IVF cells visited per query: higher = better recall, slower
     hnsw_m: int = 32  # HNSW links per node

@@ -119,6 +119,12 @@ class AdapterIndex:
             for row_s, row_i in zip(scores, ids)
         ]
 
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Change the speed/recall trade-off of an approximate index without rebuilding it (kept on save)."""
+        changes = {k: v for k, v in (("nprobe", nprobe), ("ef_search", ef_search)) if v is not None}
+        self.config = replace(self.config, **changes)
+        faiss_backend.set_search_params(self._index, self.kind, self.config)
+
     # ---- changes without a rebuild ------------------------------------------------------------------------
     def add(self, source, progress: bool | None = None) -> None:
         """Add adapters (zoo, adapters or mapping name -> samples); names must be new."""

@@ -64,20 +64,26 @@ def test_prefix_from_config_reaches_the_embedder(embedder):
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_approximate_recall_at_10(kind):
     vectors, queries = clustered(4000, 32, 40, seed=2), clustered(200, 32, 40, seed=3)
-    config = IndexConfig(kind=kind, nprobe=8, ef_search=64)
+    config = IndexConfig(kind=kind, nprobe=8, ef_search=200)
     index = AdapterIndex.from_embeddings(names_of(4000), vectors, config)
     order, _ = exact_top_k(vectors, queries, 10)
     hits = index.search_embeddings(queries, k=10)
-    recall = np.mean([len({n for n, _ in h} & {f"a{i}" for i in row}) / 10 for h, row in zip(hits, order)])
-    assert recall >= 0.9
+    assert recall_at_10(hits, order) >= 0.9
+    index.set_search_params(nprobe=1, ef_search=10)  # fewer cells / a narrower beam: recall must drop
+    assert recall_at_10(index.search_embeddings(queries, k=10), order) < 0.9
+    assert index.config.nprobe == 1 and index.config.ef_search == 10
+
+
+def recall_at_10(hits, order):
+    return np.mean([len({n for n, _ in h} & {f"a{i}" for i in row}) / 10 for h, row in zip(hits, order)])
 
 
 def test_auto_kind_switches_above_threshold():
     vectors = clustered(400, 16, 8, seed=4)
     assert AdapterIndex.from_embeddings(names_of(400), vectors).kind == "flat"
-    small = IndexConfig(threshold=100, approximate="hnsw")
-    assert AdapterIndex.from_embeddings(names_of(400), vectors, small).kind == "hnsw"
-    assert AdapterIndex.from_embeddings(names_of(400), vectors, IndexConfig(threshold=100)).kind == "ivf"
+    small = IndexConfig(threshold=100, approximate="ivf")
+    assert AdapterIndex.from_embeddings(names_of(400), vectors, small).kind == "ivf"
+    assert AdapterIndex.from_embeddings(names_of(400), vectors, IndexConfig(threshold=100)).kind == "hnsw"
 
 
 @pytest.mark.parametrize("kind", KINDS)
