@@ -3,7 +3,8 @@
 plan: pairs p = t * k + j get key idx (or E for -1, so they sort last); one stable sort by key gives `order`;
 searchsorted on the sorted keys gives each expert's segment; segments are cut into single-expert blocks of at most
 BLOCK_M pairs (and, for weight gradients, chunks of at most CHUNK pairs). Tables are sized by an upper bound known
-on the host (ceil(P / BLOCK_M) + min(E, P) blocks), so nothing waits on the device; surplus rows have expert -1.
+on the host (ceil(P / BLOCK_M) + min(E + 1, P) rows), so nothing waits on the device; surplus rows have expert -1.
+Blocks of -1 pairs keep expert E: shrink and expand write their rows as zeros, so no output needs a memset.
 The k slots of a token are summed after expand by a plain reduction over a per-pair buffer: deterministic, no
 atomics. Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before triton is imported).
 """
@@ -28,7 +29,10 @@ MAX_BLOCK_R = 64  # rank tile; larger ranks loop (expand) or add programs (shrin
 
 @dataclass(frozen=True)
 class Table:
-    """Single-expert runs of `order`: row i covers order[start[i]:end[i]], all of expert[i] (-1 = surplus row)."""
+    """Single-expert runs of `order`: row i covers order[start[i]:end[i]], all of expert[i].
+
+    expert[i] == -1: a surplus row (no work); == E: a run of idx == -1 pairs (block tables only).
+    """
 
     expert: torch.Tensor  # (rows,) int32
     start: torch.Tensor  # (rows,) int32
@@ -52,15 +56,15 @@ def plan(idx: torch.Tensor, num_experts: int) -> Plan:
     _check_device(idx)
     T, k = idx.shape
     num_pairs = T * k
-    key = torch.where(idx < 0, num_experts, idx).reshape(-1)  # (P,) -1 -> E sorts last
+    key = torch.where((idx < 0) | (idx >= num_experts), num_experts, idx).reshape(-1)  # (P,) -1 -> E sorts last
     sorted_key, order = torch.sort(key, stable=True)
     bounds = torch.arange(num_experts + 2, device=idx.device, dtype=sorted_key.dtype)
     seg = torch.searchsorted(sorted_key, bounds)  # (E+2,) expert e owns order[seg[e]:seg[e+1]]; e = E: the -1 pairs
     block_m = _block_m(num_pairs, num_experts)
     return Plan(
         order=order.to(torch.int32),
-        blocks=_table(seg, block_m, num_pairs),
-        chunks=_table(seg, CHUNK, num_pairs),
+        blocks=_table(seg, block_m, num_pairs, none_rows=True),
+        chunks=_table(seg, CHUNK, num_pairs, none_rows=False),
         block_m=block_m,
         num_tokens=T,
         num_slots=k,
@@ -71,12 +75,12 @@ def plan(idx: torch.Tensor, num_experts: int) -> Plan:
 def shrink(x: torch.Tensor, A: torch.Tensor, plan: Plan) -> torch.Tensor:
     _check_dtype(x)
     E, R, d_in = A.shape
-    u = torch.zeros(plan.num_tokens * plan.num_slots, R, dtype=_accum_dtype(x), device=x.device)
+    u = torch.empty(plan.num_tokens * plan.num_slots, R, dtype=_accum_dtype(x), device=x.device)  # every row written
     block_r = _block_r(R)
     grid = (len(plan.blocks.expert), triton.cdiv(R, block_r))
     kernels.shrink_kernel[grid](
         x, A, u, plan.order, plan.blocks.expert, plan.blocks.start, plan.blocks.end,
-        plan.num_slots, d_in, R,
+        plan.num_slots, plan.num_experts, d_in, R,
         *x.stride(), *A.stride(), *u.stride(),
         BLOCK_M=plan.block_m, BLOCK_R=block_r, BLOCK_K=_tile(d_in, BLOCK_K), PRECISION=_precision(x),
     )
@@ -86,12 +90,12 @@ def shrink(x: torch.Tensor, A: torch.Tensor, plan: Plan) -> torch.Tensor:
 def expand(u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, plan: Plan) -> torch.Tensor:
     E, d_out, R = B.shape
     T, k = plan.num_tokens, plan.num_slots
-    per_pair = torch.zeros(T * k, d_out, dtype=_accum_dtype(B), device=u.device)  # (T*k, out)
+    per_pair = torch.empty(T * k, d_out, dtype=_accum_dtype(B), device=u.device)  # (T*k, out), every row written
     coef = coef.to(per_pair.dtype).contiguous()
     grid = (len(plan.blocks.expert), triton.cdiv(d_out, BLOCK_N))
     kernels.expand_kernel[grid](
         u, B, coef, per_pair, plan.order, plan.blocks.expert, plan.blocks.start, plan.blocks.end,
-        R, d_out,
+        plan.num_experts, R, d_out,
         *u.stride(), *B.stride(), *per_pair.stride(),
         BLOCK_M=plan.block_m, BLOCK_N=_tile(d_out, BLOCK_N), BLOCK_R=_block_r(R), PRECISION=_precision(B),
     )
@@ -121,10 +125,11 @@ def outer(left: torch.Tensor, right: torch.Tensor, plan: Plan) -> torch.Tensor:
     return g
 
 
-def _table(seg: torch.Tensor, size: int, num_pairs: int) -> Table:
+def _table(seg: torch.Tensor, size: int, num_pairs: int, none_rows: bool) -> Table:
     """Cut each segment order[seg[e]:seg[e+1]] into runs of at most `size` pairs, all on the device.
 
-    seg has E+2 entries: segment E holds the -1 pairs, whose runs are marked surplus like the padding rows.
+    seg has E+2 entries: segment E holds the -1 pairs; its runs keep expert E if `none_rows`, else become -1 like
+    the padding rows past the last run.
     """
     num_experts = seg.numel() - 2
     counts = seg[1:] - seg[:-1]  # (E+1,)
@@ -133,10 +138,11 @@ def _table(seg: torch.Tensor, size: int, num_pairs: int) -> Table:
     first = last - runs
     rows = triton.cdiv(num_pairs, size) + min(num_experts + 1, num_pairs)  # >= sum(runs), known on the host
     row = torch.arange(max(rows, 1), device=seg.device, dtype=last.dtype)
-    expert = torch.searchsorted(last, row, right=True).clamp(max=num_experts)  # (rows,) E for -1 pairs and padding
-    start = seg[expert] + (row - first[expert]) * size
-    end = torch.minimum(start + size, seg[expert + 1])
-    expert = torch.where(expert < num_experts, expert, -1)
+    expert = torch.searchsorted(last, row, right=True)  # (rows,) in [0, E+1]; E+1 = padding
+    seg_of_row = expert.clamp(max=num_experts)
+    start = seg[seg_of_row] + (row - first[seg_of_row]) * size
+    end = torch.minimum(start + size, seg[seg_of_row + 1])
+    expert = torch.where(expert < num_experts + int(none_rows), expert, -1)
     return Table(
         expert.to(torch.int32), start.to(torch.int32), end.to(torch.int32),
         first[:num_experts].to(torch.int32), runs[:num_experts].to(torch.int32),

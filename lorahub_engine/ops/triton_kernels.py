@@ -2,7 +2,10 @@
 
 Index legend: p = t * k + j a (token, slot) pair, e expert, r rank. Work is cut into "blocks": runs of at most
 BLOCK_M consecutive entries of `order` (pair ids sorted by expert) that all belong to one expert. A block table
-row is (expert, start, end) into `order`; expert == -1 marks a surplus program, which exits at once.
+row is (expert, start, end) into `order`; expert == -1 marks a surplus program, which exits at once, and
+expert == E (shrink and expand only) a run of idx == -1 pairs, whose rows get zeros, so outputs need no memset.
+Row masks that depend on the loaded expert are built as vectors (rows * 0 + e): the interpreter rejects a mask
+that combines a vector with a scalar condition.
 Only plain pointer arithmetic with masks is used (no block pointers), so the same code runs on Triton 3.6-3.9
 and under TRITON_INTERPRET=1. Accumulation is fp32. shrink multiplies its inputs in their own dtype (half x half
 products are exact in fp32); expand and outer meet an fp32 operand (u, or the coefficient-weighted left), so both
@@ -17,7 +20,7 @@ import triton.language as tl
 @triton.jit
 def shrink_kernel(
     x, A, u, order, blk_expert, blk_start, blk_end,
-    num_slots, d_in, rank,
+    num_slots, num_experts, d_in, rank,
     sx_t, sx_i, sa_e, sa_r, sa_i, su_p, su_r,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -29,6 +32,8 @@ def shrink_kernel(
     end = tl.load(blk_end + tl.program_id(0))
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
+    row_live = row_ok & ((rows * 0 + e) < num_experts)  # off in a run of -1 pairs: zeros stored (vector: see top)
+    e = tl.minimum(e, num_experts - 1)
     pair = tl.load(order + rows, mask=row_ok, other=0).to(tl.int64)
     tok = pair // num_slots
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -38,7 +43,7 @@ def shrink_kernel(
     for k0 in range(0, d_in, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < d_in
-        xt = tl.load(x + tok[:, None] * sx_t + kk[None, :] * sx_i, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        xt = tl.load(x + tok[:, None] * sx_t + kk[None, :] * sx_i, mask=row_live[:, None] & k_ok[None, :], other=0.0)
         at = tl.load(a_base + kk[:, None] * sa_i + rr[None, :] * sa_r, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc += tl.dot(xt, at, input_precision=PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_R)
     tl.store(u + pair[:, None] * su_p + rr[None, :] * su_r, acc.to(u.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
@@ -47,7 +52,7 @@ def shrink_kernel(
 @triton.jit
 def expand_kernel(
     u, B, coef, y, order, blk_expert, blk_start, blk_end,
-    rank, d_out,
+    num_experts, rank, d_out,
     su_p, su_r, sb_e, sb_o, sb_r, sy_p, sy_o,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -59,6 +64,8 @@ def expand_kernel(
     end = tl.load(blk_end + tl.program_id(0))
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
+    row_live = row_ok & ((rows * 0 + e) < num_experts)  # off in a run of -1 pairs: zeros stored
+    e = tl.minimum(e, num_experts - 1)
     pair = tl.load(order + rows, mask=row_ok, other=0).to(tl.int64)
     nn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = nn < d_out
@@ -68,9 +75,9 @@ def expand_kernel(
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < rank
         bt = tl.load(b_base + rr[:, None] * sb_r + nn[None, :] * sb_o, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-        ut = tl.load(u + pair[:, None] * su_p + rr[None, :] * su_r, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        ut = tl.load(u + pair[:, None] * su_p + rr[None, :] * su_r, mask=row_live[:, None] & r_ok[None, :], other=0.0)
         acc += tl.dot(ut.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)  # (BLOCK_M, BLOCK_R) @ (BLOCK_R, BLOCK_N)
-    c = tl.load(coef + pair, mask=row_ok, other=0.0)
+    c = tl.load(coef + pair, mask=row_live, other=0.0)
     acc = acc * c[:, None]
     tl.store(y + pair[:, None] * sy_p + nn[None, :] * sy_o, acc.to(y.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 

@@ -130,22 +130,24 @@ def test_outer_sums_many_chunks_of_one_expert():
     T=st.integers(0, 90), k=st.integers(1, 4), E=st.integers(1, 300), none_share=st.floats(0, 1), seed=st.integers(0, 99)
 )
 def test_plan_cuts_each_expert_into_single_expert_runs(T, k, E, none_share, seed):
+    """Blocks cover every pair once (the -1 pairs last, as expert E), chunks every valid pair once; stable order."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, E, (T, k), generator=g)
     idx[torch.rand(T, k, generator=g) < none_share] = -1
     plan = triton_backend.plan(idx, E)
-    flat = idx.reshape(-1)
-    for table, size in ((plan.blocks, plan.block_m), (plan.chunks, triton_backend.CHUNK)):
+    flat = torch.where(idx < 0, E, idx).reshape(-1)
+    for table, size, last in ((plan.blocks, plan.block_m, E + 1), (plan.chunks, triton_backend.CHUNK, E)):
         seen = []
         for row, (e, s, t) in enumerate(zip(table.expert.tolist(), table.start.tolist(), table.end.tolist())):
             if e < 0:
                 continue
             pairs = plan.order[s:t].long()
             assert 0 < t - s <= size and torch.all(flat[pairs] == e)
-            assert table.first[e] <= row < table.first[e] + table.count[e]
+            if e < E:
+                assert table.first[e] <= row < table.first[e] + table.count[e]
             seen.append(pairs)
         covered = torch.cat(seen) if seen else torch.empty(0, dtype=torch.long)
-        expected = torch.cat([torch.nonzero(flat == e).flatten() for e in range(E)])  # by expert, stable
+        expected = torch.cat([torch.nonzero(flat == e).flatten() for e in range(last)])  # by expert, stable
         assert torch.equal(covered, expected)
 
 
