@@ -11,6 +11,7 @@ from lorahub_engine.attach import (
     routing,
     set_weights,
 )
+from lorahub_engine.compose import retrieve_and_compose
 from lorahub_engine.errors import (
     AdapterError,
     AdapterFileError,
@@ -20,6 +21,7 @@ from lorahub_engine.errors import (
     NonFiniteError,
     UnsupportedFeatureError,
 )
+from lorahub_engine.merge import merge
 from lorahub_engine.ops import grouped_lora
 from lorahub_engine.zoo import AdapterZoo
 
@@ -39,8 +41,10 @@ __all__ = [
     "detach",
     "grouped_lora",
     "init_adapter",
+    "merge",
     "merge_into_base",
     "read_adapters",
+    "retrieve_and_compose",
     "routing",
     "set_weights",
 ]
