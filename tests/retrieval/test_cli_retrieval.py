@@ -1,0 +1,84 @@
+"""`lorahub-engine index build|query` and `retrieve` on a saved zoo, index and tiny model."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import lorahub_engine as le
+from lorahub_engine.cli import main
+from lorahub_engine.compose import retrieve_and_compose
+from retrieval import TASK_PREFIX, AdapterIndex
+
+WORDS = "add one two three plus translate cat dog french chat chien review good bad film".split()
+SAMPLES = {"add": ["add one plus two", "add two plus three", "one plus one"],
+           "french": ["translate cat to french", "translate dog to french", "french for dog"],
+           "review": ["a good film", "a bad film", "review of a good film"]}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("retrieval_cli")
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    adapters = []
+    for i, (name, samples) in enumerate(SAMPLES.items()):
+        adapter = le.init_adapter(model, name, ["q_proj", "v_proj"], r=2, seed=i)
+        for m in adapter.modules.values():
+            m.B.normal_(generator=torch.Generator().manual_seed(i))
+        adapter.metadata = {"family": name, "samples": samples}
+        adapters.append(adapter)
+    le.AdapterZoo(adapters).save(root / "zoo")
+    assert main(["index", "build", str(root / "zoo"), "-o", str(root / "idx"), "--kind", "flat", "--task-prefix"]) == 0
+    return root, model, tokenizer
+
+
+def test_index_build_then_query(folders, tmp_path, capsys):
+    root, _, _ = folders
+    assert main(["index", "build", str(root / "zoo"), "-o", str(tmp_path / "idx"), "--kind", "hnsw"]) == 0
+    assert "3 adapters, hnsw index, dimension 384" in capsys.readouterr().out
+    index = AdapterIndex.load(root / "idx")
+    assert index.config.prefix == TASK_PREFIX and index.names == list(SAMPLES)
+    assert main(["index", "query", str(root / "idx"), "add two plus two", "a bad film", "-k", "2", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = index.search(["add two plus two", "a bad film"], k=2)
+    assert [[tuple(h) for h in row["hits"]] for row in printed] == expected
+    assert [row["hits"][0][0] for row in printed] == ["add", "review"]
+    assert main(["index", "query", str(root / "idx"), "translate dog", "-k", "1", "--exclude", "french"]) == 0
+    assert "french" not in capsys.readouterr().out
+
+
+def test_retrieve_with_and_without_a_model(folders, tmp_path, capsys):
+    root, model, tokenizer = folders
+    inputs = ["add one plus three", "translate cat", "a good film"]
+    (tmp_path / "in.txt").write_text("\n".join(inputs) + "\n")
+    assert main(["retrieve", str(root / "idx"), str(tmp_path / "in.txt"), "-k", "2"]) == 0
+    plain = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["adapters"][0][0] for r in plain] == ["add", "french", "review"]
+    code = main(["retrieve", str(root / "idx"), str(tmp_path / "in.txt"), "-k", "2", "--model", str(root / "model"),
+                 "--zoo", str(root / "zoo"), "--options", "one,dog", "--batch-size", "2", "-o", str(tmp_path / "o")])
+    assert code == 0
+    records = [json.loads(line) for line in (tmp_path / "o").read_text().splitlines()]
+    expected = retrieve_and_compose(model, tokenizer, le.AdapterZoo.load(root / "zoo"), AdapterIndex.load(root / "idx"),
+                                    inputs, k=2, options=["one", "dog"])
+    assert [[n for n, _ in r["adapters"]] for r in records] == [[n for n, _ in row] for row in expected.hits]
+    scores = [[s for _, s in r["adapters"]] for r in records]
+    torch.testing.assert_close(torch.tensor(scores), torch.tensor([[s for _, s in row] for row in expected.hits]))
+    torch.testing.assert_close(torch.tensor([r["loglik"] for r in records]), torch.tensor(expected.outputs))
+    assert main(["retrieve", str(root / "idx"), str(tmp_path / "in.txt"), "--model", str(root / "model")]) == 2
+    assert "--model needs --zoo" in capsys.readouterr().err
+    assert main(["index", "query", str(tmp_path / "missing"), "x"]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err
