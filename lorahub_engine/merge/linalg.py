@@ -5,7 +5,9 @@ All functions expect float32 or float64 tensors.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from scipy.sparse.linalg import ArpackNoConvergence, svds
 
 
 def lowrank_svd(B: torch.Tensor, A: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,14 +27,31 @@ def dense_factors(delta: torch.Tensor, rank: int | None = None) -> tuple[torch.T
     """Factor a dense dW (out, in) as B (out, k) @ A (k, in) by truncated SVD.
 
     rank=None keeps the numerical rank (singular values above max(out, in) * eps * s_max, at least 1), so the
-    factorization is exact to working precision; rank=k keeps the best rank-k approximation.
+    factorization is exact to working precision; rank=k keeps the best rank-k approximation. A small k
+    (4k < min(out, in)) uses Lanczos (ARPACK, to machine precision, fixed start vector) instead of a full SVD:
+    the top 16 of a 4096 x 4096 in seconds rather than minutes.
     """
+    if rank is not None and 4 * rank < min(delta.shape):
+        return _top_singular(delta, rank)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     if rank is None:
         tol = S[0] * max(delta.shape) * torch.finfo(delta.dtype).eps
         rank = max(1, int((S > tol).sum()))
     k = min(rank, S.numel())
     return U[:, :k] * S[:k], Vh[:k]
+
+
+def _top_singular(delta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    host = delta.detach().cpu().numpy()
+    v0 = np.random.default_rng(0).standard_normal(min(host.shape)).astype(host.dtype)
+    try:
+        U, S, Vh = svds(host, k=k, v0=v0, tol=0, solver="arpack")
+    except ArpackNoConvergence:
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        return U[:, :k] * S[:k], Vh[:k]
+    order = np.argsort(-S)  # svds does not promise an order
+    B, A = torch.from_numpy(U[:, order] * S[order]), torch.from_numpy(np.ascontiguousarray(Vh[order]))
+    return B.to(delta.device), A.to(delta.device)
 
 
 def shared_basis(

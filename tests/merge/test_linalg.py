@@ -48,3 +48,12 @@ def test_shared_basis_reconstructs_each_task_and_matches_the_dense_svd():
     np.testing.assert_allclose(S.numpy(), np.linalg.svd(concat, compute_uv=False)[:9], atol=1e-10)
     V_all = torch.cat(coords, dim=1)  # (K, n * in): rows are orthonormal right singular vectors
     np.testing.assert_allclose((V_all @ V_all.T).numpy(), np.eye(9), atol=1e-10)
+
+
+@pytest.mark.parametrize("k", [2, 7, 60])  # 2 and 7: Lanczos (ARPACK); 60: full SVD
+def test_dense_factors_truncation_is_the_best_rank_k(k):
+    m = randn(200, 30, seed=5) @ randn(30, 150, seed=6) + 0.1 * randn(200, 150, seed=7)
+    B, A = dense_factors(m.float(), rank=k)
+    assert B.shape == (200, k) and A.shape == (k, 150)
+    np.testing.assert_allclose((B @ A).double().numpy(), best_rank_k(m.numpy(), k), atol=1e-4)  # entries up to ~40, fp32
+    np.testing.assert_allclose((A @ A.T).numpy(), np.eye(k), atol=1e-5)  # A = V^T: orthonormal rows
