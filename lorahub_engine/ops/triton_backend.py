@@ -59,7 +59,7 @@ def plan(idx: torch.Tensor, num_experts: int) -> Plan:
     key = torch.where((idx < 0) | (idx >= num_experts), num_experts, idx).reshape(-1)  # (P,) -1 -> E sorts last
     sorted_key, order = torch.sort(key, stable=True)
     bounds = torch.arange(num_experts + 2, device=idx.device, dtype=sorted_key.dtype)
-    seg = torch.searchsorted(sorted_key, bounds)  # (E+2,) expert e owns order[seg[e]:seg[e+1]]; e = E: the -1 pairs
+    seg = torch.searchsorted(sorted_key, bounds, out_int32=True)  # (E+2,) expert e owns order[seg[e]:seg[e+1]]; e = E: the -1 pairs
     block_m = _block_m(num_pairs, num_experts)
     return Plan(
         order=order.to(torch.int32),
@@ -126,7 +126,7 @@ def outer(left: torch.Tensor, right: torch.Tensor, plan: Plan) -> torch.Tensor:
 
 
 def _table(seg: torch.Tensor, size: int, num_pairs: int, none_rows: bool) -> Table:
-    """Cut each segment order[seg[e]:seg[e+1]] into runs of at most `size` pairs, all on the device.
+    """Cut each segment order[seg[e]:seg[e+1]] into runs of at most `size` pairs, on the device, in int32.
 
     seg has E+2 entries: segment E holds the -1 pairs; its runs keep expert E if `none_rows`, else become -1 like
     the padding rows past the last run.
@@ -134,19 +134,16 @@ def _table(seg: torch.Tensor, size: int, num_pairs: int, none_rows: bool) -> Tab
     num_experts = seg.numel() - 2
     counts = seg[1:] - seg[:-1]  # (E+1,)
     runs = torch.div(counts + size - 1, size, rounding_mode="floor")  # (E+1,) runs per segment
-    last = torch.cumsum(runs, 0)  # (E+1,) one past each segment's last run
+    last = torch.cumsum(runs, 0, dtype=torch.int32)  # (E+1,) one past each segment's last run
     first = last - runs
     rows = triton.cdiv(num_pairs, size) + min(num_experts + 1, num_pairs)  # >= sum(runs), known on the host
     row = torch.arange(max(rows, 1), device=seg.device, dtype=last.dtype)
-    expert = torch.searchsorted(last, row, right=True)  # (rows,) in [0, E+1]; E+1 = padding
+    expert = torch.searchsorted(last, row, right=True, out_int32=True)  # (rows,) in [0, E+1]; E+1 = padding
     seg_of_row = expert.clamp(max=num_experts)
     start = seg[seg_of_row] + (row - first[seg_of_row]) * size
     end = torch.minimum(start + size, seg[seg_of_row + 1])
     expert = torch.where(expert < num_experts + int(none_rows), expert, -1)
-    return Table(
-        expert.to(torch.int32), start.to(torch.int32), end.to(torch.int32),
-        first[:num_experts].to(torch.int32), runs[:num_experts].to(torch.int32),
-    )
+    return Table(expert, start, end, first[:num_experts], runs[:num_experts])  # all int32, as built
 
 
 def _block_m(num_pairs: int, num_experts: int) -> int:
