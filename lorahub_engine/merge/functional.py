@@ -5,15 +5,18 @@ Index legend: n tasks stacked on dim 0; `...` is any task shape (a dW [out, in],
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 import torch
 
 SignMethod = Literal["total", "frequency"]
+BLOCK_ELEMENTS = 2**23  # entries of one (n, rows, ...) block in `combine`: 32 MiB in fp32
 
 
-class Sparsifier(Protocol):
-    def __call__(self, tasks: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor: ...
+class KeepMask(Protocol):
+    def __call__(self, task: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+        """One task (...) -> bool mask (...) of the entries it keeps."""
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -22,21 +25,17 @@ def keep_count(density: float, numel: int) -> int:
     return min(numel, round(density * numel))
 
 
-def magnitude_prune(tasks: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Keep each task's keep_count(density) largest-magnitude entries, zero the rest (TIES' trim step)."""
-    flat = tasks.reshape(tasks.shape[0], -1)  # (n, m)
-    keep = keep_count(density, flat.shape[1])
-    if keep == flat.shape[1]:
-        return tasks
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask.scatter_(1, flat.abs().topk(keep, dim=1, sorted=False).indices, True)
-    return (flat * mask).reshape(tasks.shape)
+def magnitude_keep(task: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """TIES' trim: keep the keep_count(density) largest-magnitude entries of one task."""
+    flat = task.reshape(-1)
+    keep = torch.zeros(flat.shape, dtype=torch.bool)
+    keep[flat.abs().topk(keep_count(density, flat.numel()), sorted=False).indices] = True
+    return keep.reshape(task.shape)
 
 
-def dare_drop(tasks: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE: drop each entry independently with probability 1 - density, rescale survivors by 1 / density."""
-    keep = torch.rand(tasks.shape, generator=generator, dtype=tasks.dtype) < density
-    return tasks * keep / density
+def dare_keep(task: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE's drop: keep each entry independently with probability density (survivors are rescaled by the caller)."""
+    return torch.rand(task.shape, generator=generator, dtype=task.dtype) < density
 
 
 def majority_sign(tasks: torch.Tensor, method: SignMethod = "total") -> torch.Tensor:
@@ -48,28 +47,45 @@ def majority_sign(tasks: torch.Tensor, method: SignMethod = "total") -> torch.Te
 
 def disjoint_mean(weighted: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
     """Mean over the tasks whose entry agrees with the elected sign; 0 where none does. (n, ...) -> (...)"""
-    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return torch.where(agree, weighted, 0).sum(0) / agree.sum(0).clamp(min=1)
 
 
-def combine(
-    tasks: torch.Tensor,
-    weights: torch.Tensor,
-    *,
-    sparsify: Sparsifier | None,
-    consensus: SignMethod | None,
-    density: float,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """The whole family in one function. tasks (n, ...), weights (n,) -> merged (...).
-
-    Each task is sparsified on its own; the sign is elected on the sparsified, unweighted tasks; the weights multiply
-    the tasks; then either a plain sum (no consensus) or the disjoint mean over entries that agree with the elected
-    sign (an entry that is exactly 0 never agrees). Callers that want the election to see the weights pass
-    pre-weighted tasks and unit weights.
-    """
-    if sparsify is not None:
-        tasks = sparsify(tasks, density, generator)
+def weighted_consensus(tasks: torch.Tensor, weights: torch.Tensor, consensus: SignMethod | None) -> torch.Tensor:
+    """tasks (n, ...), weights (n,) -> the weighted sum (no consensus), or the disjoint mean of the weighted tasks
+    over the entries whose sign agrees with the one elected on the unweighted tasks (an exact 0 never agrees)."""
     weighted = tasks * weights.to(tasks.dtype).view(-1, *[1] * (tasks.dim() - 1))
     if consensus is None:
         return weighted.sum(0)
     return disjoint_mean(weighted, tasks.sign() == majority_sign(tasks, consensus))
+
+
+def combine(
+    task_rows: Callable[[int, slice], torch.Tensor],
+    n: int,
+    rows: int,
+    weights: torch.Tensor,
+    *,
+    keep: KeepMask | None,
+    rescale: bool,
+    consensus: SignMethod | None,
+    density: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The whole family in one function: task i's rows r are task_rows(i, r), a (len(r), ...) tensor.
+
+    Each task is sparsified on its own (keep mask, survivors / density when `rescale`; masks drawn in task order);
+    then `weighted_consensus` runs block by block over the rows, all entrywise, so at most one block of the n tasks
+    and their n bool masks are in memory, never the n dense tasks at once. Callers that want the sign election to
+    see the weights pass pre-weighted tasks and unit weights. Returns the merged (rows, ...).
+    """
+    masks = [keep(task_rows(i, slice(None)), density, generator) for i in range(n)] if keep else None
+    first = task_rows(0, slice(0, 1))  # (1, ...)
+    out = torch.empty(rows, *first.shape[1:], dtype=first.dtype)
+    step = max(1, BLOCK_ELEMENTS // (n * first.numel()))
+    for start in range(0, rows, step):
+        r = slice(start, start + step)
+        tasks = torch.stack([task_rows(i, r) for i in range(n)])  # (n, rows in r, ...)
+        if masks is not None:
+            tasks = tasks * torch.stack([m[r] for m in masks]) / (density if rescale else 1.0)
+        out[r] = weighted_consensus(tasks, weights, consensus)
+    return out

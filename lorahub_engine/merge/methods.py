@@ -7,12 +7,13 @@ An adapter that lacks a module contributes zero there (it is simply absent from 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from lorahub_engine.errors import MergeError
-from lorahub_engine.merge.functional import Sparsifier, combine, dare_drop, magnitude_prune
+from lorahub_engine.merge.functional import KeepMask, combine, dare_keep, magnitude_keep
 from lorahub_engine.merge.linalg import lowrank_svd, shared_basis
 from lorahub_engine.merge.lorahub import lorahub_factors
 from lorahub_engine.merge.registry import METHODS, LowRank, MergeOptions, MethodResult, ModuleTasks, register
@@ -66,28 +67,41 @@ class TaskArithmeticFamily:
     space="delta" (the correct semantics): the tasks are the weighted deltas u_i = w_i s_i B_i A_i, so trimming and
     DARE act on each dW_i, the sign is elected by the total weighted mass sum_i u_i (or by sum_i sign(u_i) with
     "frequency"), and with a consensus the result is the disjoint mean of the agreeing u_i, otherwise sum_i u_i.
-    With equal weights w > 0 this is w times the paper's merged task vector. The result is dense.
+    With equal weights w > 0 this is w times the paper's merged task vector. The result is dense; the u_i are
+    rebuilt from the factors block by block, so the n dense deltas are never all in memory.
     space="factors" reproduces PEFT's `add_weighted_adapter`: c_i = w_i s_i, the method runs on the stacked A_i
     with weights sign(c_i) sqrt|c_i| and on the stacked B_i with weights sqrt|c_i|, the sign elected on the
     unweighted factors; all ranks of a module must agree and the result keeps that rank, scale 1.
     """
 
-    sparsify: Sparsifier | None
+    keep: KeepMask | None
+    rescale: bool  # survivors / density (DARE)
     consensus: bool
 
-    def merge_tasks(self, tasks: torch.Tensor, weights: torch.Tensor, options: MergeOptions,
-                    generator: torch.Generator) -> torch.Tensor:
-        """tasks (n, ...), weights (n,) -> merged (...)."""
-        return combine(tasks, weights, sparsify=self.sparsify, density=options.density, generator=generator,
-                       consensus=options.majority_sign_method if self.consensus else None)
+    def merge_tasks(self, task_rows: Callable[[int, slice], torch.Tensor], n: int, rows: int,
+                    weights: torch.Tensor, options: MergeOptions, generator: torch.Generator) -> torch.Tensor:
+        """Task i's rows r are task_rows(i, r); weights (n,) -> merged (rows, ...)."""
+        return combine(task_rows, n, rows, weights, keep=self.keep, rescale=self.rescale, density=options.density,
+                       consensus=options.majority_sign_method if self.consensus else None, generator=generator)
+
+    def merge_stacked(self, tasks: torch.Tensor, weights: torch.Tensor, options: MergeOptions,
+                      generator: torch.Generator) -> torch.Tensor:
+        """tasks (n, rows, ...), weights (n,) -> merged (rows, ...)."""
+        return self.merge_tasks(lambda i, r: tasks[i, r], len(tasks), tasks.shape[1], weights, options, generator)
 
     def __call__(self, tasks: ModuleTasks, options: MergeOptions) -> MethodResult:
         if options.space == "factors":
             return self._factors(tasks, options)
-        if self.sparsify is None and not self.consensus:
+        if self.keep is None and not self.consensus:
             return concat(tasks)  # plain weighted sum: exact and low-rank
-        deltas = torch.stack([w * lora.delta_weight() for w, lora in zip(tasks.weights, tasks.loras)])  # (n, out, in)
-        return self.merge_tasks(deltas, torch.ones(len(deltas)), options, tasks.generator(options.seed))
+        coefs = [w * lora.scale for w, lora in zip(tasks.weights, tasks.loras)]
+
+        def delta_rows(i: int, r: slice) -> torch.Tensor:
+            return coefs[i] * (tasks.loras[i].B[r] @ tasks.loras[i].A)  # rows r of u_i: (len(r), in)
+
+        out = tasks.loras[0].B.shape[0]
+        return self.merge_tasks(delta_rows, len(coefs), out, torch.ones(len(coefs)), options,
+                                tasks.generator(options.seed))
 
     def _factors(self, tasks: ModuleTasks, options: MergeOptions) -> LowRank:
         ranks = sorted({lora.rank for lora in tasks.loras})
@@ -98,22 +112,22 @@ class TaskArithmeticFamily:
         w_B = torch.tensor([math.sqrt(abs(x)) for x in c])
         w_A = torch.tensor([1.0 if x >= 0 else -1.0 for x in c]) * w_B
         generator = tasks.generator(options.seed)
-        A = self.merge_tasks(torch.stack([lora.A for lora in tasks.loras]), w_A, options, generator)
-        B = self.merge_tasks(torch.stack([lora.B for lora in tasks.loras]), w_B, options, generator)
+        A = self.merge_stacked(torch.stack([lora.A for lora in tasks.loras]), w_A, options, generator)
+        B = self.merge_stacked(torch.stack([lora.B for lora in tasks.loras]), w_B, options, generator)
         return LowRank(B, A)
 
 
 _DENSITY = ("density",)
 _SIGN = ("density", "majority_sign_method")
-register("linear", paper="https://arxiv.org/abs/2212.04089")(TaskArithmeticFamily(None, consensus=False))
+register("linear", paper="https://arxiv.org/abs/2212.04089")(TaskArithmeticFamily(None, False, consensus=False))
 register("ties", paper="https://arxiv.org/abs/2306.01708", options=_SIGN)(
-    TaskArithmeticFamily(magnitude_prune, consensus=True))
+    TaskArithmeticFamily(magnitude_keep, False, consensus=True))
 register("dare_linear", paper="https://arxiv.org/abs/2311.03099", options=_DENSITY)(
-    TaskArithmeticFamily(dare_drop, consensus=False))
+    TaskArithmeticFamily(dare_keep, True, consensus=False))
 register("dare_ties", paper="https://arxiv.org/abs/2311.03099", options=_SIGN)(
-    TaskArithmeticFamily(dare_drop, consensus=True))
+    TaskArithmeticFamily(dare_keep, True, consensus=True))
 register("magnitude_prune", paper="https://arxiv.org/abs/2306.01708", options=_DENSITY)(
-    TaskArithmeticFamily(magnitude_prune, consensus=False))
+    TaskArithmeticFamily(magnitude_keep, False, consensus=False))
 KNOTS_INNER = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
@@ -126,5 +140,5 @@ def knots(tasks: ModuleTasks, options: MergeOptions) -> MethodResult:
     U, S, coords = shared_basis([lora.B for lora in tasks.loras],
                                 [w * lora.scale * lora.A for w, lora in zip(tasks.weights, tasks.loras)])
     inner: TaskArithmeticFamily = METHODS[options.knots_method].fn
-    merged = inner.merge_tasks(torch.stack(coords), torch.ones(len(coords)), options, tasks.generator(options.seed))
+    merged = inner.merge_stacked(torch.stack(coords), torch.ones(len(coords)), options, tasks.generator(options.seed))
     return LowRank(U * S, merged)
