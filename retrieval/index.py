@@ -10,8 +10,8 @@ Configuration (IndexConfig) is separate from state: the faiss index, the name <-
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from collections.abc import Collection, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -68,7 +68,8 @@ class AdapterIndex:
         kind = config.resolve_kind(len(names))
         ids = np.arange(len(names), dtype=np.int64)
         index = faiss_backend.new_index(kind, vectors, ids, config)
-        return cls(config, kind, index, dict(enumerate(names)), spec, embedder if isinstance(embedder, Embedder) else None)
+        loaded = embedder if isinstance(embedder, Embedder) else None
+        return cls(config, kind, index, dict(enumerate(names)), spec, loaded)
 
     # ---- queries ------------------------------------------------------------------------------------------
     @property
@@ -91,7 +92,7 @@ class AdapterIndex:
         """The embedder for text queries; loaded on first use from the recorded spec."""
         if self._embedder is None:
             if self._spec is None:
-                raise RetrievalError("this index was built from raw embeddings; load it with embedder=... to search texts")
+                raise RetrievalError("this index was built from raw embeddings; load it with embedder= to search texts")
             self._embedder = resolve_embedder(self._spec)
         return self._embedder
 
@@ -262,7 +263,8 @@ def _read_manifest(folder: Path) -> dict:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         if manifest["format_version"] != FORMAT_VERSION:
-            raise RetrievalError(f"{folder}: index format {manifest['format_version']}, this engine reads {FORMAT_VERSION}")
+            version = manifest["format_version"]
+            raise RetrievalError(f"{folder}: index format {version}, this engine reads {FORMAT_VERSION}")
         for key in ("config", "kind", "dimension", "embedder", "adapters"):
             manifest[key]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
