@@ -1,6 +1,7 @@
 """Speed of grouped_lora alone and inside a SmolLM2-135M-shaped Llama, against PEFT, per-expert loops and dense.
 
-    HF_HUB_OFFLINE=1 python -m benchmarks.bench_grouped [--repeats 5] [--layers 30] [--threads N] [--out PATH]
+    HF_HUB_OFFLINE=1 python -m benchmarks.bench_grouped [--repeats 5] [--layers 30] [--threads N] [--clock wall]
+    (on a shared CPU: --threads 1 --clock process, so time other processes take is not counted)
 
 Model: random Llama body (30 layers, hidden 576, intermediate 1536, 9 heads, 3 kv heads; no LM head), LoRA r=8 on
 all 7 projections, a batch of 32 rows x 64 tokens. Every ratio compares timings of one run, taken round-robin (each
@@ -52,6 +53,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+clock = CLOCKS["wall"]  # set from --clock in main
+
+
 def measure(cases: dict[str, Callable[[], object]], device, repeats: int, inner: int = 1, desc: str = "") -> dict:
     """Seconds per call of each case, {"min": {case: s}, "median": {...}}: one warm-up each, then `repeats`
     round-robin passes. Ratios use the minimum: other processes on shared CPUs only ever add time."""
@@ -61,11 +66,11 @@ def measure(cases: dict[str, Callable[[], object]], device, repeats: int, inner:
     for _ in tqdm(range(repeats), desc=desc, leave=False):
         for name, fn in cases.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             for _ in range(inner):
                 fn()
             sync(device)
-            times[name].append((time.perf_counter() - start) / inner)
+            times[name].append((clock() - start) / inner)
     return {"min": {n: min(ts) for n, ts in times.items()}, "median": {n: statistics.median(ts) for n, ts in times.items()}}
 
 
@@ -369,10 +374,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", type=int, default=30, help="30 for SmolLM2-135M; fewer for a quick smoke run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="process: CPU seconds of this process; with --threads 1 it ignores time lost to other "
+                        "processes on a shared machine (never for CUDA, whose work runs off the process)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     result = {"env": _env(device, dtype, args)}
@@ -397,7 +407,7 @@ def _env(device, dtype, args) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype), "commit": commit,
-            "layers": args.layers, "repeats": args.repeats, "batch": [ROWS, SEQ], "rank": RANK, "experts": EXPERTS,
+            "clock": args.clock, "layers": args.layers, "repeats": args.repeats, "batch": [ROWS, SEQ], "rank": RANK, "experts": EXPERTS,
             "load_avg_start": os.getloadavg()}  # other processes on the CPUs distort small ops badly: check these
 
 
