@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import PurePath
@@ -42,7 +43,8 @@ def merge(
         dare_ties, magnitude_prune, knots); each method's docstring states its exact semantics.
     density: fraction of entries kept by ties / dare_* / magnitude_prune / knots (default 0.2).
     space: "delta" works on dW_i = s_i B_i A_i (the correct semantics); "factors" reproduces PEFT's factor-space
-        linear / ties / dare_* / magnitude_prune. Exact methods (cat, svd, negate, lorahub) are the same in both.
+        linear / ties / dare_* / magnitude_prune. Exact methods (task_arithmetic / cat, svd, negate, lorahub) are
+        the same in both; knots is delta only.
     rank: None keeps the result exact (the concatenated rank for cat, the numerical rank of a dense result);
         k truncates every module to its best rank-k approximation by SVD.
     seed: DARE's random drops come from a generator per module, seeded from `seed` and the module path.
@@ -116,7 +118,7 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
         raise MergeError(f"got {len(weights)} weights for {n} adapters")
     out = []
     for i, x in enumerate(weights):
-        if isinstance(x, bool) or not isinstance(x, (int, float)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
             raise MergeError(f"weights[{i}] must be a number, got {x!r}")
         if not math.isfinite(x):
             raise MergeError(f"weights[{i}] is {x}; weights must be finite")

@@ -86,6 +86,8 @@ def combine(
         r = slice(start, start + step)
         tasks = torch.stack([task_rows(i, r) for i in range(n)])  # (n, rows in r, ...)
         if masks is not None:
-            tasks = tasks * torch.stack([m[r] for m in masks]) / (density if rescale else 1.0)
+            tasks = tasks * torch.stack([m[r] for m in masks])
+            if rescale:
+                tasks /= density
         out[r] = weighted_consensus(tasks, weights, consensus)
     return out

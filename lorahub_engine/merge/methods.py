@@ -119,15 +119,16 @@ class TaskArithmeticFamily:
 
 _DENSITY = ("density",)
 _SIGN = ("density", "majority_sign_method")
-register("linear", paper="https://arxiv.org/abs/2212.04089")(TaskArithmeticFamily(None, False, consensus=False))
+register("linear", paper="https://arxiv.org/abs/2212.04089")(
+    TaskArithmeticFamily(keep=None, rescale=False, consensus=False))
 register("ties", paper="https://arxiv.org/abs/2306.01708", options=_SIGN)(
-    TaskArithmeticFamily(magnitude_keep, False, consensus=True))
+    TaskArithmeticFamily(keep=magnitude_keep, rescale=False, consensus=True))
 register("dare_linear", paper="https://arxiv.org/abs/2311.03099", options=_DENSITY)(
-    TaskArithmeticFamily(dare_keep, True, consensus=False))
+    TaskArithmeticFamily(keep=dare_keep, rescale=True, consensus=False))
 register("dare_ties", paper="https://arxiv.org/abs/2311.03099", options=_SIGN)(
-    TaskArithmeticFamily(dare_keep, True, consensus=True))
+    TaskArithmeticFamily(keep=dare_keep, rescale=True, consensus=True))
 register("magnitude_prune", paper="https://arxiv.org/abs/2306.01708", options=_DENSITY)(
-    TaskArithmeticFamily(magnitude_keep, False, consensus=False))
+    TaskArithmeticFamily(keep=magnitude_keep, rescale=False, consensus=False))
 KNOTS_INNER = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
