@@ -8,7 +8,7 @@ from peft import PeftModel
 
 import lorahub_engine as le
 from lorahub_engine.merge import merge
-from tests.merge.conftest import assert_deltas_equal, peft_deltas, peft_merge
+from tests.merge.conftest import assert_deltas_equal, peft_deltas, peft_merge, peft_model_with
 
 
 def pick(folders, *names):
@@ -97,3 +97,18 @@ def test_saved_merge_loads_in_peft(arch, llama, gpt2, folders, gpt2_folders, tmp
     torch.testing.assert_close(logits, folded_logits(base, merged, x), atol=1e-5, rtol=0)
     ours = le.attach(copy.deepcopy(base), [merged])(x, adapter_ids=torch.zeros(2, dtype=torch.long)).logits
     torch.testing.assert_close(ours, logits, atol=1e-5, rtol=0)
+
+
+def test_merged_rslora_and_rank_pattern_save_with_plain_scaling(llama, folders, tmp_path):
+    """PEFT's own merge of rsLoRA adapters keeps use_rslora and over-scales; ours saves scale 1 with rank/alpha
+    patterns PEFT reads back exactly."""
+    merged = merge([folders["rs"], folders["d"]], [1.0, -0.5], "svd", rank=3)
+    merged.save(tmp_path / "m")
+    model = PeftModel.from_pretrained(copy.deepcopy(llama), tmp_path / "m")
+    assert_deltas_equal(merged, peft_deltas(model, "default"))
+    sources = peft_model_with(llama, {"rs": folders["rs"], "d": folders["d"]})
+    rs, d = peft_deltas(sources, "rs"), peft_deltas(sources, "d")
+    for path in merged.modules:
+        exact = rs.get(path, 0) - 0.5 * d.get(path, 0)
+        U, S, Vh = torch.linalg.svd(exact.double())
+        torch.testing.assert_close(merged.delta_weight(path), ((U[:, :3] * S[:3]) @ Vh[:3]).float(), atol=1e-5, rtol=0)
