@@ -98,7 +98,7 @@ class LoraLayer(nn.Module):
             scale = torch.ones(rows, dtype=scale.dtype, device=scale.device)
             idx, gates = _per_token(_row_identity(rows, x.device), rows, tokens.shape[0])
         delta = grouped_lora(tokens, A, B, scale, idx, gates.to(tokens.dtype))
-        return y + delta.view(y.shape)
+        return y.add_(delta.view(y.shape))  # in place: Linear / Conv1D backward never needs its output
 
 
 def _expand_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
