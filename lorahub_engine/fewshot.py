@@ -110,7 +110,7 @@ def example_losses(model, batch: Batch, **forward_kwargs) -> torch.Tensor:
         targets = batch.labels
     else:
         length = batch.input_ids.shape[1]
-        first_target = int((batch.labels != IGNORE).float().argmax(-1).min())  # earliest answer token of the batch
+        first_target = max(1, int((batch.labels != IGNORE).float().argmax(-1).min()))  # earliest predictable label
         keep = length - first_target + 1  # positions first_target-1 .. l-1 predict the answers
         if _accepts(model, "logits_to_keep"):
             forward_kwargs = {"logits_to_keep": keep, **forward_kwargs}

@@ -122,5 +122,5 @@ def _make_zorbish(words: tuple[str, ...], seed: int) -> dict[str, str]:
 ZORBISH_OF = _make_zorbish(ALL_NOUNS + COLORS, seed=1234)
 ENGLISH_OF_ZORBISH = {made_up: english for english, made_up in ZORBISH_OF.items()}
 
+# every distinct lexicon word: the pool for word-level string and list tasks
 WORDS = tuple(dict.fromkeys(ALL_NOUNS + OPPOSITE_WORDS + POSITIVE_WORDS + NEGATIVE_WORDS + tuple(TOPIC_OF) + COLORS))
-"""Every distinct lexicon word: the pool for word-level string and list tasks."""
