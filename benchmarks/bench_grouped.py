@@ -386,6 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
     global clock
     clock = CLOCKS[args.clock]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and args.clock == "process":
+        parser.error("--clock process cannot see GPU work; use the wall clock on CUDA")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     result = {"env": _env(device, dtype, args)}
     result["ops"] = op_level(args.layers, device, dtype, args.repeats)
