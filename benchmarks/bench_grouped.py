@@ -71,7 +71,7 @@ def measure(cases: dict[str, Callable[[], object]], device, repeats: int, inner:
                 fn()
             sync(device)
             times[name].append((clock() - start) / inner)
-    return {"min": {n: min(ts) for n, ts in times.items()}, "median": {n: statistics.median(ts) for n, ts in times.items()}}
+    return {"min": {n: min(t) for n, t in times.items()}, "median": {n: statistics.median(t) for n, t in times.items()}}
 
 
 # ---------------------------------------------------------------- baselines (independent of the op)
@@ -411,7 +411,8 @@ def _env(device, dtype, args) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype), "commit": commit,
-            "clock": args.clock, "layers": args.layers, "repeats": args.repeats, "batch": [ROWS, SEQ], "rank": RANK, "experts": EXPERTS,
+            "clock": args.clock, "layers": args.layers, "repeats": args.repeats, "batch": [ROWS, SEQ], "rank": RANK,
+            "experts": EXPERTS,
             "load_avg_start": os.getloadavg()}  # other processes on the CPUs distort small ops badly: check these
 
 

@@ -59,7 +59,8 @@ def plan(idx: torch.Tensor, num_experts: int) -> Plan:
     key = torch.where((idx < 0) | (idx >= num_experts), num_experts, idx).reshape(-1)  # (P,) -1 -> E sorts last
     sorted_key, order = torch.sort(key, stable=True)
     bounds = torch.arange(num_experts + 2, device=idx.device, dtype=sorted_key.dtype)
-    seg = torch.searchsorted(sorted_key, bounds, out_int32=True)  # (E+2,) expert e owns order[seg[e]:seg[e+1]]; e = E: the -1 pairs
+    # (E+2,) expert e owns order[seg[e]:seg[e+1]]; segment E holds the -1 pairs
+    seg = torch.searchsorted(sorted_key, bounds, out_int32=True)
     block_m = _block_m(num_pairs, num_experts)
     return Plan(
         order=order.to(torch.int32),
@@ -92,19 +93,19 @@ def expand(u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, plan: Plan) -> 
     T, k = plan.num_tokens, plan.num_slots
     per_pair = torch.empty(T * k, d_out, dtype=_accum_dtype(B), device=u.device)  # (T*k, out), every row written
     coef = coef.to(per_pair.dtype).contiguous()
-    grid = (len(plan.blocks.expert), triton.cdiv(d_out, BLOCK_N))
+    block_n = _tile(d_out, BLOCK_N)
+    grid = (len(plan.blocks.expert), triton.cdiv(d_out, block_n))
     kernels.expand_kernel[grid](
         u, B, coef, per_pair, plan.order, plan.blocks.expert, plan.blocks.start, plan.blocks.end,
         plan.num_experts, R, d_out,
         *u.stride(), *B.stride(), *per_pair.stride(),
-        BLOCK_M=plan.block_m, BLOCK_N=_tile(d_out, BLOCK_N), BLOCK_R=_block_r(R), PRECISION=_precision(B),
+        BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=_block_r(R), PRECISION=_precision(B),
     )
     return per_pair if k == 1 else per_pair.view(T, k, d_out).sum(1)  # (T, out): fixed-order sum over slots
 
 
 def outer(left: torch.Tensor, right: torch.Tensor, plan: Plan) -> torch.Tensor:
-    P, dim_a = left.shape
-    dim_b = right.shape[1]
+    dim_a, dim_b = left.shape[1], right.shape[1]
     E = plan.num_experts
     rows = len(plan.chunks.expert)
     part = torch.empty(rows, dim_a, dim_b, dtype=torch.float32, device=left.device)  # (chunks, a, b) partial sums

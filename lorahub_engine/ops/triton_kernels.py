@@ -46,7 +46,8 @@ def shrink_kernel(
         xt = tl.load(x + tok[:, None] * sx_t + kk[None, :] * sx_i, mask=row_live[:, None] & k_ok[None, :], other=0.0)
         at = tl.load(a_base + kk[:, None] * sa_i + rr[None, :] * sa_r, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc += tl.dot(xt, at, input_precision=PRECISION)  # (BLOCK_M, BLOCK_K) @ (BLOCK_K, BLOCK_R)
-    tl.store(u + pair[:, None] * su_p + rr[None, :] * su_r, acc.to(u.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+    out_ok = row_ok[:, None] & r_ok[None, :]
+    tl.store(u + pair[:, None] * su_p + rr[None, :] * su_r, acc.to(u.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -76,10 +77,12 @@ def expand_kernel(
         r_ok = rr < rank
         bt = tl.load(b_base + rr[:, None] * sb_r + nn[None, :] * sb_o, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         ut = tl.load(u + pair[:, None] * su_p + rr[None, :] * su_r, mask=row_live[:, None] & r_ok[None, :], other=0.0)
-        acc += tl.dot(ut.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)  # (BLOCK_M, BLOCK_R) @ (BLOCK_R, BLOCK_N)
+        # (BLOCK_M, BLOCK_R) @ (BLOCK_R, BLOCK_N)
+        acc += tl.dot(ut.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
     c = tl.load(coef + pair, mask=row_live, other=0.0)
     acc = acc * c[:, None]
-    tl.store(y + pair[:, None] * sy_p + nn[None, :] * sy_o, acc.to(y.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    out_ok = row_ok[:, None] & n_ok[None, :]
+    tl.store(y + pair[:, None] * sy_p + nn[None, :] * sy_o, acc.to(y.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -107,7 +110,8 @@ def outer_partial_kernel(
         tok = pair // num_slots
         rt = tl.load(right + tok[:, None] * sr_t + bb[None, :] * sr_b, mask=row_ok[:, None] & b_ok[None, :], other=0.0)
         lt = tl.load(left + pair[None, :] * sl_p + aa[:, None] * sl_a, mask=a_ok[:, None] & row_ok[None, :], other=0.0)
-        acc += tl.dot(lt.to(tl.float32), rt.to(tl.float32), input_precision=PRECISION)  # (BLOCK_A, BLOCK_P) @ (BLOCK_P, BLOCK_B)
+        # (BLOCK_A, BLOCK_P) @ (BLOCK_P, BLOCK_B)
+        acc += tl.dot(lt.to(tl.float32), rt.to(tl.float32), input_precision=PRECISION)
     c = tl.program_id(0).to(tl.int64)
     tl.store(part + c * sp_c + aa[:, None] * sp_a + bb[None, :] * sp_b, acc, mask=a_ok[:, None] & b_ok[None, :])
 

@@ -127,7 +127,8 @@ def test_outer_sums_many_chunks_of_one_expert():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    T=st.integers(0, 90), k=st.integers(1, 4), E=st.integers(1, 300), none_share=st.floats(0, 1), seed=st.integers(0, 99)
+    T=st.integers(0, 90), k=st.integers(1, 4), E=st.integers(1, 300),
+    none_share=st.floats(0, 1), seed=st.integers(0, 99),
 )
 def test_plan_cuts_each_expert_into_single_expert_runs(T, k, E, none_share, seed):
     """Blocks cover every pair once (the -1 pairs last, as expert E), chunks every valid pair once; stable order."""
