@@ -255,7 +255,104 @@ def _load_language_model(path: str):
         raise AdapterError(f"cannot load a model and tokenizer from {path}: {e}") from None
 
 
-COMMANDS = [add_merge, add_inspect, add_index, add_retrieve]
+def _threads(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+
+
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: tiny models gain nothing from more, and on a busy machine "
+                        "OpenMP waits make small ops far slower)")
+
+
+def add_build_zoo(commands) -> None:
+    p = commands.add_parser("build-zoo", help="train one LoRA per taskworld training task (resumable, cached)",
+                            description="Train the benchmark zoo through the engine (all adapters of a group "
+                                        "jointly); cached in $LORAHUB_CACHE, resumable by group.")
+    p.add_argument("--base", default="tiny", choices=("tiny", "smollm2"))
+    p.add_argument("--out", help="also write the finished zoo to this folder (e.g. benchmarks/assets/tiny_zoo)")
+    p.add_argument("--extra-tasks", action="append", default=[], help="module that registers more tasks")
+    _add_threads(p)
+    p.set_defaults(run=run_build_zoo)
+
+
+def run_build_zoo(args: argparse.Namespace) -> int:
+    from benchmarks.bases import load_base
+    from benchmarks.taskworld import load_extra_tasks
+    from benchmarks.zoo import build_zoo
+
+    _threads(args)
+    for module in args.extra_tasks:
+        load_extra_tasks(module)
+    folder = build_zoo(load_base(args.base), out=args.out)
+    print(f"zoo: {folder}")
+    return 0
+
+
+def add_bench(commands) -> None:
+    p = commands.add_parser("bench", help="benchmarks (cross-task: held-out tasks x composition methods)",
+                            description="Run a benchmark; writes markdown, JSON and PNG results.")
+    sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    cross = sub.add_parser("cross-task", help="held-out tasks x methods, 5 shots, mean +- std over seeds")
+    cross.add_argument("--base", default="tiny", choices=("tiny", "smollm2"))
+    cross.add_argument("--quick", action="store_true", help="a few tasks, 2 seeds, 30 test examples (CI)")
+    cross.add_argument("--methods", nargs="+", help="registered method names (default: all)")
+    cross.add_argument("--tasks", nargs="+", help="held-out task names (default: all held-out tasks)")
+    cross.add_argument("--seeds", type=int, default=5, help="number of seeds (0..n-1)")
+    cross.add_argument("--shots", type=int, default=5)
+    cross.add_argument("--n-test", type=int, default=100)
+    cross.add_argument("--k", type=int, default=3, help="adapters retrieved")
+    cross.add_argument("--out", default="benchmarks/results", help="folder for the .md / .json / .png")
+    cross.add_argument("--extra-tasks", action="append", default=[], help="module that registers more tasks")
+    _add_threads(cross)
+    cross.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from benchmarks import cross_task
+    from benchmarks.bases import load_base
+    from benchmarks.taskworld import load_extra_tasks
+
+    _threads(args)
+    for module in args.extra_tasks:
+        load_extra_tasks(module)
+    quick = cross_task.QUICK if args.quick else {}
+    settings = cross_task.Settings(shots=args.shots, n_test=quick.get("n_test", args.n_test), k=args.k)
+    seeds = list(range(quick.get("seeds", args.seeds)))
+    tasks = args.tasks or quick.get("tasks")
+    methods = args.methods or quick.get("methods")
+    base = load_base(args.base)
+    results = cross_task.run_cross_task(base, tasks, methods, seeds, settings=settings)
+    stem = f"cross_task_{args.base}" + ("_quick" if args.quick else "")
+    paths = cross_task.write_report(results, Path(args.out), args.base, settings, seeds, stem)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def add_demo(commands) -> None:
+    p = commands.add_parser("demo", help="an unseen task, 5 examples: retrieved + composed adapters vs zero-shot",
+                            description="Runs on the shipped tiny base and tiny zoo; nothing is downloaded.")
+    p.add_argument("--task", help="a held-out taskworld task (default count_birds)")
+    p.add_argument("--method", default="uniform_retrieved",
+                   help="composition: uniform_retrieved, retrieval_mixture, retrieval_fusion, ties, best_single")
+    p.add_argument("--k", type=int, default=3, help="adapters retrieved")
+    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="which 5 examples")
+    _add_threads(p)
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from benchmarks.demo import run_demo as demo
+
+    _threads(args)
+    demo(args.task or None, args.method, args.k, args.n_test, args.seed)
+    return 0
+
+
+COMMANDS = [add_merge, add_inspect, add_index, add_retrieve, add_build_zoo, add_bench, add_demo]
 
 if __name__ == "__main__":
     sys.exit(main())

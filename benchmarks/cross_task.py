@@ -1,0 +1,257 @@
+"""Cross-task benchmark: for each held-out task, 5 shots per seed, a fixed test set, every registered method.
+
+    from benchmarks.cross_task import run_cross_task
+    results = run_cross_task(base="tiny", tasks=["count_birds"], methods=["zero_shot", "icl"], seeds=[0, 1, 2])
+    results["count_birds"]["icl"]     # {"mean", "std", "scores", "tokens", "seconds", ...}
+
+A method is a function registered by name (`@register_method("zero_shot")`) that takes a `Context` and returns
+a `MethodOutput` (one prediction per test input, prompt tokens per query). The harness times it, scores it
+(normalized exact match), and aggregates mean +- std over seeds. The test set is the task's first `n_test` test
+examples (the same for every seed); seed s draws the shots `examples(task, "fewshot", shots, seed=s)`. A method
+registered with `uses_shots=False` runs once per task and counts for every seed.
+Outputs: a markdown table (stdout + file), JSON and a PNG plot (see `write_report`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.taskworld import Task, accuracy, examples, format_prompt, get_task, list_tasks
+
+
+class MethodOutput(NamedTuple):
+    predictions: list[str]  # one answer per test input, in order
+    prompt_tokens: float  # mean prompt tokens the model reads per test query
+    info: dict = {}  # anything worth recording (adapters chosen, ...), JSON-serializable
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    run: Callable[["Context"], MethodOutput]
+    uses_shots: bool = True  # False: independent of the seed's shots, run once per task
+    description: str = ""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, uses_shots: bool = True):
+    """Decorator: register `fn(ctx) -> MethodOutput` under `name` (its docstring's first line describes it)."""
+
+    def register(fn: Callable[[Context], MethodOutput]):
+        if name in METHODS:
+            raise ValueError(f"a method named {name!r} is already registered")
+        METHODS[name] = Method(name, fn, uses_shots, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+        return fn
+
+    return register
+
+
+# `bench cross-task --quick` (CI): a few held-out tasks near the zoo's skills, 2 seeds, 30 test examples.
+QUICK = {"tasks": ["count_birds", "has_vehicle", "last_alphabetically", "sentiment_negated"], "seeds": 2,
+         "n_test": 30, "methods": ["zero_shot", "icl", "best_single", "uniform_retrieved", "retrieval_mixture",
+                                   "ties", "upper_shots_lora"]}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Knobs shared by the methods (kept in the JSON output)."""
+
+    shots: int = 5
+    n_test: int = 100
+    k: int = 3  # adapters retrieved per input / per task
+    batch_size: int = 50  # rows per generation batch
+    max_new_tokens: int = 24
+
+
+@dataclass
+class Context:
+    """What a method sees for one (task, seed). `cache` is shared by all calls of one run (memoize there)."""
+
+    base: object  # benchmarks.bases.Base
+    zoo: object  # lorahub_engine.AdapterZoo
+    index: object  # anything with search(texts, k)
+    task: Task
+    shots: list[tuple[str, str]]  # (input, answer) of this seed
+    test: list[tuple[str, str]]  # (input, answer), the same for every seed
+    seed: int
+    seeds: list[int]
+    settings: Settings
+    cache: dict = field(default_factory=dict)
+
+    def query(self, input_text: str, shots: Sequence[tuple[str, str]] = ()) -> str:
+        """The plain-text prompt (instruction + shots + input): what retrieval embeds."""
+        return format_prompt(self.task.instruction, input_text, shots)
+
+    def prompt(self, input_text: str, shots: Sequence[tuple[str, str]] = ()) -> str:
+        """The prompt as the base reads it (chat template applied for chat bases)."""
+        return self.base.render(self.query(input_text, shots))
+
+    def shots_of(self, seed: int) -> list[tuple[str, str]]:
+        return [tuple(e) for e in examples(self.task, "fewshot", self.settings.shots, seed=seed)]
+
+    def shot_pairs(self, shots: Sequence[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+        """(prompt, answer) training pairs of the shots (default: this seed's)."""
+        return [(self.prompt(x), y) for x, y in (self.shots if shots is None else shots)]
+
+
+def _load_methods() -> None:
+    import benchmarks.methods  # noqa: F401  (registers the built-in methods)
+
+
+def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Sequence[str] | None = None,
+                   seeds: Sequence[int] = (0, 1, 2, 3, 4), shots: int = 5, n_test: int = 100, *, zoo=None,
+                   index=None, settings: Settings | None = None, out: str | Path | None = None,
+                   progress: bool = True) -> dict:
+    """Evaluate `methods` on held-out `tasks`; returns {task: {method: stats}} (stats: mean, std, scores over
+    seeds, tokens per query, seconds per run, info). With `out`, writes the report files there.
+
+    base: "tiny" / "smollm2" or a loaded `Base`; zoo: default `benchmarks.zoo.load_zoo(base)`; index: default
+    `AdapterIndex.build(zoo)` over the manifest's sample prompts.
+    """
+    _load_methods()
+    base = _base(base)
+    settings = settings or Settings(shots=shots, n_test=n_test)
+    tasks = list(tasks or list_tasks(held_out=True))
+    methods = list(methods or METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
+    if zoo is None:
+        from benchmarks.zoo import load_zoo
+
+        zoo = load_zoo(base, progress=progress)
+    if index is None:
+        from retrieval import AdapterIndex
+
+        index = AdapterIndex.build(zoo)
+    cache: dict = {}
+    results: dict = {}
+    bar = tqdm(total=len(tasks) * len(methods), desc="cross-task", unit="run", disable=not progress)
+    for name in tasks:
+        task = get_task(name)
+        test = [tuple(e) for e in examples(task, "test", settings.n_test, seed=0)]
+        results[name] = {}
+        for method_name in methods:
+            bar.set_postfix(task=name, method=method_name)
+            results[name][method_name] = _evaluate(METHODS[method_name], base, zoo, index, task, test, list(seeds),
+                                                   settings, cache)
+            bar.update()
+    bar.close()
+    if out is not None:
+        write_report(results, Path(out), base.name, settings, list(seeds))
+    return results
+
+
+def _evaluate(method: Method, base, zoo, index, task: Task, test, seeds: list[int], settings: Settings,
+              cache: dict) -> dict:
+    runs = seeds if method.uses_shots else seeds[:1]
+    scores, tokens, seconds, info = [], [], [], []
+    for seed in runs:
+        ctx = Context(base, zoo, index, task, [], test, seed, seeds, settings, cache)
+        ctx.shots = ctx.shots_of(seed)
+        start = time.perf_counter()
+        with torch.no_grad():
+            output = method.run(ctx)
+        seconds.append(time.perf_counter() - start)
+        if len(output.predictions) != len(test):
+            raise ValueError(f"method {method.name} returned {len(output.predictions)} predictions for {len(test)}")
+        scores.append(accuracy(output.predictions, [y for _, y in test]))
+        tokens.append(output.prompt_tokens)
+        info.append(output.info)
+    if not method.uses_shots:
+        scores = scores * len(seeds)
+    return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "scores": scores,
+            "tokens": statistics.fmean(tokens), "seconds": statistics.fmean(seconds), "per_seed": method.uses_shots,
+            "info": info}
+
+
+def _base(base):
+    if isinstance(base, str):
+        from benchmarks.bases import load_base
+
+        return load_base(base)
+    return base
+
+
+# ---- report --------------------------------------------------------------------------------------------------
+def summary(results: dict) -> dict:
+    """Per method: mean over tasks, std over seeds of the per-seed task mean, tokens and seconds per run."""
+    methods = list(next(iter(results.values())))
+    out = {}
+    for m in methods:
+        per_task = [results[t][m] for t in results]
+        per_seed = [statistics.fmean(s) for s in zip(*(r["scores"] for r in per_task))]
+        out[m] = {"mean": statistics.fmean(r["mean"] for r in per_task), "std": statistics.pstdev(per_seed),
+                  "tokens": statistics.fmean(r["tokens"] for r in per_task),
+                  "seconds": statistics.fmean(r["seconds"] for r in per_task)}
+    return out
+
+
+def markdown_table(results: dict) -> str:
+    """Rows: tasks, then the mean, prompt tokens per query and wall seconds per run; columns: methods."""
+    methods = list(next(iter(results.values())))
+    total = summary(results)
+    lines = ["| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for task, row in results.items():
+        lines.append(f"| {task} | " + " | ".join(f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in methods) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{total[m]['mean']:.3f}** ± {total[m]['std']:.3f}" for m in methods)
+                 + " |")
+    lines.append("| prompt tokens / query | " + " | ".join(f"{total[m]['tokens']:.0f}" for m in methods) + " |")
+    lines.append("| wall s / run | " + " | ".join(f"{total[m]['seconds']:.1f}" for m in methods) + " |")
+    return "\n".join(lines)
+
+
+def write_report(results: dict, out: Path, base_name: str, settings: Settings, seeds: list[int],
+                 stem: str | None = None) -> dict[str, Path]:
+    """Write <stem>.md, <stem>.json and <stem>.png into `out`; print the table. Returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = stem or f"cross_task_{base_name}"
+    paths = {ext: out / f"{stem}.{ext}" for ext in ("md", "json", "png")}
+    table = markdown_table(results)
+    print(table)
+    _atomic_write(paths["md"], table + "\n")
+    record = {"base": base_name, "settings": asdict(settings), "seeds": seeds,
+              "methods": {m: METHODS[m].description for m in next(iter(results.values()))},
+              "summary": summary(results), "results": results}
+    _atomic_write(paths["json"], json.dumps(record, indent=2) + "\n")
+    plot(results, paths["png"], title=f"cross-task, {base_name} base, {len(results)} held-out tasks")
+    return paths
+
+
+def plot(results: dict, path: Path, title: str) -> None:
+    """Bar per method: mean accuracy over tasks, error bar = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total = summary(results)
+    names = list(total)
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names) + 2), 4))
+    ax.bar(names, [total[m]["mean"] for m in names], yerr=[total[m]["std"] for m in names], capsize=3)
+    ax.set_ylabel("exact match")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,79 @@
+"""The README's first command: an unseen task, 5 examples, retrieved and composed adapters vs the zero-shot base.
+
+    lorahub-engine demo                      # or: python -m benchmarks.demo [--task ... --method ...]
+Runs on the shipped tiny base (benchmarks/assets/tiny) and tiny zoo (benchmarks/assets/tiny_zoo, rebuilt by
+`lorahub-engine build-zoo --base tiny --out benchmarks/assets/tiny_zoo`); nothing is downloaded or trained.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tqdm import tqdm
+
+from benchmarks.taskworld import accuracy, examples, get_task, list_tasks
+
+DEMO_TASK = "count_birds"
+COMPOSITIONS = ("uniform_retrieved", "retrieval_mixture", "retrieval_fusion", "ties", "best_single")
+
+
+def run_demo(task: str | None = None, method: str = "uniform_retrieved", k: int = 3, n_test: int = 100, seed: int = 0,
+             progress: bool = True) -> dict:
+    """Print and return the zero-shot and composed accuracies of `task` (held out: no zoo adapter saw it)."""
+    from benchmarks import methods
+    from benchmarks.bases import load_base
+    from benchmarks.cross_task import Context, Settings
+    from benchmarks.zoo import load_zoo
+    from retrieval import AdapterIndex
+
+    task = task or DEMO_TASK
+    if method not in COMPOSITIONS:
+        raise ValueError(f"method must be one of {COMPOSITIONS}, got {method!r}")
+    if not get_task(task).held_out:
+        raise ValueError(f"{task} is a training task; pick a held-out one: {', '.join(list_tasks(held_out=True))}")
+    start = time.time()
+    steps = tqdm(total=5, desc="demo", bar_format="{desc}: {n}/{total} {postfix}", disable=not progress)
+    steps.set_postfix_str("loading the tiny base")
+    base = load_base("tiny")
+    steps.update()
+    steps.set_postfix_str("loading the zoo")
+    zoo = load_zoo(base, progress=progress)
+    steps.update()
+    steps.set_postfix_str("indexing the zoo (sentence embeddings of its sample prompts)")
+    index = AdapterIndex.build(zoo)
+    steps.update()
+    settings = Settings(n_test=n_test, k=k)
+    test = [tuple(e) for e in examples(task, "test", n_test, seed=0)]
+    ctx = Context(base, zoo, index, get_task(task), [], test, seed, [seed], settings)
+    ctx.shots = ctx.shots_of(seed)
+    answers = [y for _, y in test]
+    steps.set_postfix_str("zero-shot base")
+    zero = accuracy(methods.zero_shot(ctx).predictions, answers)
+    steps.update()
+    steps.set_postfix_str(f"{method} with k={k}")
+    composed = getattr(methods, method)(ctx)
+    steps.update()
+    steps.close()
+    result = {"task": task, "method": method, "zero_shot": zero, "composed": accuracy(composed.predictions, answers),
+              "adapters": composed.info.get("adapters", []), "seconds": round(time.time() - start, 1)}
+    _print(result, ctx, len(zoo))
+    return result
+
+
+def _print(result: dict, ctx, zoo_size: int) -> None:
+    print(f"\nunseen task: {result['task']}: {ctx.task.instruction!r} (no adapter of the {zoo_size}-adapter zoo "
+          "was trained on it)")
+    print("5 examples:", "; ".join(f"{x} -> {y}" for x, y in ctx.shots))
+    if result["adapters"]:
+        print(f"retrieved adapters: {', '.join(result['adapters'])}")
+    n = len(ctx.test)
+    print(f"zero-shot base:             {result['zero_shot']:.2f} exact match on {n} test examples")
+    print(f"{result['method'] + ' (composed)':27s} {result['composed']:.2f}")
+    print(f"({result['seconds']} s)")
+
+
+if __name__ == "__main__":
+    from lorahub_engine.cli import main
+
+    raise SystemExit(main(["demo", *sys.argv[1:]]))
