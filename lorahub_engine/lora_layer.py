@@ -6,14 +6,14 @@ The layer holds no composition logic: which experts each token uses, with which 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorahub_engine.merge.lorahub import lorahub_factors
-from lorahub_engine.ops import grouped_lora
+from lorahub_engine.ops.grouped import TokenRouting, grouped_lora_routed
 
 MODES = ("mixture", "fusion")
 
@@ -29,6 +29,21 @@ class RowRouting:
     idx: torch.Tensor
     gates: torch.Tensor
     mode: str = "mixture"
+    _per_token: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def per_token(self, rows: int, num_tokens: int) -> TokenRouting:
+        """This routing expanded to the tokens of a batch of `rows` rows; built once, shared by every layer."""
+        key = (rows, num_tokens)
+        if key in self._per_token:
+            return self._per_token[key]
+        idx, gates = self.idx, self.gates
+        if self.mode == "fusion":  # token t uses its row's merged expert, number `row`
+            idx = torch.arange(rows, device=idx.device)[:, None]
+            gates = torch.ones(idx.shape, device=idx.device)
+        routing = TokenRouting(*_rows_to_tokens(idx, gates, rows, num_tokens))
+        if not gates.requires_grad:  # learnable gates get a fresh graph every forward
+            self._per_token[key] = routing
+        return routing
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -87,32 +102,25 @@ class LoraLayer(nn.Module):
             return y
         rows = x.shape[0] if x.dim() > 1 else 1
         tokens = x.reshape(-1, x.shape[-1])  # (T, in), rows-major
-        idx, gates = _per_token(routing, rows, tokens.shape[0])
         A, B, scale = self.lora_A, self.lora_B, self.lora_scale
         if routing.mode == "fusion":
-            # One merged expert per row: gather its k experts, mix factors, then route each token to its row's expert.
+            # One merged expert per row: gather its k experts and mix their factors (LoraHub rule, gates as weights).
             e = routing.idx.clamp(min=0)  # (N, k)
             w = torch.where(routing.idx >= 0, routing.gates, torch.zeros_like(routing.gates))
             A, B = lorahub_factors(A[e], B[e], scale[e], w)  # (N, r, in), (N, out, r)
             A, B = _expand_rows(A, rows), _expand_rows(B, rows)
             scale = torch.ones(rows, dtype=scale.dtype, device=scale.device)
-            idx, gates = _per_token(_row_identity(rows, x.device), rows, tokens.shape[0])
-        delta = grouped_lora(tokens, A, B, scale, idx, gates.to(tokens.dtype))
-        return y.add_(delta.view(y.shape))  # in place: Linear / Conv1D backward never needs its output
+        token_routing = routing.per_token(rows, tokens.shape[0])
+        out = y.view(-1, y.shape[-1])  # the delta is added into the base output in place
+        return grouped_lora_routed(tokens, A, B, scale, token_routing, out=out).view(y.shape)
 
 
 def _expand_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.expand(rows, *t.shape[1:]) if t.shape[0] == 1 else t
 
 
-def _row_identity(rows: int, device) -> RowRouting:
-    idx = torch.arange(rows, device=device)[:, None]
-    return RowRouting(idx, torch.ones(rows, 1, device=device))
-
-
-def _per_token(routing: RowRouting, rows: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expand per-row (idx, gates) [N, k] to per-token [T, k], T = rows * tokens per row."""
-    idx, gates = routing.idx, routing.gates
+def _rows_to_tokens(idx: torch.Tensor, gates: torch.Tensor, rows: int, num_tokens: int):
+    """Per-row (idx, gates) [N, k] -> per-token [T, k], T = rows * tokens per row; N = 1 broadcasts."""
     if idx.shape[0] == 1:
         return idx.expand(num_tokens, -1), gates.expand(num_tokens, -1)
     if idx.shape[0] != rows:

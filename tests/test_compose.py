@@ -114,14 +114,15 @@ def test_generation_equals_each_input_alone_on_its_merged_adapter(base, zoo, tok
 
 def test_one_grouped_call_per_layer_with_k_slots(base, zoo, tokenizer, monkeypatch):
     calls = []
-    original = lora_layer.grouped_lora
+    original = lora_layer.grouped_lora_routed
 
-    def spy(x, A, B, scale, idx, gates, *args, **kwargs):
+    def spy(x, A, B, scale, routing, *args, **kwargs):
+        idx = routing.idx
         calls.append((x.shape[0], idx.shape[1], set(idx.unique().tolist())))
-        return original(x, A, B, scale, idx, gates, *args, **kwargs)
+        return original(x, A, B, scale, routing, *args, **kwargs)
 
     model = le.attach(copy.deepcopy(base), zoo)
-    monkeypatch.setattr(lora_layer, "grouped_lora", spy)
+    monkeypatch.setattr(lora_layer, "grouped_lora_routed", spy)
     retrieve_and_compose(model, tokenizer, zoo, FakeIndex(), INPUTS, k=2, options=["yes", "no"])
     n_layers = sum(isinstance(m, lora_layer.LoraLayer) for m in model.modules())
     assert len(calls) == n_layers  # one forward for all 8 (input, option) rows

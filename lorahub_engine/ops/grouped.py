@@ -5,22 +5,52 @@ Index legend: t tokens (T), j slots (k), e experts (E), p = t * k + j a (token, 
     delta[t] = sum_j gates[t, j] * scale[e] * B[e] @ A[e] @ x[t],   e = idx[t, j],  idx == -1 contributes nothing
 
 A backend is a module with four functions over one `plan` it builds from `idx`:
-    plan(idx[T,k], num_experts)            -> opaque metadata (pairs grouped by expert), built once per call
+    plan(idx[T,k], num_experts)            -> opaque metadata (pairs grouped by expert)
     shrink(x[T,in], A[E,r,in], plan)       -> u[T*k, r] acc,   u[p] = A[e] @ x[t]          (0 where idx < 0)
-    expand(u[T*k,r], B[E,out,r], coef[T*k], plan) -> y[T,out] acc,  y[t] = sum_j coef[p] * B[e] @ u[p]
+    expand(u[T*k,r], B[E,out,r], coef[T*k], plan, out[T,out]) -> out,  out[t] += sum_j coef[p] * B[e] @ u[p]
     outer(left[T*k,a], right[T,b], plan)   -> g[E,a,b] acc,   g[e] = sum_{p: idx=e} left[p]^T right[t]
 "acc" is the accumulation dtype: fp32 for half inputs, the input's own precision above that.
 The forward and the backward below are written once in terms of these, so every backend trains the same way.
+A `TokenRouting` holds idx and gates and caches the plan: build it once per batch and every layer shares the sort.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+
+
+class TokenRouting:
+    """Which experts each token uses: idx [T, k] integer (-1 = none), gates [T, k] (None = ones).
+
+    Validated once; the backend's plan is built on first use and reused by every call that gets this object.
+    """
+
+    def __init__(self, idx: torch.Tensor, gates: torch.Tensor | None = None):
+        if idx.dim() != 2 or idx.dtype.is_floating_point:
+            raise ValueError(f"idx must be an integer tensor of shape [T, k], got {idx.dtype} {tuple(idx.shape)}")
+        if gates is not None and gates.shape != idx.shape:
+            raise ValueError(f"gates must match idx's shape {tuple(idx.shape)}, got {tuple(gates.shape)}")
+        self.idx = idx.long()
+        self.gates = torch.ones(idx.shape, device=idx.device) if gates is None else gates
+        self._plans: dict[tuple[str, int], object] = {}
+
+    @property
+    def num_tokens(self) -> int:
+        return self.idx.shape[0]
+
+    def plan(self, backend: ModuleType, num_experts: int):
+        key = (backend.__name__, num_experts)
+        if key not in self._plans:
+            if not self.idx.is_cuda and self.idx.numel() and (int(self.idx.max()) >= num_experts or int(self.idx.min()) < -1):
+                raise ValueError(f"idx values must lie in [-1, {num_experts - 1}]")
+            self._plans[key] = backend.plan(self.idx, num_experts)
+        return self._plans[key]
 
 
 def grouped_lora(
@@ -38,10 +68,22 @@ def grouped_lora(
     Returns delta [T, out] in x's dtype. Differentiable in x, A, B and gates (scale and idx are constants).
     Mixed ranks are expressed by zero-padding A's rows and B's columns to a common r.
     """
-    _check_shapes(x, A, B, scale, idx, gates)
-    if gates is None:
-        gates = torch.ones(idx.shape, dtype=torch.float32, device=x.device)
-    return _GroupedLora.apply(x, A, B, scale, idx.long(), gates, resolve_backend(backend, x))
+    return grouped_lora_routed(x, A, B, scale, TokenRouting(idx, gates), backend)
+
+
+def grouped_lora_routed(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: torch.Tensor,
+    routing: TokenRouting,
+    backend: str = "auto",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`grouped_lora` with a shared TokenRouting; with `out` [T, out] (x's dtype) the delta is added into it in place
+    and `out` is returned (a layer passes its base output: one pass over the activations instead of three)."""
+    _check_shapes(x, A, B, scale, routing, out)
+    return _GroupedLora.apply(out, x, A, B, scale, routing.gates, routing, resolve_backend(backend, x))
 
 
 def resolve_backend(name: str, x: torch.Tensor) -> ModuleType:
@@ -55,35 +97,40 @@ def resolve_backend(name: str, x: torch.Tensor) -> ModuleType:
 
 def pair_coefficients(scale: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """coef[p] = gates[t, j] * scale[e] for valid pairs, 0 for idx == -1. Shape [T*k], at least fp32."""
-    valid = idx >= 0
     dtype = torch.promote_types(gates.dtype, torch.float32)
     coef = gates.to(dtype) * scale.to(dtype)[idx.clamp(min=0)]
-    return torch.where(valid, coef, torch.zeros_like(coef)).reshape(-1)
+    return torch.where(idx >= 0, coef, torch.zeros_like(coef)).reshape(-1)
 
 
 class _GroupedLora(torch.autograd.Function):
+    # `out` comes first: when it is a view modified in place, autograd maps input 0's gradient onto the view's base.
     @staticmethod
-    def forward(ctx, x, A, B, scale, idx, gates, backend):
-        plan = backend.plan(idx, A.shape[0])
-        coef = pair_coefficients(scale, idx, gates)
+    def forward(ctx, out, x, A, B, scale, gates, routing, backend):
+        plan = routing.plan(backend, A.shape[0])
+        coef = pair_coefficients(scale, routing.idx, gates)
         u = backend.shrink(x, A, plan)  # (T*k, r) acc
-        y = backend.expand(u, B, coef, plan)  # (T, out) acc
-        ctx.save_for_backward(x, A, B, scale, idx, gates, u, coef)
-        ctx.plan, ctx.backend = plan, backend
-        return y.to(x.dtype)
+        if out is None:
+            y = backend.expand(u, B, coef, plan, x.new_zeros(x.shape[0], B.shape[1], dtype=u.dtype)).to(x.dtype)
+        else:
+            y = backend.expand(u, B, coef, plan, out)
+            ctx.mark_dirty(out)
+        ctx.save_for_backward(x, A, B, scale, gates, u, coef)
+        ctx.plan, ctx.backend, ctx.idx = plan, backend, routing.idx
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x, A, B, scale, idx, gates, u, coef = ctx.saved_tensors
-        plan, backend = ctx.plan, ctx.backend
-        need_x, need_A, need_B, _, _, need_gates, _ = ctx.needs_input_grad
+        x, A, B, scale, gates, u, coef = ctx.saved_tensors
+        plan, backend, idx = ctx.plan, ctx.backend, ctx.idx
+        need_out, need_x, need_A, need_B, _, need_gates, _, _ = ctx.needs_input_grad
         grad_y = grad_y.contiguous()
         grad_x = grad_A = grad_B = grad_gates = None
         # v[p] = B[e]^T grad_y[t]: the gradient arriving at the rank-r bottleneck of pair p.
         v = backend.shrink(grad_y, B.transpose(1, 2).contiguous(), plan)  # (T*k, r)
         if need_x:
-            grad_x = backend.expand(v, A.transpose(1, 2).contiguous(), coef, plan).to(x.dtype)
+            grad_x = x.new_zeros(x.shape, dtype=v.dtype)
+            grad_x = backend.expand(v, A.transpose(1, 2).contiguous(), coef, plan, grad_x).to(x.dtype)
         if need_A:
             grad_A = backend.outer(v * coef[:, None], x, plan).to(A.dtype)  # (E, r, in)
         if need_B:
@@ -92,10 +139,10 @@ class _GroupedLora(torch.autograd.Function):
             per_pair = scale.to(u.dtype)[idx.clamp(min=0)].reshape(-1) * (u * v).sum(-1)
             per_pair = torch.where(idx.reshape(-1) >= 0, per_pair, torch.zeros_like(per_pair))
             grad_gates = per_pair.view(idx.shape).to(gates.dtype)
-        return grad_x, grad_A, grad_B, None, None, grad_gates, None
+        return grad_y if need_out else None, grad_x, grad_A, grad_B, None, grad_gates, None, None
 
 
-def _check_shapes(x, A, B, scale, idx, gates) -> None:
+def _check_shapes(x, A, B, scale, routing: TokenRouting, out) -> None:
     if x.dim() != 2 or A.dim() != 3 or B.dim() != 3:
         raise ValueError(f"expected x [T,in], A [E,r,in], B [E,out,r]; got {tuple(x.shape)}, {tuple(A.shape)}, {tuple(B.shape)}")
     E, r, d_in = A.shape
@@ -105,11 +152,7 @@ def _check_shapes(x, A, B, scale, idx, gates) -> None:
         raise ValueError(f"x, A and B must share a dtype, got {x.dtype}, {A.dtype}, {B.dtype}")
     if scale.shape != (E,):
         raise ValueError(f"scale must have shape ({E},), got {tuple(scale.shape)}")
-    if idx.dim() != 2 or idx.shape[0] != x.shape[0]:
-        raise ValueError(f"idx must have shape [T={x.shape[0]}, k], got {tuple(idx.shape)}")
-    if idx.dtype.is_floating_point:
-        raise ValueError(f"idx must be an integer tensor, got {idx.dtype}")
-    if gates is not None and gates.shape != idx.shape:
-        raise ValueError(f"gates must match idx's shape {tuple(idx.shape)}, got {tuple(gates.shape)}")
-    if not idx.is_cuda and idx.numel() and (int(idx.max()) >= E or int(idx.min()) < -1):
-        raise ValueError(f"idx values must lie in [-1, {E - 1}]")
+    if routing.num_tokens != x.shape[0]:
+        raise ValueError(f"idx must have shape [T={x.shape[0]}, k], got {tuple(routing.idx.shape)}")
+    if out is not None and (out.shape != (x.shape[0], B.shape[1]) or out.dtype != x.dtype):
+        raise ValueError(f"out must be [{x.shape[0]}, {B.shape[1]}] of {x.dtype}, got {out.dtype} {tuple(out.shape)}")

@@ -1,35 +1,43 @@
 """The CPU path of `grouped_lora`, and the reference the Triton kernels are held to.
 
-Pairs are sorted by expert once per call (stable) and laid out in blocks of `block` rows that each belong to one
-expert (the last block of an expert is zero-padded), so every primitive is a single batched matmul over blocks:
-no Python loop over experts, whatever E is. Padding costs at most one block per active expert.
+Pairs are sorted by expert once per plan (stable) and laid out in blocks of `block` rows that each belong to one
+expert (an expert's last block is padded), so each primitive is a batched matmul over blocks, whatever E is. The
+blocks are walked in chunks whose intermediate rows fit in cache (~512 KiB): on a CPU this op is bound by memory
+traffic, not by its few flops (K = r is tiny), so nothing as large as the activations is materialized twice.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+CHUNK_BYTES = 1 << 19
 
 
 @dataclass(frozen=True)
 class Plan:
     """Valid (token, slot) pairs grouped by expert into nb blocks of `block` rows; P valid pairs out of T*k.
 
-    Padded row i of the block layout holds pair src_pair[i] of token dst_token[i]. Padding rows point at the dummy
-    pair T*k and the dummy token T (extra rows, zero where read and discarded where written), and read token 0
-    (src_token) where they gather from x: any real row does, as its products are discarded.
+    Padded row i of the block layout holds pair src_pair[i] of token token[i]. Padding rows point at the dummy pair
+    T*k (a zero row where read, a discarded row where written) and at token 0, where their products are zero.
     """
 
     src_pair: torch.Tensor  # (nb * block,)
-    dst_token: torch.Tensor  # (nb * block,)
-    src_token: torch.Tensor  # (nb * block,)
+    token: torch.Tensor  # (nb * block,)
     block_expert: torch.Tensor  # (nb,) expert of each block
     block: int
     num_tokens: int
     num_pairs: int  # T*k
     num_experts: int
-    all_valid: bool  # no idx == -1: every per-pair row gets written, so buffers need no zero fill
+
+    def chunks(self, width: int, itemsize: int) -> Iterator[tuple[slice, slice]]:
+        """(block slice, padded-row slice) pairs covering all blocks, ~CHUNK_BYTES of `width`-wide rows each."""
+        per_chunk = max(1, CHUNK_BYTES // (width * itemsize * self.block))
+        for first in range(0, self.block_expert.numel(), per_chunk):
+            last = min(first + per_chunk, self.block_expert.numel())
+            yield slice(first, last), slice(first * self.block, last * self.block)
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,9 +58,8 @@ def plan(idx: torch.Tensor, num_experts: int) -> Plan:
     block_expert = torch.repeat_interleave(torch.arange(num_experts, device=idx.device), blocks)
     src_pair = torch.full((block_expert.numel() * block,), T * k, dtype=torch.long, device=idx.device)
     src_pair[rows] = order
-    dst_token = torch.div(src_pair, k, rounding_mode="floor")  # the dummy pair T*k maps to the dummy token T
-    src_token = dst_token.masked_fill(dst_token == T, 0)
-    return Plan(src_pair, dst_token, src_token, block_expert, block, T, T * k, num_experts, first_valid == 0)
+    token = torch.div(src_pair, k, rounding_mode="floor").masked_fill_(src_pair == T * k, 0)
+    return Plan(src_pair, token, block_expert, block, T, T * k, num_experts)
 
 
 def _block_size(num_pairs: int, active_experts: int) -> int:
@@ -61,36 +68,40 @@ def _block_size(num_pairs: int, active_experts: int) -> int:
     return 1 << (min(max(mean, 8), 256).bit_length() - 1)
 
 
-def _with_dummy_row(rows: int, width: int, dtype: torch.dtype, device, zero: bool) -> torch.Tensor:
-    """(rows + 1, width): the real rows plus the dummy row padding writes to."""
-    return (torch.zeros if zero else torch.empty)(rows + 1, width, dtype=dtype, device=device)
+def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
+    """t with one zero row appended: what padding rows (src_pair == T*k) read."""
+    return torch.cat([t, t.new_zeros(1, t.shape[1])])
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, plan: Plan) -> torch.Tensor:
-    u = _with_dummy_row(plan.num_pairs, A.shape[1], accum_dtype(x.dtype), x.device, zero=not plan.all_valid)
-    if plan.block_expert.numel():
-        xs = x.index_select(0, plan.src_token).view(-1, plan.block, x.shape[1])  # (nb, block, in)
-        At = A.transpose(1, 2).contiguous().index_select(0, plan.block_expert)  # (nb, in, r)
-        u.index_copy_(0, plan.src_pair, torch.bmm(xs, At).view(-1, A.shape[1]).to(u.dtype))
+    E, r, d_in = A.shape
+    u = torch.zeros(plan.num_pairs + 1, r, dtype=accum_dtype(x.dtype), device=x.device)  # + the dummy pair's row
+    At = A.transpose(1, 2).contiguous()  # (E, in, r)
+    for blocks, rows in plan.chunks(d_in, x.element_size()):
+        xs = x.index_select(0, plan.token[rows]).view(-1, plan.block, d_in)  # (nb_c, block, in)
+        us = torch.bmm(xs, At.index_select(0, plan.block_expert[blocks]))  # (nb_c, block, r)
+        u.index_copy_(0, plan.src_pair[rows], us.view(-1, r).to(u.dtype))
     return u[:-1]
 
 
-def expand(u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, plan: Plan) -> torch.Tensor:
-    y = _with_dummy_row(plan.num_tokens, B.shape[1], u.dtype, u.device, zero=True)  # (T + 1, out)
-    if plan.block_expert.numel():
-        scaled = torch.cat([u * coef[:, None], u.new_zeros(1, u.shape[1])]).to(B.dtype)  # (T*k + 1, r)
-        us = scaled.index_select(0, plan.src_pair).view(-1, plan.block, u.shape[1])  # (nb, block, r)
-        Bt = B.transpose(1, 2).contiguous().index_select(0, plan.block_expert)  # (nb, r, out)
-        # Summing the k slots of a token in a fixed (sorted) order; CPU index_add_ is sequential, so deterministic.
-        y.index_add_(0, plan.dst_token, torch.bmm(us, Bt).view(-1, B.shape[1]).to(u.dtype))
-    return y[:-1]
+def expand(u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, plan: Plan, out: torch.Tensor) -> torch.Tensor:
+    E, d_out, r = B.shape
+    scaled = _with_zero_row(u * coef[:, None]).to(B.dtype)  # (T*k + 1, r)
+    Bt = B.transpose(1, 2).contiguous()  # (E, r, out)
+    for blocks, rows in plan.chunks(d_out, out.element_size()):
+        us = scaled.index_select(0, plan.src_pair[rows]).view(-1, plan.block, r)  # (nb_c, block, r)
+        ys = torch.bmm(us, Bt.index_select(0, plan.block_expert[blocks]))  # (nb_c, block, out)
+        # A token's k slots are added in sorted order; CPU index_add_ runs sequentially, hence deterministic.
+        out.index_add_(0, plan.token[rows], ys.view(-1, d_out).to(out.dtype))
+    return out
 
 
 def outer(left: torch.Tensor, right: torch.Tensor, plan: Plan) -> torch.Tensor:
-    g = torch.zeros(plan.num_experts, left.shape[1], right.shape[1], dtype=left.dtype, device=left.device)
-    if plan.block_expert.numel():
-        padded = torch.cat([left, left.new_zeros(1, left.shape[1])])  # padding rows read the zero row
-        ls = padded.index_select(0, plan.src_pair).view(-1, plan.block, left.shape[1])  # (nb, block, a)
-        rs = right.index_select(0, plan.src_token).to(left.dtype).view(-1, plan.block, right.shape[1])  # (nb, block, b)
-        g.index_add_(0, plan.block_expert, torch.bmm(ls.transpose(1, 2), rs))  # an expert's blocks summed
+    a, b = left.shape[1], right.shape[1]
+    g = torch.zeros(plan.num_experts, a, b, dtype=left.dtype, device=left.device)
+    padded_left = _with_zero_row(left)
+    for blocks, rows in plan.chunks(a + b, left.element_size()):
+        ls = padded_left.index_select(0, plan.src_pair[rows]).view(-1, plan.block, a)  # (nb_c, block, a)
+        rs = right.index_select(0, plan.token[rows]).to(left.dtype).view(-1, plan.block, b)  # (nb_c, block, b)
+        g.index_add_(0, plan.block_expert[blocks], torch.bmm(ls.transpose(1, 2), rs))  # an expert's blocks summed
     return g

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lorahub_engine.ops import grouped_lora
+from lorahub_engine.ops.grouped import TokenRouting, grouped_lora_routed
 from tests.ops.reference import grouped_lora_reference
 
 
@@ -70,3 +71,20 @@ def test_bad_input_is_rejected(mutate, message):
     mutate(case)
     with pytest.raises(ValueError, match=message):
         grouped_lora(**case)
+
+
+def test_out_accumulates_in_place_and_passes_gradients_through_a_view():
+    x, A, B, scale, idx, gates = make_case(12, 3, 2, 5, 4, 2, seed=4)
+    W = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+    base = (leaves[0] @ W.T).view(3, 4, 4)  # a layer's output: the delta goes into its flattened view
+    out = grouped_lora_routed(leaves[0], leaves[1], leaves[2], scale, TokenRouting(idx, gates), "torch",
+                              out=base.view(12, 4))
+    refs = [t.clone().requires_grad_() for t in (x, A, B)]
+    ref = refs[0] @ W.T.detach() + grouped_lora_reference(refs[0], refs[1], refs[2], scale, idx, gates)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(ref)
+    base.backward(grad.view(3, 4, 4))
+    ref.backward(grad)
+    for mine, theirs in zip(leaves, refs):
+        torch.testing.assert_close(mine.grad, theirs.grad)
