@@ -1,0 +1,147 @@
+"""Cross-task harness: scoring and aggregation against hand-made methods, report files, built-in methods."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import lorahub_engine as le
+from benchmarks import cross_task
+from benchmarks.bases import TinySpec, load_tiny
+from benchmarks.cross_task import (
+    METHODS,
+    Context,
+    MethodOutput,
+    Settings,
+    markdown_table,
+    register_method,
+    run_cross_task,
+)
+from benchmarks.taskworld import get_task
+from benchmarks.training import TrainSpec, mean_losses
+from benchmarks.zoo import ZooRecipe, build_zoo
+
+MICRO = replace(TinySpec(), vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                max_positions=512, steps=2, batch_size=4, warmup_steps=1)
+ZOO_TASKS = ["plural", "add", "has_animal", "count_animal"]
+TASKS = ["count_birds", "spell_plural"]
+
+
+class FakeIndex:
+    """Retrieval by a fixed table: inputs mentioning 'birds'/'how many' get counting adapters, others lexicon."""
+
+    def search(self, texts, k):
+        return [[("count_animal", 0.9), ("has_animal", 0.5), ("add", 0.2), ("plural", 0.1)][:k]
+                if "How many" in text else [("plural", 0.8), ("has_animal", 0.3), ("add", 0.2), ("count_animal", 0.1)][:k]
+                for text in texts]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAHUB_CACHE", str(tmp_path_factory.mktemp("cache")))
+        base = load_tiny(MICRO, progress=False)
+        folder = build_zoo(base, ZOO_TASKS, ZooRecipe(train=TrainSpec(steps=3, rows_per_adapter=2)), progress=False)
+    return base, le.AdapterZoo.load(folder)
+
+
+@pytest.fixture
+def fake_methods():
+    """Methods with known answers: oracle (all right), seed0 (right only on seed 0), half (static, half right)."""
+
+    @register_method("test_oracle")
+    def oracle(ctx: Context) -> MethodOutput:
+        return MethodOutput([y for _, y in ctx.test], 7.0, {"seed": ctx.seed})
+
+    @register_method("test_seed0")
+    def seed0(ctx: Context) -> MethodOutput:
+        return MethodOutput([y if ctx.seed == 0 else "#" for _, y in ctx.test], 3.0)
+
+    @register_method("test_half", uses_shots=False)
+    def half(ctx: Context) -> MethodOutput:
+        return MethodOutput([y if i % 2 == 0 else "#" for i, (_, y) in enumerate(ctx.test)], 1.0)
+
+    yield ["test_oracle", "test_seed0", "test_half"]
+    for name in ("test_oracle", "test_seed0", "test_half"):
+        METHODS.pop(name)
+
+
+def test_scores_and_aggregates_over_seeds(setup, fake_methods):
+    base, zoo = setup
+    results = run_cross_task(base, TASKS, fake_methods, seeds=[0, 1], n_test=4, zoo=zoo, index=FakeIndex(),
+                             progress=False)
+    for task in TASKS:
+        oracle, seed0, half = (results[task][m] for m in fake_methods)
+        assert oracle["scores"] == [1.0, 1.0] and oracle["mean"] == 1.0 and oracle["std"] == 0.0
+        assert oracle["tokens"] == 7.0 and [i["seed"] for i in oracle["info"]] == [0, 1]
+        assert seed0["scores"] == [1.0, 0.0] and seed0["mean"] == 0.5 and seed0["std"] == pytest.approx(0.5)
+        assert half["scores"] == [0.5, 0.5] and len(half["info"]) == 1  # run once, counted for both seeds
+    summary = cross_task.summary(results)
+    assert summary["test_seed0"]["mean"] == 0.5 and summary["test_seed0"]["std"] == pytest.approx(0.5)
+
+
+def test_report_files_table_and_json_round_trip(setup, fake_methods, tmp_path, capsys):
+    base, zoo = setup
+    methods = ["zero_shot", "icl", *fake_methods]
+    results = run_cross_task(base, TASKS, methods, seeds=[0, 1], n_test=4, zoo=zoo, index=FakeIndex(),
+                             out=tmp_path, progress=False)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"cross_task_tiny.md", "cross_task_tiny.json", "cross_task_tiny.png"} <= files
+    table = (tmp_path / "cross_task_tiny.md").read_text()
+    assert table.strip() in capsys.readouterr().out
+    header = table.splitlines()[0]
+    assert all(f" {m} " in header for m in methods) and all(f"| {t} |" in table for t in TASKS)
+    record = json.loads((tmp_path / "cross_task_tiny.json").read_text())
+    assert record["results"] == json.loads(json.dumps(results)) and record["seeds"] == [0, 1]
+    for task in TASKS:
+        for m in methods:
+            stats = results[task][m]
+            assert 0 <= stats["mean"] <= 1 and all(0 <= s <= 1 for s in stats["scores"]) and stats["tokens"] > 0
+    assert results[TASKS[0]]["icl"]["tokens"] > results[TASKS[0]]["zero_shot"]["tokens"]  # the shots are read
+    assert (tmp_path / "cross_task_tiny.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_builtin_adapter_methods_run_and_leave_the_base_clean(setup):
+    base, zoo = setup
+    methods = [m for m in METHODS if m != "upper_task_lora" and not m.startswith("test_")]
+    results = run_cross_task(base, ["count_birds"], methods, seeds=[0], n_test=3, zoo=zoo, index=FakeIndex(),
+                             settings=Settings(n_test=3, k=2, max_new_tokens=4), progress=False)
+    assert set(results["count_birds"]) == set(methods)
+    assert results["count_birds"]["uniform_retrieved"]["info"][0]["adapters"] == ["count_animal", "has_animal"]
+    with pytest.raises(le.AdapterError):
+        le.attached_names(base.model)  # every method detached what it attached
+
+
+def test_best_single_picks_the_lowest_shot_loss(setup):
+    base, zoo = setup
+    results = run_cross_task(base, ["count_birds"], ["best_single"], seeds=[0], n_test=2, zoo=zoo,
+                             index=FakeIndex(), settings=Settings(n_test=2, max_new_tokens=2), progress=False)
+    ctx = Context(base, zoo, FakeIndex(), get_task("count_birds"), [], [], 0, [0], Settings())
+    pairs = ctx.shot_pairs(ctx.shots_of(0))
+    losses = {a.name: mean_losses(base, [a], pairs)[0] for a in zoo}  # one adapter at a time
+    assert results["count_birds"]["best_single"]["info"][0]["adapters"] == [min(losses, key=losses.get)]
+
+
+def test_unknown_method_and_duplicate_registration_are_errors(setup):
+    base, zoo = setup
+    with pytest.raises(ValueError, match="unknown methods"):
+        run_cross_task(base, TASKS, ["nope"], seeds=[0], n_test=2, zoo=zoo, index=FakeIndex(), progress=False)
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("zero_shot")(lambda ctx: None)
+
+
+def test_markdown_table_layout():
+    stats = {"mean": 0.5, "std": 0.1, "scores": [0.4, 0.6], "tokens": 12.0, "seconds": 1.5}
+    table = markdown_table({"t1": {"a": stats, "b": stats}, "t2": {"a": stats, "b": stats}})
+    lines = table.splitlines()
+    assert lines[0] == "| task | a | b |" and lines[2] == "| t1 | 0.500 ± 0.100 | 0.500 ± 0.100 |"
+    assert lines[-2] == "| prompt tokens / query | 12 | 12 |" and lines[-1] == "| wall s / run | 1.5 | 1.5 |"

@@ -1,0 +1,43 @@
+"""The README demo end to end on the shipped tiny base and zoo (nothing trained or downloaded), and its CLI."""
+
+import pytest
+import torch
+
+from benchmarks import bases, zoo
+from benchmarks.demo import run_demo
+from lorahub_engine.cli import build_parser
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_demo_composes_retrieved_adapters_that_beat_the_zero_shot_base(one_thread, monkeypatch, capsys):
+    monkeypatch.setattr(bases, "build_tiny", lambda *a, **k: pytest.fail("the shipped tiny base must be used"))
+    monkeypatch.setattr(zoo, "build_zoo", lambda *a, **k: pytest.fail("the shipped tiny zoo must be used"))
+    result = run_demo(progress=False)
+    out = capsys.readouterr().out
+    assert result["task"] == "count_birds" and len(result["adapters"]) == 3
+    assert result["composed"] > result["zero_shot"] + 0.1
+    assert "zero-shot base:" in out and "retrieved adapters:" in out and "100 test examples" in out
+
+
+def test_demo_refuses_a_training_task():
+    with pytest.raises(ValueError, match="training task"):
+        run_demo(task="plural", progress=False)
+
+
+def test_cli_parses_the_benchmark_commands():
+    parser = build_parser()
+    args = parser.parse_args(["bench", "cross-task", "--base", "tiny", "--quick", "--methods", "zero_shot", "icl",
+                              "--extra-tasks", "my.tasks"])
+    assert args.quick and args.methods == ["zero_shot", "icl"] and args.extra_tasks == ["my.tasks"]
+    assert args.seeds == 5 and args.n_test == 100 and args.threads == 1
+    args = parser.parse_args(["build-zoo", "--base", "smollm2", "--out", "z"])
+    assert args.base == "smollm2" and args.out == "z"
+    args = parser.parse_args(["demo", "--task", "count_even", "--k", "2"])
+    assert args.task == "count_even" and args.k == 2 and args.method == "uniform_retrieved"
