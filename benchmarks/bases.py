@@ -1,7 +1,7 @@
 """Base models for the benchmarks: `tiny` (a small Llama pretrained here on taskworld) and `smollm2`.
 
     base = load_base("tiny")          # or "smollm2"
-    text = base.render(format_prompt(task.instruction, x))   # chat template applied for chat bases
+    text = base.render(task.instruction, input_text, shots)   # chat template applied for chat bases
 
 tiny is cached under a content hash (model config + pretraining recipe + corpus fingerprint) in
 $LORAHUB_CACHE (default ~/.cache/lorahub-engine); a copy ships in benchmarks/assets/tiny and is used whenever its
@@ -18,6 +18,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -36,21 +37,28 @@ BASES = ("tiny", "smollm2")
 
 @dataclass
 class Base:
-    """A model, its tokenizer, and how a plain-text prompt becomes the text the model reads."""
+    """A model, its tokenizer, and how a task's instruction, input and shots become the text the model reads."""
 
     name: str
     model: torch.nn.Module
     tokenizer: object
-    chat: bool  # prompts go through the tokenizer's chat template as one user turn
+    chat: bool  # prompts go through the tokenizer's chat template
 
     @property
     def is_seq2seq(self) -> bool:
         return bool(getattr(self.model.config, "is_encoder_decoder", False))
 
-    def render(self, prompt: str) -> str:
+    def render(self, instruction: str, input_text: str, shots: Sequence[tuple[str, str]] = ()) -> str:
+        """Plain bases read `format_prompt` as is. Chat bases get each shot as a user turn (the zero-shot prompt)
+        answered by an assistant turn, then the query as the last user turn: with 5 shots SmolLM2 then answers
+        plurals in one word (8/12), while shots inside one user turn leave it answering in sentences (0/20)."""
         if not self.chat:
-            return prompt
-        messages = [{"role": "user", "content": prompt}]
+            return format_prompt(instruction, input_text, shots)
+        messages = []
+        for shot_input, shot_answer in shots:
+            messages += [{"role": "user", "content": format_prompt(instruction, shot_input)},
+                         {"role": "assistant", "content": shot_answer}]
+        messages.append({"role": "user", "content": format_prompt(instruction, input_text)})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -209,7 +217,7 @@ def evaluate(base: Base, tasks: list[str], n: int, shots: int, seed: int = 0, ba
         task = get_task(name)
         shot_pairs = examples(task, "fewshot", shots, seed=seed) if shots else []
         test = examples(task, "test", n, seed=seed)
-        prompts = [base.render(format_prompt(task.instruction, x, shot_pairs)) for x, _ in test]
+        prompts = [base.render(task.instruction, x, shot_pairs) for x, _ in test]
         predictions = [answer for i in range(0, n, batch_size)
                        for answer in generate_answers(base.model, base.tokenizer, prompts[i:i + batch_size], 24)]
         scores[name] = accuracy(predictions, [y for _, y in test])

@@ -29,7 +29,7 @@ def test_tiny_loads_from_the_assets_without_building(tiny, monkeypatch):
     monkeypatch.setattr(bases, "build_tiny", lambda *a, **k: pytest.fail("load_tiny must not rebuild"))
     again = load_tiny()
     assert again.model.config.vocab_size == len(again.tokenizer) and again.model.config.tie_word_embeddings
-    assert not tiny.chat and tiny.render("x") == "x" and not tiny.is_seq2seq
+    assert not tiny.chat and not tiny.is_seq2seq
 
 
 def test_tiny_tokenizer_round_trips_every_task_text(tiny):
@@ -73,13 +73,14 @@ def test_build_is_deterministic(tmp_path):
     assert (first / "tokenizer.json").read_text() == (second / "tokenizer.json").read_text()
 
 
-def test_chat_bases_render_through_the_chat_template(tiny):
-    tokenizer = tiny.tokenizer
-    tokenizer_with_template = type(tokenizer).from_pretrained(ASSETS)
-    tokenizer_with_template.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}" \
-                                            "{% if add_generation_prompt %}<assistant>{% endif %}"
-    chat = Base("chat", tiny.model, tokenizer_with_template, chat=True)
-    assert chat.render("hello") == "<user>hello<assistant>"
+def test_render_plain_and_chat(tiny):
+    assert tiny.render("Add.", "1 + 2", [("2 + 2", "4")]) == format_prompt("Add.", "1 + 2", [("2 + 2", "4")])
+    tokenizer = type(tiny.tokenizer).from_pretrained(ASSETS)
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    chat = Base("chat", tiny.model, tokenizer, chat=True)
+    assert chat.render("Add.", "1 + 2", [("2 + 2", "4")]) == (
+        f"<user>{format_prompt('Add.', '2 + 2')}<assistant>4<user>{format_prompt('Add.', '1 + 2')}<assistant>")
 
 
 def test_unknown_base_raises():
@@ -90,6 +91,6 @@ def test_unknown_base_raises():
 @pytest.mark.slow
 def test_smollm2_loads_and_answers_plurals_in_context():
     smollm2 = load_base("smollm2")
-    assert smollm2.chat and "<|im_start|>assistant" in smollm2.render("hi")
-    scores = evaluate(smollm2, ["plural"], n=8, shots=5)
-    assert scores["plural"] >= 0.75
+    assert smollm2.chat and smollm2.render("Say hi.", "x").endswith("<|im_start|>assistant\n")
+    assert evaluate(smollm2, ["plural"], n=12, shots=5)["plural"] >= 0.5
+    assert evaluate(smollm2, ["plural"], n=12, shots=0)["plural"] < 0.5  # zero-shot it answers in sentences
