@@ -1,11 +1,12 @@
 """Base models for the benchmarks: `tiny` (a small Llama pretrained here on taskworld) and `smollm2`.
 
     base = load_base("tiny")          # or "smollm2"
-    text = base.render(task.instruction, input_text, shots)   # chat template applied for chat bases
+    text = base.prompt(task.instruction, input_text, shots)   # shots as chat turns for chat bases
+    text = base.render(format_prompt(task.instruction, input_text))  # any plain-text prompt, one user turn
 
 tiny is cached under a content hash (model config + pretraining recipe + corpus fingerprint) in
 $LORAHUB_CACHE (default ~/.cache/lorahub-engine); a copy ships in benchmarks/assets/tiny and is used whenever its
-recorded hash matches. `python -m benchmarks.bases build-tiny` rebuilds it (about 10 minutes on 2 cores).
+recorded hash matches. `python -m benchmarks.bases build-tiny` rebuilds it (about 10.5 minutes on one thread).
 """
 
 import argparse
@@ -48,17 +49,26 @@ class Base:
     def is_seq2seq(self) -> bool:
         return bool(getattr(self.model.config, "is_encoder_decoder", False))
 
-    def render(self, instruction: str, input_text: str, shots: Sequence[tuple[str, str]] = ()) -> str:
-        """Plain bases read `format_prompt` as is. Chat bases get each shot as a user turn (the zero-shot prompt)
-        answered by an assistant turn, then the query as the last user turn: with 5 shots SmolLM2 then answers
-        plurals in one word (8/12), while shots inside one user turn leave it answering in sentences (0/20)."""
+    def render(self, prompt: str) -> str:
+        """The text the model reads for one plain-text prompt: a single user turn for chat bases."""
+        return self._chat([], prompt) if self.chat else prompt
+
+    def prompt(self, instruction: str, input_text: str, shots: Sequence[tuple[str, str]] = ()) -> str:
+        """The text the model reads for a task query with in-context shots.
+
+        Plain bases read `format_prompt` as is. Chat bases get each shot as a user turn (its zero-shot prompt)
+        answered by an assistant turn, then the query: with 5 shots SmolLM2 then answers plurals in one word
+        (8/12), while all shots inside one user turn leave it answering in sentences (0/20).
+        """
         if not self.chat:
             return format_prompt(instruction, input_text, shots)
-        messages = []
-        for shot_input, shot_answer in shots:
-            messages += [{"role": "user", "content": format_prompt(instruction, shot_input)},
-                         {"role": "assistant", "content": shot_answer}]
-        messages.append({"role": "user", "content": format_prompt(instruction, input_text)})
+        turns = [(format_prompt(instruction, shot_input), shot_answer) for shot_input, shot_answer in shots]
+        return self._chat(turns, format_prompt(instruction, input_text))
+
+    def _chat(self, turns: list[tuple[str, str]], query: str) -> str:
+        messages = [message for user, assistant in turns
+                    for message in ({"role": "user", "content": user}, {"role": "assistant", "content": assistant})]
+        messages.append({"role": "user", "content": query})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -72,7 +82,7 @@ class TinySpec:
     num_heads: int = 4
     intermediate_size: int = 512  # 4x hidden
     max_positions: int = 1024  # room for 5-shot prompts of the longest held-out tasks
-    steps: int = 3000  # ~10 minutes at batch 32 on 2 cores (1,500 steps leave the input unread: see RESULTS.md)
+    steps: int = 3000  # ~10 minutes at batch 32 on one thread (1,500 steps leave inputs unread: see RESULTS.md)
     batch_size: int = 32
     lr: float = 3e-3  # 1e-2 trains worse
     warmup_steps: int = 50
@@ -109,7 +119,8 @@ def _recorded_hash(folder: Path) -> str | None:
 
 
 def pretrain(model: LlamaForCausalLM, tokenizer, spec: TinySpec, progress: bool = True) -> list[float]:
-    """Train `model` on the training tasks' answers (loss on answer tokens only); returns the loss per step."""
+    """Train `model` on training-task text (answers only, or whole texts with `loss_on_prompt`); returns the loss
+    per step."""
     rng = random.Random(spec.seed)
     torch.manual_seed(spec.seed)
     n_per_task = math.ceil(spec.steps * spec.batch_size / len(list_tasks(held_out=False)))
@@ -217,7 +228,7 @@ def evaluate(base: Base, tasks: list[str], n: int, shots: int, seed: int = 0, ba
         task = get_task(name)
         shot_pairs = examples(task, "fewshot", shots, seed=seed) if shots else []
         test = examples(task, "test", n, seed=seed)
-        prompts = [base.render(task.instruction, x, shot_pairs) for x, _ in test]
+        prompts = [base.prompt(task.instruction, x, shot_pairs) for x, _ in test]
         predictions = [answer for i in range(0, n, batch_size)
                        for answer in generate_answers(base.model, base.tokenizer, prompts[i:i + batch_size], 24)]
         scores[name] = accuracy(predictions, [y for _, y in test])

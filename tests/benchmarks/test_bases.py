@@ -73,13 +73,16 @@ def test_build_is_deterministic(tmp_path):
     assert (first / "tokenizer.json").read_text() == (second / "tokenizer.json").read_text()
 
 
-def test_render_plain_and_chat(tiny):
-    assert tiny.render("Add.", "1 + 2", [("2 + 2", "4")]) == format_prompt("Add.", "1 + 2", [("2 + 2", "4")])
+def test_prompts_for_plain_and_chat_bases(tiny):
+    assert tiny.render("x") == "x"
+    assert tiny.prompt("Add.", "1 + 2", [("2 + 2", "4")]) == format_prompt("Add.", "1 + 2", [("2 + 2", "4")])
     tokenizer = type(tiny.tokenizer).from_pretrained(ASSETS)
     tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %}<assistant>{% endif %}")
     chat = Base("chat", tiny.model, tokenizer, chat=True)
-    assert chat.render("Add.", "1 + 2", [("2 + 2", "4")]) == (
+    assert chat.render("x") == "<user>x<assistant>"
+    assert chat.prompt("Add.", "1 + 2") == chat.render(format_prompt("Add.", "1 + 2"))
+    assert chat.prompt("Add.", "1 + 2", [("2 + 2", "4")]) == (
         f"<user>{format_prompt('Add.', '2 + 2')}<assistant>4<user>{format_prompt('Add.', '1 + 2')}<assistant>")
 
 
@@ -91,6 +94,6 @@ def test_unknown_base_raises():
 @pytest.mark.slow
 def test_smollm2_loads_and_answers_plurals_in_context():
     smollm2 = load_base("smollm2")
-    assert smollm2.chat and smollm2.render("Say hi.", "x").endswith("<|im_start|>assistant\n")
+    assert smollm2.chat and smollm2.render("Say hi.").endswith("<|im_start|>assistant\n")
     assert evaluate(smollm2, ["plural"], n=12, shots=5)["plural"] >= 0.5
     assert evaluate(smollm2, ["plural"], n=12, shots=0)["plural"] < 0.5  # zero-shot it answers in sentences
