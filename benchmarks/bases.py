@@ -235,27 +235,44 @@ def evaluate(base: Base, tasks: list[str], n: int, shots: int, seed: int = 0, ba
     return scores
 
 
+def spec_with(overrides: Sequence[str]) -> TinySpec:
+    """TinySpec with KEY=VALUE overrides (e.g. steps=1500 loss_on_prompt=false), typed like the defaults."""
+    spec, values = TinySpec(), {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if not hasattr(spec, key):
+            raise ValueError(f"TinySpec has no field {key!r}")
+        kind = type(getattr(spec, key))
+        values[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return replace(spec, **values)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bases", description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared box OpenMP spin-waits make 2 threads ~10x slower)")
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build-tiny", help="pretrain tiny and write it to benchmarks/assets/tiny + cache")
-    build.add_argument("--out", type=Path, default=ASSETS)
-    build.add_argument("--threads", type=int, default=1,
-                       help="torch threads (default 1: on a shared box OpenMP spin-waits make 2 threads ~10x slower)")
+    build = commands.add_parser("build-tiny", help="pretrain tiny into benchmarks/assets/tiny (default spec) + cache")
     score = commands.add_parser("eval", help="zero-/few-shot exact match of a base on taskworld test examples")
+    for command in (build, score):
+        command.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                             help="TinySpec overrides; a non-default tiny is built into and loaded from the cache only")
     score.add_argument("base", choices=BASES)
     score.add_argument("--tasks", nargs="*", help="default: every training and held-out task")
     score.add_argument("--n", type=int, default=40)
     score.add_argument("--shots", type=int, default=0)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = spec_with(args.set)
     if args.command == "build-tiny":
-        torch.set_num_threads(args.threads)
-        out = build_tiny(TinySpec(), args.out)
-        shutil.copytree(out, cache_dir() / f"tiny-{_recorded_hash(out)}", dirs_exist_ok=True)
+        cached = cache_dir() / f"tiny-{tiny_hash(spec)}"
+        out = build_tiny(spec, ASSETS if spec == TinySpec() else cached)
+        if out != cached:
+            shutil.copytree(out, cached, dirs_exist_ok=True)
         print(json.dumps(json.loads((out / "build.json").read_text()), indent=2))
         return
     start = time.time()
-    base = load_base(args.base)
+    base = load_tiny(spec) if args.base == "tiny" else load_base(args.base)
     print(f"loaded {args.base} in {time.time() - start:.1f} s")
     for held_out in (False, True):
         names = [t for t in (args.tasks or list_tasks()) if get_task(t).held_out == held_out]

@@ -86,6 +86,19 @@ def test_prompts_for_plain_and_chat_bases(tiny):
         f"<user>{format_prompt('Add.', '2 + 2')}<assistant>4<user>{format_prompt('Add.', '1 + 2')}<assistant>")
 
 
+def test_cli_overrides_build_a_cached_variant_and_evaluate_it(tmp_path, monkeypatch, capsys):
+    assert bases.spec_with(["steps=7", "loss_on_prompt=false", "lr=0.5"]) == replace(
+        TinySpec(), steps=7, loss_on_prompt=False, lr=0.5)
+    with pytest.raises(ValueError, match="no field"):
+        bases.spec_with(["layers=3"])
+    monkeypatch.setenv("LORAHUB_CACHE", str(tmp_path))
+    overrides = [f"{k}={v}" for k, v in vars(MICRO).items() if getattr(TinySpec(), k) != v]
+    bases.main(["eval", "tiny", "--tasks", "add", "has_vehicle", "--n", "3", "--set", *overrides])
+    out = capsys.readouterr().out
+    assert "training  add" in out and "held-out  has_vehicle" in out
+    assert (tmp_path / f"tiny-{tiny_hash(MICRO)}" / "build.json").exists()
+
+
 def test_unknown_base_raises():
     with pytest.raises(ValueError, match="unknown base"):
         load_base("gpt5")
