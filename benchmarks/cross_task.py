@@ -7,7 +7,7 @@
 A method is a function registered by name (`@register_method("zero_shot")`) that takes a `Context` and returns
 a `MethodOutput` (one prediction per test input, prompt tokens per query). The harness times it, scores it
 (normalized exact match), and aggregates mean +- std over seeds. The test set is the task's first `n_test` test
-examples (the same for every seed); seed s draws the shots `examples(task, "fewshot", shots, seed=s)`. A method
+examples (the same for every seed; fewer where a task has fewer distinct test inputs); seed s draws the shots `examples(task, "fewshot", shots, seed=s)`. A method
 registered with `uses_shots=False` runs once per task and counts for every seed.
 Outputs: a markdown table (stdout + file), JSON and a PNG plot (see `write_report`).
 """
@@ -94,8 +94,8 @@ class Context:
         return format_prompt(self.task.instruction, input_text, shots)
 
     def prompt(self, input_text: str, shots: Sequence[tuple[str, str]] = ()) -> str:
-        """The prompt as the base reads it (chat template applied for chat bases)."""
-        return self.base.render(self.query(input_text, shots))
+        """The prompt as the base reads it (chat bases: chat template, each shot a user/assistant turn pair)."""
+        return self.base.prompt(self.task.instruction, input_text, shots)
 
     def shots_of(self, seed: int) -> list[tuple[str, str]]:
         return [tuple(e) for e in examples(self.task, "fewshot", self.settings.shots, seed=seed)]
@@ -140,7 +140,7 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
     bar = tqdm(total=len(tasks) * len(methods), desc="cross-task", unit="run", disable=not progress)
     for name in tasks:
         task = get_task(name)
-        test = [tuple(e) for e in examples(task, "test", settings.n_test, seed=0)]
+        test = test_set(task, settings.n_test)
         results[name] = {}
         for method_name in methods:
             bar.set_postfix(task=name, method=method_name)
@@ -151,6 +151,14 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
     if out is not None:
         write_report(results, Path(out), base.name, settings, list(seeds))
     return results
+
+
+def test_set(task: Task, n: int) -> list[tuple[str, str]]:
+    """The task's first n distinct test examples (fewer if its test split has fewer inputs, e.g. spell_plural)."""
+    first: dict[str, str] = {}
+    for x, y in examples(task, "test", 4 * n, seed=0, distinct=False):
+        first.setdefault(x, y)  # input -> answer, in order of first appearance
+    return list(first.items())[:n]
 
 
 def _evaluate(method: Method, base, zoo, index, task: Task, test, seeds: list[int], settings: Settings,
@@ -171,7 +179,7 @@ def _evaluate(method: Method, base, zoo, index, task: Task, test, seeds: list[in
         info.append(output.info)
     if not method.uses_shots:
         scores = scores * len(seeds)
-    return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "scores": scores,
+    return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "scores": scores, "n_test": len(test),
             "tokens": statistics.fmean(tokens), "seconds": statistics.fmean(seconds), "per_seed": method.uses_shots,
             "info": info}
 

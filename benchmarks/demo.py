@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from benchmarks.taskworld import accuracy, examples, get_task, list_tasks
 
-DEMO_TASK = "count_birds"
+DEMO_TASK = "navigate"
 COMPOSITIONS = ("uniform_retrieved", "retrieval_mixture", "retrieval_fusion", "ties", "best_single")
 
 
@@ -68,8 +68,8 @@ def _print(result: dict, ctx, zoo_size: int) -> None:
     if result["adapters"]:
         print(f"retrieved adapters: {', '.join(result['adapters'])}")
     n = len(ctx.test)
-    print(f"zero-shot base:             {result['zero_shot']:.2f} exact match on {n} test examples")
-    print(f"{result['method'] + ' (composed)':27s} {result['composed']:.2f}")
+    print(f"{'zero-shot base:':32s} {result['zero_shot']:.2f} exact match on {n} test examples")
+    print(f"{result['method'] + ' (composed):':32s} {result['composed']:.2f}")
     print(f"({result['seconds']} s)")
 
 

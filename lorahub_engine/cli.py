@@ -334,7 +334,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def add_demo(commands) -> None:
     p = commands.add_parser("demo", help="an unseen task, 5 examples: retrieved + composed adapters vs zero-shot",
                             description="Runs on the shipped tiny base and tiny zoo; nothing is downloaded.")
-    p.add_argument("--task", help="a held-out taskworld task (default count_birds)")
+    p.add_argument("--task", help="a held-out taskworld task (default navigate)")
     p.add_argument("--method", default="uniform_retrieved",
                    help="composition: uniform_retrieved, retrieval_mixture, retrieval_fusion, ties, best_single")
     p.add_argument("--k", type=int, default=3, help="adapters retrieved")

@@ -21,7 +21,7 @@ def test_demo_composes_retrieved_adapters_that_beat_the_zero_shot_base(one_threa
     monkeypatch.setattr(zoo, "build_zoo", lambda *a, **k: pytest.fail("the shipped tiny zoo must be used"))
     result = run_demo(progress=False)
     out = capsys.readouterr().out
-    assert result["task"] == "count_birds" and len(result["adapters"]) == 3
+    assert result["task"] == "navigate" and len(result["adapters"]) == 3
     assert result["composed"] > result["zero_shot"] + 0.1
     assert "zero-shot base:" in out and "retrieved adapters:" in out and "100 test examples" in out
 
