@@ -4,13 +4,12 @@ import copy
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import lorahub_engine as le
 import lorahub_engine.lora_layer as lora_layer
 from lorahub_engine.compose import assignment, retrieve_and_compose
 from lorahub_engine.merge import merge
+from tests.tiny_models import tiny_llama_for, word_tokenizer
 
 WORDS = "the a cat dog sat on mat what is plural of cats dogs answer input yes no red blue one two three".split()
 INPUTS = ["what is the plural of cat answer", "input dog", "the cat sat on the mat", "red blue one two"]
@@ -33,21 +32,12 @@ class FakeIndex:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return word_tokenizer(WORDS)
 
 
 @pytest.fixture(scope="module")
 def base(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama_for(tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from transformers import T5Config, T5ForConditionalGeneration
 
 from lorahub_engine.fewshot import IGNORE, Batch, encode_examples, example_losses, generate_answers
+from tests.tiny_models import tiny_llama_for, word_tokenizer
 
 WORDS = "the a cat dog sat on mat what is plural of cats dogs answer input yes no red blue one two three".split()
 PROMPTS = ["what is the plural of cat answer", "input dog", "the cat sat on the mat what is the answer"]
@@ -15,21 +15,12 @@ ANSWERS = ["cats", "dogs yes", "red blue one"]
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return word_tokenizer(WORDS)
 
 
 @pytest.fixture(scope="module")
 def llama(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama_for(tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -68,3 +68,25 @@ def make_peft_adapter(base, folder, seed, target_modules, r=4, lora_alpha=8, **c
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     peft_model.save_pretrained(folder)
     return folder
+
+
+def word_tokenizer(words):
+    """A whitespace word-level tokenizer over `words` (<pad> 0, <s> 1, </s> 2, <unk> 3; <s> prepended)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + list(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def tiny_llama_for(tokenizer, seed=0):
+    """A tiny Llama sized for `tokenizer`, with its pad/bos/eos ids."""
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return tf.LlamaForCausalLM(config).eval()
