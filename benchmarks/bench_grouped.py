@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import lorahub_engine as le
 from lorahub_engine.ops import grouped_lora
+from lorahub_engine._io import write_json_atomic
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHAPES = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
@@ -400,10 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["env"]["load_avg_end"] = os.getloadavg()
     _print(result)
     out = args.out or Path(__file__).parent / "results" / f"bench_grouped_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    write_json_atomic(out, result, indent=1)
     print(f"wrote {out}")
     return result
 

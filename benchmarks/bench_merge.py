@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from lorahub_engine.adapter import LoraAdapter, LoraModule
+from lorahub_engine._io import write_json_atomic
 
 RANK, ALPHA, TARGETS = 16, 32, ("q_proj", "k_proj", "v_proj", "o_proj")
 BASE_ID = "bench/llama-7b-shaped"
@@ -222,10 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"env": env, "config": {"hidden": args.hidden, "rank": RANK, "alpha": ALPHA, "targets": TARGETS,
                                      "layers": args.layers, "adapters": args.adapters}, "cases": results, **derived}
     out = args.out or Path(__file__).parent / "results" / "bench_merge.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    write_json_atomic(out, result, indent=1)
     print(f"wrote {out}")
     return result
 

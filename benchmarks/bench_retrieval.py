@@ -19,7 +19,6 @@ scale: n synthetic unit vectors (d=384) of two kinds (see `synthetic`), queries 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from benchmarks.taskworld import examples, format_prompt, get_task, list_tasks
 from retrieval import TASK_PREFIX, AdapterIndex, Embedder, IndexConfig, LearnedRetriever
 from retrieval.samples import centroids
+from lorahub_engine._io import write_json_atomic
 
 SAMPLES_PER_TASK = 20
 
@@ -222,8 +222,7 @@ def main(argv=None) -> None:
               f"base {t['base'] * 1e3:.1f} ms, k slots {t['k slots'] * 1e3:.1f} ms, union {t['union'] * 1e3:.1f} ms "
               f"(x{t['union'] / t['k slots']:.2f} total, x{lora['union'] / max(lora['k slots'], 1e-9):.1f} LoRA part)")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json_atomic(args.out, report)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Outputs: a markdown table (stdout + file), JSON and a PNG plot (see `write_repor
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.taskworld import Task, accuracy, examples, format_prompt, get_task, list_tasks
+from lorahub_engine._io import write_json_atomic, write_text_atomic
 
 
 class MethodOutput(NamedTuple):
@@ -228,11 +228,11 @@ def write_report(results: dict, out: Path, base_name: str, settings: Settings, s
     paths = {ext: out / f"{stem}.{ext}" for ext in ("md", "json", "png")}
     table = markdown_table(results)
     print(table)
-    _atomic_write(paths["md"], table + "\n")
+    write_text_atomic(paths["md"], table + "\n")
     record = {"base": base_name, "settings": asdict(settings), "seeds": seeds,
               "methods": {m: METHODS[m].description for m in next(iter(results.values()))},
               "summary": summary(results), "results": results}
-    _atomic_write(paths["json"], json.dumps(record, indent=2) + "\n")
+    write_json_atomic(paths["json"], record)
     plot(results, paths["png"], title=f"cross-task, {base_name} base, {len(results)} held-out tasks")
     return paths
 
@@ -258,8 +258,3 @@ def plot(results: dict, path: Path, title: str) -> None:
     plt.close(fig)
     tmp.replace(path)
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -24,6 +24,7 @@ import lorahub_engine as le
 from benchmarks.bases import cache_dir
 from benchmarks.taskworld import examples, format_prompt, get_task, list_tasks
 from benchmarks.training import TrainSpec, train_adapters
+from lorahub_engine._io import write_json_atomic
 
 TINY_ZOO = Path(__file__).parent / "assets" / "tiny_zoo"
 BUILD_RECORD = "build.json"
@@ -125,9 +126,7 @@ def _stored(adapter: le.LoraAdapter, recipe: ZooRecipe) -> le.LoraAdapter:
 def _save_with_record(zoo: le.AdapterZoo, folder: Path, record: dict) -> None:
     """Save the zoo, then its build record (written last: a folder without it is not a finished zoo)."""
     zoo.save(folder)
-    tmp = folder / f".{BUILD_RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(folder / BUILD_RECORD)
+    write_json_atomic(folder / BUILD_RECORD, record)
 
 
 def _recorded_hash(folder: Path) -> str | None:

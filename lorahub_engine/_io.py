@@ -31,15 +31,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write JSON to a temp file in the same folder, then rename it over `path`."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write text to a temp file in the same folder, then rename it over `path`."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+            f.write(text)
         os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj, indent: int = 2) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
