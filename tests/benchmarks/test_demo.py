@@ -1,19 +1,10 @@
 """The README demo end to end on the shipped tiny base and zoo (nothing trained or downloaded), and its CLI."""
 
 import pytest
-import torch
 
 from benchmarks import bases, zoo
 from benchmarks.demo import run_demo
 from lorahub_engine.cli import build_parser
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_demo_composes_retrieved_adapters_that_beat_the_zero_shot_base(one_thread, monkeypatch, capsys):

@@ -20,13 +20,7 @@ TASKS = ["plural", "add", "has_animal"]
 RECIPE = ZooRecipe(train=TrainSpec(steps=3, rows_per_adapter=2), group_size=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: with 2 OpenMP threads on a busy machine, index_add_ waits ~80 ms per call (1 thread: ~5 us)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
