@@ -5,7 +5,6 @@ import torch
 from peft import PeftModel
 
 import lorahub_engine as le
-from lorahub_engine.merge.lorahub import lorahub_factors
 from tests.tiny_models import ARCHITECTURES, make_peft_adapter, tiny_gpt2, tiny_llama
 
 
@@ -69,24 +68,8 @@ def test_set_weights_is_exact_task_arithmetic_and_fusion_is_lorahub():
     torch.testing.assert_close(mixture, outputs(expected, x, "llama"), atol=1e-5, rtol=0)
 
     le.set_weights(model, [0.7, -0.3], mode="fusion")
-    fused = copy.deepcopy(base)
-    for path in a.modules:
-        mods = [ad.modules.get(path) for ad in (a, b)]
-        r = max(m.rank for m in mods if m)
-        A = torch.stack([torch.nn.functional.pad(m.A, (0, 0, 0, r - m.rank)) if m else torch.zeros(r, m_in(a, path)) for m in mods])
-        B = torch.stack([torch.nn.functional.pad(m.B, (0, r - m.rank)) if m else torch.zeros(m_out(a, path), r) for m in mods])
-        scale = torch.tensor([m.scale if m else 0.0 for m in mods])
-        fA, fB = lorahub_factors(A, B, scale, torch.tensor([0.7, -0.3]))
-        fused.get_submodule(path).weight.data += fB @ fA
+    fused = le.merge_into_base(copy.deepcopy(base), le.merge([a, b], [0.7, -0.3], method="lorahub"))
     torch.testing.assert_close(outputs(model, x, "llama"), outputs(fused, x, "llama"), atol=1e-5, rtol=0)
-
-
-def m_in(adapter, path):
-    return adapter.modules[path].A.shape[1]
-
-
-def m_out(adapter, path):
-    return adapter.modules[path].B.shape[0]
 
 
 def test_routing_context_gives_each_row_its_own_mixture():
