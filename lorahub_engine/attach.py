@@ -3,7 +3,7 @@
 `attach` swaps every targeted nn.Linear / Conv1D for a LoraLayer holding all adapters as one stacked bank, and
 installs one Dispatch that tells every layer which experts each batch row uses:
     model(input_ids, adapter_ids=torch.tensor([0, 1, -1]))        one adapter per row (-1 = base only)
-    with routing(model, idx, gates, mode="mixture"): ...          any per-row assignment, generate() included
+    with routing(model, idx, gates, mode="mixture"): ...          per-row experts (generate() included) or per-token
     set_weights(model, [0.7, 0.3])                                a fixed weighted mix for every row
 """
 
@@ -93,7 +93,10 @@ def set_weights(model: nn.Module, weights: Sequence[float] | torch.Tensor | None
 
 @contextlib.contextmanager
 def routing(model: nn.Module, idx: torch.Tensor, gates: torch.Tensor | None = None, mode: str = "mixture"):
-    """Within the block, batch row n uses experts idx[n] with gates[n] (default 1) in every forward."""
+    """Within the block, batch row n uses experts idx[n] with gates[n] (default 1) in every forward.
+
+    idx with one row per token of the batch (rows * tokens, row-major) routes each token on its own (mixture only).
+    """
     state = _state(model)
     idx = torch.as_tensor(idx, device=_device(model))
     if idx.dim() == 1:

@@ -20,7 +20,8 @@ MODES = ("mixture", "fusion")
 
 @dataclass(frozen=True)
 class RowRouting:
-    """Per batch row: experts idx [N, k] (-1 = none) with gates [N, k]; N = 1 broadcasts to every row.
+    """Experts idx [N, k] (-1 = none) with gates [N, k] per batch row (N = rows; N = 1 broadcasts to every row)
+    or per token (N = rows * tokens per row, mixture only).
 
     mode "mixture" sums the k experts' outputs; "fusion" first merges each row's k experts into one by the
     LoraHub factor rule (gates as weights), then applies that single expert.
@@ -38,6 +39,8 @@ class RowRouting:
             return self._per_token[key]
         idx, gates = self.idx, self.gates
         if self.mode == "fusion":  # token t uses its row's merged expert, number `row`
+            if idx.shape[0] not in (1, rows):
+                raise ValueError(f"fusion merges factors per batch row: routing needs 1 or {rows} rows, got {idx.shape[0]}")
             idx = torch.arange(rows, device=idx.device)[:, None]
             gates = torch.ones(idx.shape, device=idx.device)
         routing = TokenRouting(*_rows_to_tokens(idx, gates, rows, num_tokens))
@@ -120,10 +123,13 @@ def _expand_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _rows_to_tokens(idx: torch.Tensor, gates: torch.Tensor, rows: int, num_tokens: int):
-    """Per-row (idx, gates) [N, k] -> per-token [T, k], T = rows * tokens per row; N = 1 broadcasts."""
+    """(idx, gates) [N, k] -> per token [T, k], T = rows * tokens per row: N = 1 broadcasts, N = rows repeats each
+    row over its tokens, N = T is already per token."""
     if idx.shape[0] == 1:
         return idx.expand(num_tokens, -1), gates.expand(num_tokens, -1)
-    if idx.shape[0] != rows:
-        raise ValueError(f"routing has {idx.shape[0]} rows but the batch has {rows}")
-    per_row = num_tokens // rows
-    return idx.repeat_interleave(per_row, dim=0), gates.repeat_interleave(per_row, dim=0)
+    if idx.shape[0] == rows:
+        per_row = num_tokens // rows
+        return idx.repeat_interleave(per_row, dim=0), gates.repeat_interleave(per_row, dim=0)
+    if idx.shape[0] == num_tokens:
+        return idx, gates
+    raise ValueError(f"routing has {idx.shape[0]} rows; the batch has {rows} rows and {num_tokens} tokens")

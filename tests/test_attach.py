@@ -5,6 +5,7 @@ import torch
 from peft import PeftModel
 
 import lorahub_engine as le
+from tests.ops.reference import grouped_lora_reference
 from tests.tiny_models import ARCHITECTURES, make_peft_adapter, tiny_gpt2, tiny_llama
 
 
@@ -135,6 +136,33 @@ def test_generate_under_routing_matches_merged_model():
     merged = le.merge_into_base(copy.deepcopy(base), adapter)
     assert torch.equal(got, merged.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0))
 
+
+
+def test_routing_per_token_matches_an_einsum_reference_in_every_layer():
+    base = tiny_llama()
+    adapters = [le.init_adapter(base, n, ["q_proj", "down_proj"], r=3, seed=i) for i, n in enumerate("abc")]
+    for ad in adapters:
+        for m in ad.modules.values():
+            m.B.normal_()
+    model = le.attach(copy.deepcopy(base), adapters)
+    x = torch.randint(0, 64, (2, 6))
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(-1, 3, (12, 2), generator=g)  # one row per token, rows-major
+    gates = torch.rand(12, 2, generator=g)
+    with le.routing(model, idx, gates):
+        got = outputs(model, x, "llama")
+    ref = copy.deepcopy(base)
+    for path in adapters[0].modules:
+        A = torch.stack([ad.modules[path].A for ad in adapters])
+        B = torch.stack([ad.modules[path].B for ad in adapters])
+        scale = torch.tensor([ad.modules[path].scale for ad in adapters])
+        ref.get_submodule(path).register_forward_hook(
+            lambda mod, args, out, A=A, B=B, scale=scale: out + grouped_lora_reference(
+                args[0].reshape(12, -1), A, B, scale, idx, gates).view(out.shape))
+    torch.testing.assert_close(got, outputs(ref, x, "llama"), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="fusion merges factors per batch row"):
+        with le.routing(model, idx, gates, mode="fusion"):
+            model(x)
 
 def test_bad_input_is_refused():
     base = tiny_llama()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lorahub_engine.ops import grouped_lora
+from lorahub_engine.ops import grouped_lora, torch_backend
 from lorahub_engine.ops.grouped import TokenRouting, grouped_lora_routed
 from tests.ops.reference import grouped_lora_reference
 
@@ -88,3 +88,67 @@ def test_out_accumulates_in_place_and_passes_gradients_through_a_view():
     ref.backward(grad)
     for mine, theirs in zip(leaves, refs):
         torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+def row_routed_case(rows, run, k, E, r, seed, dtype=torch.float64):
+    """A case whose routing is constant over each row of `run` tokens (as attach routes a batch), some slots empty."""
+    x, A, B, scale, _, _ = make_case(rows * run, E, r, 11, 7, k, seed, dtype)
+    g = torch.Generator().manual_seed(seed)
+    row_idx = torch.randint(0, E, (rows, k), generator=g)
+    row_idx[torch.rand(rows, k, generator=g) < 0.25] = -1
+    if rows > 2:
+        row_idx[1] = row_idx[0]  # two equal neighbours make one longer run: the plan must cut it back to `run`
+    gates = torch.rand(rows, k, generator=g, dtype=dtype).repeat_interleave(run, 0)
+    return x, A, B, scale, row_idx.repeat_interleave(run, 0), gates
+
+
+@pytest.mark.parametrize("rows,run,k,E,r", [(1, 16, 1, 1, 1), (4, 16, 2, 3, 3), (6, 24, 3, 5, 8), (3, 32, 4, 16, 16)])
+def test_row_routed_batches_take_the_run_layout_and_match_reference(rows, run, k, E, r):
+    x, A, B, scale, idx, gates = row_routed_case(rows, run, k, E, r, seed=rows + run)
+    chosen = torch_backend.plan(idx, E)
+    assert isinstance(chosen, torch_backend.RunPlan) and chosen.run % run == 0
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, gates)]
+    ours = grouped_lora(leaves[0], leaves[1], leaves[2], scale, idx, leaves[3], backend="torch")
+    refs = [t.clone().requires_grad_() for t in (x, A, B, gates)]
+    ref = grouped_lora_reference(refs[0], refs[1], refs[2], scale, idx, refs[3])
+    torch.testing.assert_close(ours, ref)
+    grad_out = torch.randn_like(ref)
+    ours.backward(grad_out)
+    ref.backward(grad_out)
+    for mine, theirs in zip(leaves, refs):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+def test_run_and_block_layouts_agree_primitive_by_primitive():
+    x, A, B, scale, idx, gates = row_routed_case(5, 16, 2, 4, 3, seed=7)
+    run, block = torch_backend.plan(idx, 4), torch_backend.BlockPlan.build(idx, 4)
+    assert isinstance(run, torch_backend.RunPlan)
+    coef = torch.rand(idx.numel(), dtype=x.dtype)
+    torch.testing.assert_close(run.shrink(x, A), block.shrink(x, A))
+    u = torch.randn(idx.numel(), A.shape[1], dtype=x.dtype)
+    start = torch.randn(x.shape[0], B.shape[1], dtype=x.dtype)
+    torch.testing.assert_close(run.expand(u, B, coef, start.clone()), block.expand(u, B, coef, start.clone()))
+    left = torch.randn(idx.numel(), 3, dtype=x.dtype) * (idx.reshape(-1, 1) >= 0)  # rows of empty pairs are 0
+    torch.testing.assert_close(run.outer(left, x), block.outer(left, x))
+
+
+@pytest.mark.parametrize("idx", [
+    torch.arange(40)[:, None] % 3,  # per-token routing: runs of 1
+    torch.arange(4).repeat_interleave(8)[:, None],  # runs of 8 < MIN_RUN
+    torch.zeros(15, 1, dtype=torch.long),  # fewer tokens than MIN_RUN
+])
+def test_short_runs_take_the_block_layout(idx):
+    assert isinstance(torch_backend.plan(idx, 4), torch_backend.BlockPlan)
+
+
+def test_run_layout_adds_into_a_non_contiguous_out_and_half_inputs():
+    x, A, B, scale, idx, gates = row_routed_case(2, 16, 2, 3, 4, seed=9, dtype=torch.float32)
+    ref = grouped_lora_reference(x, A, B, scale, idx, gates)
+    base = torch.randn(B.shape[1], x.shape[0])  # out is its transpose: not contiguous
+    before = base.t().clone()
+    out = grouped_lora_routed(x, A, B, scale, TokenRouting(idx, gates), "torch", out=base.t())
+    torch.testing.assert_close(base.t(), before + ref)
+    assert out.data_ptr() == base.data_ptr()
+    half = grouped_lora(x.half(), A.half(), B.half(), scale, idx, gates, backend="torch")
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), ref, rtol=2e-2, atol=2e-2)
