@@ -23,6 +23,7 @@ from lorahub_engine.errors import (
 )
 from lorahub_engine.merge import merge
 from lorahub_engine.ops import grouped_lora
+from lorahub_engine.search import SearchResult, lorahub_search
 from lorahub_engine.zoo import AdapterZoo
 
 __all__ = [
@@ -35,12 +36,14 @@ __all__ = [
     "LoraModule",
     "MergeError",
     "NonFiniteError",
+    "SearchResult",
     "UnsupportedFeatureError",
     "attach",
     "attached_names",
     "detach",
     "grouped_lora",
     "init_adapter",
+    "lorahub_search",
     "merge",
     "merge_into_base",
     "read_adapters",

@@ -1,0 +1,43 @@
+"""SearchResult: what a LoraHub search found (learned state), kept apart from its SearchConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from lorahub_engine.adapter import LoraAdapter
+from lorahub_engine.merge import merge
+from lorahub_engine.search.config import SearchConfig
+
+
+class Evaluation(NamedTuple):
+    """One objective evaluation: the weights (adapter order), loss = cross_entropy + l1 * mean |w|."""
+
+    weights: tuple[float, ...]
+    loss: float
+    cross_entropy: float
+
+
+@dataclass
+class SearchResult:
+    """The best evaluated candidate (lowest loss, earliest on ties) and every evaluation in order."""
+
+    names: list[str]  # the searched adapters, in weight order
+    weights: dict[str, float]  # best weights per adapter name
+    loss: float  # best objective
+    cross_entropy: float  # its cross-entropy part
+    history: list[Evaluation]
+    config: SearchConfig
+    adapters: list[LoraAdapter] = field(repr=False)
+
+    def adapter(self, name: str = "lorahub") -> LoraAdapter:
+        """The composition as one adapter: le.merge(adapters, weights, "lorahub"), with the search recorded in its
+        metadata. Save it as a PEFT folder (`.save`) or fold it into the base (`le.merge_into_base`)."""
+        composed = merge(self.adapters, [self.weights[n] for n in self.names], "lorahub", name=name)
+        composed.metadata["lorahub_search"] = {"config": self.config.to_json(), "loss": self.loss,
+                                               "cross_entropy": self.cross_entropy, "weights": self.weights}
+        return composed
+
+    def to_json(self) -> dict:
+        return {"names": self.names, "weights": self.weights, "loss": self.loss, "cross_entropy": self.cross_entropy,
+                "config": self.config.to_json(), "history": [e._asdict() for e in self.history]}

@@ -1,0 +1,105 @@
+"""The objective a search evaluates: fusion gates on the attached bank == the base with le.merge(..., "lorahub")
+folded in, for mixed ranks and scales, causal and seq2seq; a population is one forward equal to P separate ones."""
+
+import copy
+
+import pytest
+import torch
+
+import lorahub_engine as le
+from lorahub_engine.fewshot import example_losses
+from lorahub_engine.search import FewShotObjective, encode_pairs, l1_penalty
+from tests.search.conftest import EXAMPLES, MODELS, mixed_adapters
+
+
+def merged_base_loss(base, tokenizer, adapters, weights):
+    """Reference: mean answer CE of a copy of the base with the LoraHub merge folded into its weights."""
+    model = le.merge_into_base(copy.deepcopy(base), le.merge(adapters, list(weights), method="lorahub"))
+    return example_losses(model, encode_pairs(model, tokenizer, EXAMPLES)).mean()
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def setup(request, tokenizer):
+    factory, targets = MODELS[request.param]
+    base = factory(tokenizer)
+    return base, mixed_adapters(base, targets)
+
+
+@pytest.fixture
+def objective(setup, tokenizer):
+    base, adapters = setup
+    model = le.attach(copy.deepcopy(base), adapters)
+    return FewShotObjective(model, encode_pairs(model, tokenizer, EXAMPLES))
+
+
+WEIGHTS = torch.tensor([[0.8, -0.4, 1.2], [-1.5, 0.3, 0.0], [0.0, 0.0, 0.0], [0.2, 1.1, -0.7]])
+
+
+@torch.no_grad()
+def test_fusion_gates_equal_the_lorahub_merge_folded_into_the_base(setup, tokenizer, objective):
+    base, adapters = setup
+    expected = torch.stack([merged_base_loss(base, tokenizer, adapters, w.tolist()) for w in WEIGHTS])
+    separate = torch.cat([objective.cross_entropy(w[None]) for w in WEIGHTS])  # one candidate per forward
+    population = objective.cross_entropy(WEIGHTS)  # all candidates x examples in one forward
+    torch.testing.assert_close(separate, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(population, separate, atol=1e-5, rtol=1e-5)
+    assert expected.unique().numel() == len(WEIGHTS)  # the weights matter
+
+
+@torch.no_grad()
+def test_equal_scales_follow_lorahubs_rule_by_hand(tokenizer):
+    """LoraHub (equal alpha/r): A = sum w_i A_i, B = sum w_i B_i, dW = s B A; folded in by hand, no le.merge."""
+    factory, targets = MODELS["llama"]
+    base = factory(tokenizer)
+    adapters = [le.init_adapter(base, f"e{i}", targets, r=4, alpha=8.0, seed=i) for i in range(3)]
+    for i, adapter in enumerate(adapters):
+        for m in adapter.modules.values():
+            m.B.copy_(torch.randn(m.B.shape, generator=torch.Generator().manual_seed(i)) * 0.5)
+    w = [0.9, -0.6, 0.4]
+    reference = copy.deepcopy(base)
+    for path in targets_of(adapters):
+        A = sum(wi * a.modules[path].A for wi, a in zip(w, adapters))
+        B = sum(wi * a.modules[path].B for wi, a in zip(w, adapters))
+        reference.get_submodule(path).weight += 2.0 * B @ A  # s = alpha / r = 2
+    expected = example_losses(reference, encode_pairs(reference, tokenizer, EXAMPLES)).mean()
+    model = le.attach(copy.deepcopy(base), adapters)
+    got = FewShotObjective(model, encode_pairs(model, tokenizer, EXAMPLES)).cross_entropy(torch.tensor([w]))
+    torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def targets_of(adapters):
+    return sorted({path for a in adapters for path in a.modules})
+
+
+@torch.no_grad()
+def test_one_hot_weights_give_that_adapter_alone(setup, tokenizer, objective):
+    base, adapters = setup
+    for i, adapter in enumerate(adapters):
+        alone = le.merge_into_base(copy.deepcopy(base), adapter)
+        expected = example_losses(alone, encode_pairs(alone, tokenizer, EXAMPLES)).mean()
+        one_hot = torch.nn.functional.one_hot(torch.tensor([i]), len(adapters)).float()
+        torch.testing.assert_close(objective.cross_entropy(one_hot)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_zero_weights_give_the_base(setup, tokenizer, objective):
+    base, adapters = setup
+    expected = example_losses(base, encode_pairs(base, tokenizer, EXAMPLES)).mean()
+    torch.testing.assert_close(objective.cross_entropy(torch.zeros(1, len(adapters)))[0], expected, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_batch_size_splits_rows_without_changing_losses(objective):
+    whole = objective.cross_entropy(WEIGHTS)
+    objective.batch_size = 3  # 4 candidates x 5 examples = 20 rows in 7 forwards, chunks cross candidates
+    torch.testing.assert_close(objective.cross_entropy(WEIGHTS), whole, atol=1e-6, rtol=1e-6)
+
+
+def test_l1_penalty_is_lorahubs_mean_absolute_weight():
+    w = torch.tensor([[1.0, -0.5, 0.0, 0.5], [-1.5, -1.5, 1.5, 1.5]])
+    torch.testing.assert_close(l1_penalty(w, 0.05), torch.tensor([0.05 * 2.0 / 4, 0.05 * 1.5]))
+
+
+def test_weights_of_the_wrong_shape_are_refused(objective):
+    with pytest.raises(ValueError, match=r"weights must be \[candidates, 3\]"):
+        objective.cross_entropy(torch.zeros(2, 4))

@@ -1,0 +1,187 @@
+"""lorahub_search end to end on a tiny Llama: exact objective, it finds the useful adapter, determinism,
+population batching, a clean model afterwards, typed errors."""
+
+import copy
+import gc
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import lorahub_engine as le
+from lorahub_engine.fewshot import example_losses
+from lorahub_engine.search import FewShotObjective, SearchConfig, SearchError, encode_pairs, lorahub_search
+from lorahub_engine.search.optimizers import NevergradOptimizer
+from tests.search.conftest import EXAMPLES, MODELS, mixed_adapters, train_adapter
+
+pytestmark = pytest.mark.filterwarnings("ignore:COBYLA")  # nevergrad's COBYLA options x scipy: harmless
+
+
+@pytest.fixture(scope="module")
+def base(tokenizer):
+    return MODELS["llama"][0](tokenizer)
+
+
+@pytest.fixture(scope="module")
+def zoo(base, tokenizer):
+    """One adapter trained on the examples' task among three that only add noise."""
+    targets = MODELS["llama"][1]
+    noise = mixed_adapters(base, targets, seed=5)
+    return [noise[0], train_adapter(copy.deepcopy(base), tokenizer, EXAMPLES, targets), *noise[1:]]
+
+
+def search(base, tokenizer, adapters, **options):
+    return lorahub_search(base, tokenizer, adapters, EXAMPLES, progress=False, **options)
+
+
+def objective_of(base, tokenizer, adapters, weights) -> float:
+    """The objective at `weights`, independently: the merge folded into a copy of the base, + 0.05 mean |w|."""
+    model = le.merge_into_base(copy.deepcopy(base), le.merge(adapters, list(weights), method="lorahub"))
+    with torch.no_grad():
+        ce = example_losses(model, encode_pairs(model, tokenizer, EXAMPLES)).mean().item()
+    return ce + 0.05 * sum(abs(w) for w in weights) / len(weights)
+
+
+def test_every_evaluation_is_the_merged_base_loss_plus_the_l1_term(base, tokenizer, zoo):
+    result = search(base, tokenizer, zoo, budget=8, l1=0.05)
+    assert len(result.history) == 8 and result.history[0].weights == (0.0,) * 4  # LoraHub starts at w = 0
+    for e in result.history:
+        assert e.loss == e.cross_entropy + 0.05 * float(np.abs(np.array(e.weights)).mean())  # added exactly
+        assert e.loss == pytest.approx(objective_of(base, tokenizer, zoo, e.weights), abs=1e-5)
+
+
+def test_search_beats_zero_and_uniform_weights_within_budget(base, tokenizer, zoo):
+    result = search(base, tokenizer, zoo)
+    zero, uniform = objective_of(base, tokenizer, zoo, [0.0] * 4), objective_of(base, tokenizer, zoo, [0.25] * 4)
+    assert len(result.history) == 40
+    assert result.loss < zero - 0.5 and result.loss < uniform - 0.5, (result.loss, zero, uniform)
+    assert result.weights["task"] == max(result.weights.values(), key=abs)  # the trained adapter carries it
+    assert all(abs(w) <= 1.5 for e in result.history for w in e.weights)
+    assert result.loss == min(e.loss for e in result.history)
+    composed = result.adapter()  # what users save or merge: its loss is the one found
+    model = le.merge_into_base(copy.deepcopy(base), composed)
+    with torch.no_grad():
+        ce = example_losses(model, encode_pairs(model, tokenizer, EXAMPLES)).mean().item()
+    assert ce == pytest.approx(result.cross_entropy, abs=1e-5)
+
+
+def test_bound_is_respected(base, tokenizer, zoo):
+    result = search(base, tokenizer, zoo, budget=16, bound=0.3, optimizer="CMA", population=4)
+    assert all(abs(w) <= 0.3 for e in result.history for w in e.weights)
+    assert max(abs(w) for e in result.history for w in e.weights) > 0.1  # it does explore
+
+
+def test_same_seed_same_search_other_seed_other_search(base, tokenizer, zoo):
+    runs = [search(base, tokenizer, zoo, budget=12, optimizer="CMA", population=3, seed=s) for s in (7, 7, 8)]
+    assert runs[0].history == runs[1].history and runs[0].weights == runs[1].weights
+    assert runs[2].history != runs[0].history
+    cobyla = [search(base, tokenizer, zoo, budget=10, seed=s).history for s in (0, 0)]
+    assert cobyla[0] == cobyla[1]
+
+
+def test_population_evaluations_equal_separate_evaluations(base, tokenizer, zoo):
+    result = search(base, tokenizer, zoo, budget=10, optimizer="TwoPointsDE", population=4)  # rounds of 4, 4, 2
+    assert len(result.history) == 10
+    model = le.attach(copy.deepcopy(base), zoo)
+    objective = FewShotObjective(model, encode_pairs(model, tokenizer, EXAMPLES))
+    for e in result.history:
+        alone = objective.cross_entropy(torch.tensor([e.weights]))[0].item()
+        assert e.cross_entropy == pytest.approx(alone, abs=1e-5)
+
+
+def test_model_is_left_clean_also_on_error(base, tokenizer, zoo, monkeypatch):
+    model = copy.deepcopy(base).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    search(model, tokenizer, zoo, budget=3)
+    assert model.training  # mode restored
+    with pytest.raises(le.AdapterError, match="no adapters are attached"):
+        le.attached_names(model)
+
+    def fail(self, weights):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(FewShotObjective, "cross_entropy", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        search(model, tokenizer, zoo, budget=3)
+    with pytest.raises(le.AdapterError, match="no adapters are attached"):
+        le.attached_names(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training
+
+
+def test_no_optimizer_thread_outlives_the_search(base, tokenizer, zoo):
+    """NGOpt runs COBYLA on a background thread; a thread left waiting would hang the interpreter at exit."""
+    before = set(threading.enumerate())
+    search(base, tokenizer, zoo, budget=5)  # COBYLA wants more than 5 evaluations: its thread is stopped
+    gc.collect()
+    for thread in set(threading.enumerate()) - before:
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+
+
+def test_result_is_json_and_a_peft_adapter(base, tokenizer, zoo, tmp_path):
+    result = search(base, tokenizer, zoo, budget=4)
+    record = result.to_json()
+    assert record["names"] == ["a0", "task", "a1", "a2"] and len(record["history"]) == 4
+    assert SearchConfig.from_json(record["config"]) == result.config
+    result.adapter("composed").save(tmp_path / "composed")
+    loaded = le.LoraAdapter.load(tmp_path / "composed")
+    expected = le.merge(zoo, list(result.weights.values()), method="lorahub")
+    assert loaded.metadata["lorahub_search"]["weights"] == result.weights
+    for path in expected.modules:
+        torch.testing.assert_close(loaded.delta_weight(path), expected.delta_weight(path))
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(adapters=[]), "at least one adapter"),
+    (dict(examples=[]), "at least one .input, answer. example"),
+    (dict(examples=[("plural of cat answer",)]), r"examples\[0\] must be an \(input, answer\) pair"),
+    (dict(bound=0.0), "bound must be a finite number > 0"),
+    (dict(bound=math.inf), "bound must be a finite number > 0"),
+    (dict(l1=-1.0), "l1 must be a finite number >= 0"),
+    (dict(budget=0), "budget must be a positive int"),
+    (dict(population=50), r"population \(50\) must not exceed the budget \(40\)"),
+    (dict(batch_size=0), "batch_size must be a positive int"),
+    (dict(optimizer="NGOtp"), "unknown optimizer 'NGOtp' .did you mean NGOpt.*Valid names include NGOpt, CMA"),
+    (dict(optimizer="Cobyla", population=2), "optimizer 'Cobyla' is sequential: it needs population=1, got 2"),
+])
+def test_bad_input_raises_typed_errors_before_touching_the_model(base, tokenizer, zoo, options, message):
+    arguments = dict(adapters=zoo, examples=EXAMPLES)
+    arguments.update(options)
+    adapters, examples = arguments.pop("adapters"), arguments.pop("examples")
+    with pytest.raises(SearchError, match=message):
+        lorahub_search(base, tokenizer, adapters, examples, progress=False, **arguments)
+    with pytest.raises(le.AdapterError, match="no adapters are attached"):
+        le.attached_names(base)
+
+
+def test_a_single_adapter_or_a_model_with_adapters_is_refused(base, tokenizer, zoo):
+    with pytest.raises(SearchError, match="list of adapters, got a single one"):
+        lorahub_search(base, tokenizer, zoo[0], EXAMPLES, progress=False)
+    model = le.attach(copy.deepcopy(base), zoo[:1])
+    with pytest.raises(le.AdapterError, match="already has adapters attached"):
+        lorahub_search(model, tokenizer, zoo, EXAMPLES, progress=False)
+    assert le.attached_names(model) == [zoo[0].name]  # someone else's bank stays
+
+
+def test_nevergrad_meta_model_failure_is_a_search_error():
+    """nevergrad 1.0.12's meta-model calls float() on a 1-element array, an error from numpy 2.4 on; NGOpt uses it
+    with population > 1 on few weights. It must surface as a SearchError and leave no thread behind."""
+    optimizer = NevergradOptimizer(SearchConfig(budget=40, population=2), dimension=3)
+    target = np.array([0.3, -0.5, 1.0])
+    before = set(threading.enumerate())
+    numpy_2_4 = tuple(int(x) for x in np.__version__.split(".")[:2]) >= (2, 4)
+    try:
+        for _ in range(20):
+            points = optimizer.ask(2)
+            optimizer.tell(((points - target) ** 2).sum(-1).tolist())
+    except SearchError as e:
+        assert numpy_2_4 and "numpy >= 2.4" in str(e) and "'CMA'" in str(e)
+    else:
+        assert not numpy_2_4
+    gc.collect()
+    for thread in set(threading.enumerate()) - before:
+        thread.join(timeout=5)
+        assert not thread.is_alive()
