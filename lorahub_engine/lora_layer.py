@@ -99,12 +99,14 @@ class LoraLayer(nn.Module):
         return self.base.bias
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base(x, *args, **kwargs)
         routing = self.dispatch.current
         if routing is None:
-            return y
+            return self.base(x, *args, **kwargs)
         rows = x.shape[0] if x.dim() > 1 else 1
         tokens = x.reshape(-1, x.shape[-1])  # (T, in), rows-major
+        # The base runs on the flat tokens so that its output is a tensor of its own, not a view: the delta is added
+        # into it in place, and autograd would copy the whole gradient back and forth for an in-place view.
+        out = self.base(tokens, *args, **kwargs)  # (T, out)
         A, B, scale = self.lora_A, self.lora_B, self.lora_scale
         if routing.mode == "fusion":
             # One merged expert per row: gather its k experts and mix their factors (LoraHub rule, gates as weights).
@@ -114,8 +116,8 @@ class LoraLayer(nn.Module):
             A, B = _expand_rows(A, rows), _expand_rows(B, rows)
             scale = torch.ones(rows, dtype=scale.dtype, device=scale.device)
         token_routing = routing.per_token(rows, tokens.shape[0])
-        out = y.view(-1, y.shape[-1])  # the delta is added into the base output in place
-        return grouped_lora_routed(tokens, A, B, scale, token_routing, out=out).view(y.shape)
+        out = grouped_lora_routed(tokens, A, B, scale, token_routing, out=out)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _expand_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

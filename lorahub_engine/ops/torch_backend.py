@@ -1,14 +1,16 @@
 """The CPU path of `grouped_lora`, and the reference the Triton kernels are held to.
 
-`plan` picks one of two layouts for a routing; both are walked with batched matmuls, never a Python loop over experts:
+`plan` picks one of three layouts for a routing; none loops in Python over more than a few dozen experts:
 - `RunPlan`, for routings that are constant over runs of consecutive tokens (a batch routed per row: one adapter for
   every token, an adapter per request, a retrieval mixture, a LoraHub population). The tokens are cut into C chunks
   of L rows (L = the gcd of the run lengths) and each slot is one bmm over the chunks with each chunk's expert
   weights gathered (r x in per chunk, small next to L x in activations). No activation row is gathered or
   scattered: the output is updated in place by baddbmm, at the memory cost of a plain LoRA.
-- `BlockPlan`, for any per-token routing (a router's top-k). Pairs are sorted by expert once (stable) and laid out in
-  blocks of `block` rows that each belong to one expert (an expert's last block is padded); the blocks are walked in
-  chunks whose rows fit in cache (~512 KiB), since this op is bound by memory traffic, not by its few flops.
+- `SegmentPlan`, for per-token routings (a router's top-k) whose experts get many tokens each: pairs sorted by expert
+  once (stable), one mm per expert segment, no padding.
+- `BlockPlan`, for per-token routings over many experts with few tokens each (large E, decoding): the sorted pairs
+  laid out in blocks of `block` rows that each belong to one expert (an expert's last block is padded), walked as
+  batched matmuls in chunks whose rows fit in cache (~512 KiB).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 CHUNK_BYTES = 1 << 19
 MIN_RUN = 16  # shorter runs gather more weight rows than the activation rows they save
+MIN_SEGMENT = 64  # mean tokens per expert from which one mm per expert beats padded blocks
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,23 +31,29 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def plan(idx: torch.Tensor, num_experts: int) -> RunPlan | BlockPlan:
+def plan(idx: torch.Tensor, num_experts: int) -> Plan:
     run = _common_run_length(idx)
     if run >= MIN_RUN:
         return RunPlan(idx[::run].contiguous(), run, num_experts)
-    return BlockPlan.build(idx, num_experts)
+    experts, order = torch.sort(idx.reshape(-1), stable=True)
+    first_valid = int((experts < 0).sum())
+    order, experts = order[first_valid:], experts[first_valid:]  # (P,) valid pairs, sorted by expert
+    counts = torch.bincount(experts, minlength=num_experts)  # (E,)
+    if len(order) >= MIN_SEGMENT * int((counts > 0).sum()):
+        return SegmentPlan.build(order, counts, idx.shape)
+    return BlockPlan.build(order, experts, counts, idx.shape)
 
 
-def shrink(x: torch.Tensor, A: torch.Tensor, plan: RunPlan | BlockPlan) -> torch.Tensor:
+def shrink(x: torch.Tensor, A: torch.Tensor, plan: Plan) -> torch.Tensor:
     return plan.shrink(x, A)
 
 
-def expand(u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, plan: RunPlan | BlockPlan,
+def expand(u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, plan: Plan,
            out: torch.Tensor) -> torch.Tensor:
     return plan.expand(u, B, coef, out)
 
 
-def outer(left: torch.Tensor, right: torch.Tensor, plan: RunPlan | BlockPlan) -> torch.Tensor:
+def outer(left: torch.Tensor, right: torch.Tensor, plan: Plan) -> torch.Tensor:
     return plan.outer(left, right)
 
 
@@ -61,47 +70,84 @@ def _common_run_length(idx: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Tokens cut into C = T / L chunks of L consecutive rows; chunk c routes all its tokens to chunk_idx[c]."""
+    """Tokens cut into C = T / L chunks of L consecutive rows; chunk c routes all its tokens to chunk_idx[c].
+
+    A chunk's k experts are gathered side by side ([k*r, n] per chunk), so the k slots are one matmul of inner or
+    outer size k*r: wider, hence faster, than k matmuls of size r, and the k-sum happens inside the expand's bmm.
+    """
 
     chunk_idx: torch.Tensor  # (C, k), -1 = none
     run: int  # L
     num_experts: int
 
-    def _slots(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """(slot j, the experts of slot j per chunk with -1 clamped to 0) for each slot with at least one expert."""
-        for j in range(self.chunk_idx.shape[1]):
-            experts = self.chunk_idx[:, j]
-            if bool((experts >= 0).any()):
-                yield j, experts.clamp(min=0)
+    def _gather(self, W: torch.Tensor) -> torch.Tensor:
+        """W [E, r, n] -> each chunk's k experts stacked, [C, k*r, n] (empty slots read expert 0, masked by callers)."""
+        return W[self.chunk_idx.clamp(min=0)].flatten(1, 2)
+
+    def _mask_empty(self, t: torch.Tensor) -> torch.Tensor:
+        """Zero, in place, the pairs of t [C, L, k, r] that have no expert."""
+        t.permute(0, 2, 1, 3)[self.chunk_idx < 0] = 0
+        return t
 
     def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         (C, k), L, r = self.chunk_idx.shape, self.run, A.shape[1]
-        u = torch.zeros(C, L, k, r, dtype=accum_dtype(x.dtype), device=x.device)
-        xs = x.reshape(C, L, -1)
-        for j, experts in self._slots():
-            u[:, :, j] = torch.bmm(xs, A.index_select(0, experts).transpose(1, 2))  # (C, L, r)
-        u.permute(0, 2, 1, 3)[self.chunk_idx < 0] = 0  # pairs without an expert read nothing
-        return u.view(C * L * k, r)
+        u = torch.bmm(x.reshape(C, L, -1), self._gather(A).transpose(1, 2))  # (C, L, k*r)
+        return self._mask_empty(u.to(accum_dtype(x.dtype)).view(C, L, k, r)).view(C * L * k, r)
 
     def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         (C, k), L, r = self.chunk_idx.shape, self.run, B.shape[2]
-        scaled = (u * coef[:, None]).to(out.dtype).view(C, L, k, r)
-        scaled.permute(0, 2, 1, 3)[self.chunk_idx < 0] = 0  # pairs without an expert add nothing
+        scaled = self._mask_empty((u * coef[:, None]).to(out.dtype).view(C, L, k, r))
         target = out if out.is_contiguous() else out.contiguous()
-        ys = target.view(C, L, -1)
-        for j, experts in self._slots():
-            ys.baddbmm_(scaled[:, :, j], B.index_select(0, experts).to(out.dtype).transpose(1, 2))
+        Bt = self._gather(B.transpose(1, 2)).to(out.dtype)  # (C, k*r, out)
+        target.view(C, L, -1).baddbmm_(scaled.view(C, L, k * r), Bt)
         return target if target is out else out.copy_(target)
 
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         (C, k), L, a, b = self.chunk_idx.shape, self.run, left.shape[1], right.shape[1]
+        per_chunk = torch.bmm(left.view(C, L, k * a).transpose(1, 2), right.reshape(C, L, b).to(left.dtype))
+        valid = (self.chunk_idx >= 0).flatten()  # (C*k,)
         g = torch.zeros(self.num_experts, a, b, dtype=left.dtype, device=left.device)
-        ls = left.view(C, L, k, a)
-        rs = right.reshape(C, L, b).to(left.dtype)
-        for j, experts in self._slots():
-            valid = self.chunk_idx[:, j] >= 0
-            per_chunk = torch.bmm(ls[:, :, j].transpose(1, 2), rs)  # (C, a, b)
-            g.index_add_(0, experts[valid], per_chunk[valid])
+        return g.index_add_(0, self.chunk_idx.flatten()[valid], per_chunk.view(C * k, a, b)[valid])
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Valid pairs sorted by expert: sorted row i is pair `pair[i]` of token `token[i]`; expert e owns rows
+    start:stop of one segment (only experts with pairs have one)."""
+
+    pair: torch.Tensor  # (P,)
+    token: torch.Tensor  # (P,)
+    segments: tuple[tuple[int, int, int], ...]  # (expert, start, stop)
+    num_pairs: int  # T*k
+    num_experts: int
+
+    @classmethod
+    def build(cls, order: torch.Tensor, counts: torch.Tensor, shape: torch.Size) -> SegmentPlan:
+        T, k = shape
+        stops = torch.cumsum(counts, 0).tolist()
+        segments = tuple((e, stop - c, stop) for e, (c, stop) in enumerate(zip(counts.tolist(), stops)) if c)
+        return cls(order, torch.div(order, k, rounding_mode="floor"), segments, T * k, len(counts))
+
+    def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        u_sorted = x.new_empty(len(self.pair), A.shape[1])  # (P, r)
+        for e, start, stop in self.segments:
+            torch.mm(x.index_select(0, self.token[start:stop]), A[e].t(), out=u_sorted[start:stop])
+        u = torch.zeros(self.num_pairs, A.shape[1], dtype=accum_dtype(x.dtype), device=x.device)
+        return u.index_copy_(0, self.pair, u_sorted.to(u.dtype))
+
+    def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        scaled = (u * coef[:, None]).index_select(0, self.pair).to(B.dtype)  # (P, r) sorted
+        for e, start, stop in self.segments:
+            # A token's k slots are added in sorted order; CPU index_add_ runs sequentially, hence deterministic.
+            out.index_add_(0, self.token[start:stop], torch.mm(scaled[start:stop], B[e].t()).to(out.dtype))
+        return out
+
+    def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        g = torch.zeros(self.num_experts, left.shape[1], right.shape[1], dtype=left.dtype, device=left.device)
+        left_sorted = left.index_select(0, self.pair)  # (P, a)
+        for e, start, stop in self.segments:
+            rows = right.index_select(0, self.token[start:stop]).to(left.dtype)  # (n_e, b)
+            torch.mm(left_sorted[start:stop].t(), rows, out=g[e])
         return g
 
 
@@ -122,21 +168,17 @@ class BlockPlan:
     num_experts: int
 
     @classmethod
-    def build(cls, idx: torch.Tensor, num_experts: int) -> BlockPlan:
-        T, k = idx.shape
-        experts, order = torch.sort(idx.reshape(-1), stable=True)
-        first_valid = int((experts < 0).sum())
-        order, experts = order[first_valid:], experts[first_valid:]  # (P,)
-        counts = torch.bincount(experts, minlength=num_experts)  # (E,)
+    def build(cls, order: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, shape: torch.Size) -> BlockPlan:
+        (T, k), device = shape, order.device
         block = _block_size(len(order), int((counts > 0).sum()))
         blocks = (counts + block - 1) // block  # (E,) blocks per expert
-        rank_in_expert = torch.arange(len(order), device=idx.device) - (torch.cumsum(counts, 0) - counts)[experts]
+        rank_in_expert = torch.arange(len(order), device=device) - (torch.cumsum(counts, 0) - counts)[experts]
         rows = (torch.cumsum(blocks, 0) - blocks)[experts] * block + rank_in_expert  # padded row of each sorted pair
-        block_expert = torch.repeat_interleave(torch.arange(num_experts, device=idx.device), blocks)
-        src_pair = torch.full((block_expert.numel() * block,), T * k, dtype=torch.long, device=idx.device)
+        block_expert = torch.repeat_interleave(torch.arange(len(counts), device=device), blocks)
+        src_pair = torch.full((block_expert.numel() * block,), T * k, dtype=torch.long, device=device)
         src_pair[rows] = order
         token = torch.div(src_pair, k, rounding_mode="floor").masked_fill_(src_pair == T * k, 0)
-        return cls(src_pair, token, block_expert, block, T, T * k, num_experts)
+        return cls(src_pair, token, block_expert, block, T, T * k, len(counts))
 
     def chunks(self, width: int, itemsize: int) -> Iterator[tuple[slice, slice]]:
         """(block slice, padded-row slice) pairs covering all blocks, ~CHUNK_BYTES of `width`-wide rows each."""
@@ -186,3 +228,6 @@ def _block_size(num_pairs: int, active_experts: int) -> int:
 def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
     """t with one zero row appended: what padding rows (src_pair == T*k) read."""
     return torch.cat([t, t.new_zeros(1, t.shape[1])])
+
+
+Plan = RunPlan | SegmentPlan | BlockPlan

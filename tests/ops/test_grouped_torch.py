@@ -119,17 +119,46 @@ def test_row_routed_batches_take_the_run_layout_and_match_reference(rows, run, k
         torch.testing.assert_close(mine.grad, theirs.grad)
 
 
-def test_run_and_block_layouts_agree_primitive_by_primitive():
-    x, A, B, scale, idx, gates = row_routed_case(5, 16, 2, 4, 3, seed=7)
-    run, block = torch_backend.plan(idx, 4), torch_backend.BlockPlan.build(idx, 4)
-    assert isinstance(run, torch_backend.RunPlan)
-    coef = torch.rand(idx.numel(), dtype=x.dtype)
-    torch.testing.assert_close(run.shrink(x, A), block.shrink(x, A))
-    u = torch.randn(idx.numel(), A.shape[1], dtype=x.dtype)
-    start = torch.randn(x.shape[0], B.shape[1], dtype=x.dtype)
-    torch.testing.assert_close(run.expand(u, B, coef, start.clone()), block.expand(u, B, coef, start.clone()))
-    left = torch.randn(idx.numel(), 3, dtype=x.dtype) * (idx.reshape(-1, 1) >= 0)  # rows of empty pairs are 0
-    torch.testing.assert_close(run.outer(left, x), block.outer(left, x))
+def all_layouts(idx, E):
+    """The same routing in each layout the torch backend has (the run layout only where idx has runs)."""
+    experts, order = torch.sort(idx.reshape(-1), stable=True)
+    order, experts = order[experts >= 0], experts[experts >= 0]
+    counts = torch.bincount(experts, minlength=E)
+    layouts = [torch_backend.SegmentPlan.build(order, counts, idx.shape),
+               torch_backend.BlockPlan.build(order, experts, counts, idx.shape)]
+    chosen = torch_backend.plan(idx, E)
+    return layouts + [chosen] if isinstance(chosen, torch_backend.RunPlan) else layouts
+
+
+@pytest.mark.parametrize("case", [row_routed_case(5, 16, 2, 4, 3, seed=7), make_case(50, 4, 3, 11, 7, 3, seed=8)])
+def test_layouts_agree_primitive_by_primitive(case):
+    x, A, B, scale, idx, gates = case
+    E, P = A.shape[0], idx.numel()
+    g = torch.Generator().manual_seed(0)
+    coef = torch.rand(P, generator=g, dtype=x.dtype)
+    u = torch.randn(P, A.shape[1], generator=g, dtype=x.dtype)
+    start = torch.randn(x.shape[0], B.shape[1], generator=g, dtype=x.dtype)
+    left = torch.randn(P, 3, generator=g, dtype=x.dtype) * (idx.reshape(-1, 1) >= 0)  # rows of empty pairs are 0
+    first, *others = all_layouts(idx, E)
+    for other in others:
+        torch.testing.assert_close(other.shrink(x, A), first.shrink(x, A))
+        torch.testing.assert_close(other.expand(u, B, coef, start.clone()), first.expand(u, B, coef, start.clone()))
+        torch.testing.assert_close(other.outer(left, x), first.outer(left, x))
+
+
+@pytest.mark.parametrize("T,E,k,layout", [(300, 3, 2, "SegmentPlan"), (64, 16, 2, "BlockPlan"), (40, 6, 1, "BlockPlan")])
+def test_per_token_routings_pick_a_layout_by_tokens_per_expert(T, E, k, layout):
+    x, A, B, scale, idx, gates = make_case(T, E, 4, 11, 7, k, seed=T)
+    assert type(torch_backend.plan(idx, E)).__name__ == layout
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, gates)]
+    ours = grouped_lora(leaves[0], leaves[1], leaves[2], scale, idx, leaves[3], backend="torch")
+    refs = [t.clone().requires_grad_() for t in (x, A, B, gates)]
+    ref = grouped_lora_reference(refs[0], refs[1], refs[2], scale, idx, refs[3])
+    torch.testing.assert_close(ours, ref)
+    ours.backward(torch.ones_like(ours))
+    ref.backward(torch.ones_like(ref))
+    for mine, theirs in zip(leaves, refs):
+        torch.testing.assert_close(mine.grad, theirs.grad)
 
 
 @pytest.mark.parametrize("idx", [
@@ -137,8 +166,8 @@ def test_run_and_block_layouts_agree_primitive_by_primitive():
     torch.arange(4).repeat_interleave(8)[:, None],  # runs of 8 < MIN_RUN
     torch.zeros(15, 1, dtype=torch.long),  # fewer tokens than MIN_RUN
 ])
-def test_short_runs_take_the_block_layout(idx):
-    assert isinstance(torch_backend.plan(idx, 4), torch_backend.BlockPlan)
+def test_short_runs_take_a_per_token_layout(idx):
+    assert not isinstance(torch_backend.plan(idx, 4), torch_backend.RunPlan)
 
 
 def test_run_layout_adds_into_a_non_contiguous_out_and_half_inputs():
