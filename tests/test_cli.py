@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import lorahub_engine as le
 from lorahub_engine import LoraAdapter
 from lorahub_engine.cli import main
 from lorahub_engine.merge import merge
@@ -70,3 +71,96 @@ def test_usage_errors_exit_2(capsys):
             main(argv)
         assert info.value.code == 2
     assert "invalid choice: 'slerp'" in capsys.readouterr().err
+
+
+# ---- search ------------------------------------------------------------------------------------------------------
+SEARCH_WORDS = "plural of answer cat dog cow hen pig cats dogs cows hens pigs add one two three plus sum".split()
+SEARCH_SAMPLES = {"plural": ["plural of cat answer", "plural of dog answer"], "add": ["add one plus two", "sum one two"],
+                  "other": ["cow hen pig", "pig cow"]}
+SEARCH_EXAMPLES = [("plural of cow answer", "cows"), ("plural of hen answer", "hens"), ("plural of pig answer", "pigs")]
+
+
+@pytest.fixture(scope="module")
+def search_folders(tmp_path_factory):
+    """A tiny Llama + tokenizer folder, a 3-adapter zoo with samples, a flat index over it, an examples file."""
+    from tests.tiny_models import tiny_llama_for, word_tokenizer
+
+    root = tmp_path_factory.mktemp("search_cli")
+    tokenizer = word_tokenizer(SEARCH_WORDS)
+    model = tiny_llama_for(tokenizer)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    adapters = []
+    for i, (name, samples) in enumerate(SEARCH_SAMPLES.items()):
+        adapter = le.init_adapter(model, name, ["q_proj", "v_proj"], r=2, seed=i)
+        for m in adapter.modules.values():
+            m.B.normal_(generator=torch.Generator().manual_seed(i))
+        adapter.metadata = {"samples": samples}
+        adapters.append(adapter)
+    le.AdapterZoo(adapters).save(root / "zoo")
+    assert main(["index", "build", str(root / "zoo"), "-o", str(root / "idx"), "--kind", "flat"]) == 0
+    (root / "examples.jsonl").write_text("".join(json.dumps({"input": x, "output": y}) + "\n\n"
+                                                 for x, y in SEARCH_EXAMPLES))
+    return root
+
+
+def search_argv(root, *options):
+    return ["search", str(root / "zoo"), "--model", str(root / "model"), "--examples", str(root / "examples.jsonl"),
+            *options]
+
+
+@pytest.mark.filterwarnings("ignore:COBYLA")
+def test_search_writes_what_lorahub_search_finds(search_folders, tmp_path, capsys):
+    from lorahub_engine.cli import _load_language_model
+
+    root = search_folders
+    code = main(search_argv(root, "--adapters", "add", "plural", "--budget", "6", "--seed", "3", "--json",
+                            "-o", str(tmp_path / "out")))
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    zoo = le.AdapterZoo.load(root / "zoo")
+    model, tokenizer = _load_language_model(str(root / "model"))
+    direct = le.lorahub_search(model, tokenizer, [zoo["add"], zoo["plural"]], SEARCH_EXAMPLES, budget=6, seed=3,
+                               progress=False)
+    assert printed["names"] == ["add", "plural"] and printed["weights"] == direct.weights
+    assert [e["loss"] for e in printed["history"]] == [e.loss for e in direct.history]
+    written = LoraAdapter.load(tmp_path / "out")
+    expected = merge([zoo["add"], zoo["plural"]], list(direct.weights.values()), "lorahub")
+    assert written.name == "out" and written.metadata["lorahub_search"]["weights"] == direct.weights
+    for path in expected.modules:
+        torch.testing.assert_close(written.delta_weight(path), expected.delta_weight(path))
+
+
+@pytest.mark.filterwarnings("ignore:COBYLA")
+def test_search_picks_random_or_retrieved_modules(search_folders, tmp_path, capsys):
+    from lorahub_engine.search import random_modules, retrieved_modules
+    from retrieval import AdapterIndex
+
+    root = search_folders
+    assert main(search_argv(root, "--random", "2", "--seed", "1", "--budget", "3", "-o", str(tmp_path / "r"))) == 0
+    text = capsys.readouterr().out
+    names = random_modules(list(SEARCH_SAMPLES), 2, seed=1)
+    assert [line.split()[0] for line in text.splitlines()[:2]] == names
+    assert "after 3 evaluations" in text and f"wrote {tmp_path / 'r'}" in text
+    assert main(search_argv(root, "--retrieve", str(root / "idx"), "--modules", "2", "--budget", "3", "--json",
+                            "-o", str(tmp_path / "q"))) == 0
+    retrieved = retrieved_modules(AdapterIndex.load(root / "idx"), [x for x, _ in SEARCH_EXAMPLES], 2)
+    assert json.loads(capsys.readouterr().out)["names"] == retrieved and retrieved[0] == "plural"
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--adapters", "add", "nope"], "no adapter named 'nope'"),
+    (["--adapters", "add", "--optimizer", "NGOtp"], "unknown optimizer 'NGOtp'"),
+    (["--adapters", "add", "--bound", "0"], "bound must be a finite number > 0"),
+    (["--random", "9"], "cannot draw 9 modules from 3 adapters"),
+    (["--adapters", "add", "--examples", "{bad}"], "bad.jsonl:1: expected a JSON object"),
+])
+def test_search_errors_exit_2_with_one_line(search_folders, tmp_path, capsys, options, message):
+    root = search_folders
+    (tmp_path / "bad.jsonl").write_text('{"input": "plural of cat answer"}\n')
+    argv = search_argv(root, *[o.format(bad=tmp_path / "bad.jsonl") for o in options], "-o", str(tmp_path / "out"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
