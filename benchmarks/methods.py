@@ -18,6 +18,7 @@ from benchmarks.training import TrainSpec, mean_losses, train_adapters
 from benchmarks.zoo import ZooRecipe, task_pairs
 from lorahub_engine.compose import assignment, retrieve
 from lorahub_engine.fewshot import generate_answers
+from lorahub_engine.search import lorahub_search, random_modules, retrieved_modules
 
 SHOTS_SPEC = TrainSpec(steps=40, rows_per_adapter=5)  # a LoRA on the 5 shots alone: every step sees all of them
 
@@ -174,3 +175,27 @@ def upper_shots_lora(ctx: Context) -> MethodOutput:
             adapters, _ = train_adapters(ctx.base, datasets, replace(SHOTS_SPEC, seed=ctx.seeds[0]), progress=False)
         ctx.cache[key] = dict(zip(datasets, adapters))
     return answer_with(ctx, ctx.cache[key][f"seed{ctx.seed}"])
+
+
+# ---- LoraHub: gradient-free weights for 20 modules on the 5 shots ----------------------------------------------
+LORAHUB_MODULES = 20  # LoraHub's default number of composed modules
+
+
+def _lorahub(ctx: Context, names: list[str]) -> MethodOutput:
+    """LoraHub's search (budget 40, w in [-1.5, 1.5], l1 0.05, NGOpt) on the shots; answers with the composition."""
+    result = lorahub_search(ctx.base.model, ctx.base.tokenizer, [ctx.zoo[n] for n in names], ctx.shot_pairs(),
+                            seed=ctx.seed, progress=False)
+    return answer_with(ctx, result.adapter(), {"adapters": names, "weights": list(result.weights.values()),
+                                               "loss": result.loss, "zero_loss": result.history[0].loss})
+
+
+@register_method("lorahub")
+def lorahub(ctx: Context) -> MethodOutput:
+    """LoraHub as published: 20 modules drawn at random (seeded), weights searched on the shots."""
+    return _lorahub(ctx, random_modules(ctx.zoo.names, min(LORAHUB_MODULES, len(ctx.zoo)), seed=ctx.seed))
+
+
+@register_method("retrieval_lorahub")
+def retrieval_lorahub(ctx: Context) -> MethodOutput:
+    """LoraHub's search over the 20 modules retrieved for the shots' prompts."""
+    return _lorahub(ctx, retrieved_modules(ctx.index, [ctx.query(x) for x, _ in ctx.shots], LORAHUB_MODULES))
