@@ -7,10 +7,9 @@ Model: random Llama body (30 layers, hidden 576, intermediate 1536, 9 heads, 3 k
 all 7 projections, a batch of 32 rows x 64 tokens. Every ratio compares timings of one run, taken round-robin (each
 repeat times every case once); ratios use each case's fastest repeat (medians are recorded too). Cases:
   model level   base forward; one adapter; 16 distinct adapters (one per row; ours vs PEFT `adapter_names=`);
-                top-2 of 16 experts (ours vs all 16 computed densely); training steps (forward + backward to the
-                input embeddings and the LoRA factors) of the base and of top-2 of 16.
-                attach routes per batch row, so the model-level top-2 gives each row 2 random experts: the op sees
-                the same pair count, k and expert loads as per-token top-2 in expectation.
+                top-2 of 16 experts per token (ours vs all 16 computed densely), and per batch row (a retrieval
+                mixture's or a LoraHub population's shape); training steps (forward + backward to the input
+                embeddings and the LoRA factors) of the base and of top-2 of 16.
   op level      per projection shape over 2048 tokens, summed over the model's layers: grouped_lora vs a plain
                 per-expert loop vs dense all-experts (fused: concatenated factors; each: one expert at a time),
                 for 16 distinct adapters and per-token top-2 of 16.
@@ -206,36 +205,43 @@ def model_level(layers: int, device, dtype, repeats: int) -> dict:
     ids = torch.randint(0, 49152, (ROWS, SEQ), generator=g).to(device)
     row_ids = torch.arange(ROWS, device=device) % EXPERTS
     names = [adapters[i].name for i in row_ids.tolist()]
-    row_top = torch.rand(ROWS, EXPERTS, generator=g).topk(TOP_K, dim=1).indices.to(device)  # (rows, k)
-    row_gates = torch.softmax(torch.randn(ROWS, TOP_K, generator=g), dim=1).to(device)
-    tok_top, tok_gates = row_top.repeat_interleave(SEQ, 0), row_gates.repeat_interleave(SEQ, 0)  # (T, k)
+    top2 = {  # (idx, gates): per token, as a router routes; per row, as a retrieval mixture or population does
+        "per_token": (torch.rand(ROWS * SEQ, EXPERTS, generator=g).topk(TOP_K, dim=1).indices.to(device),
+                      torch.softmax(torch.randn(ROWS * SEQ, TOP_K, generator=g), dim=1).to(device)),
+        "per_row": (torch.rand(ROWS, EXPERTS, generator=g).topk(TOP_K, dim=1).indices.to(device),
+                    torch.softmax(torch.randn(ROWS, TOP_K, generator=g), dim=1).to(device)),
+    }
     dense = copy.deepcopy(base)
-    hooks = DenseHooks(dense, adapters, tok_top, tok_gates, trainable=True)
+    hooks = DenseHooks(dense, adapters, *top2["per_token"], trainable=True)
 
-    def top2_ours():
-        with le.routing(ours16, row_top, row_gates):
-            return ours16(ids).last_hidden_state
+    def top2_ours(how: str):
+        def forward():
+            with le.routing(ours16, *top2[how]):
+                return ours16(ids).last_hidden_state
+
+        return forward
 
     with torch.inference_mode():
         parity = {
             "16_distinct_ours_vs_peft": _max_diff(ours16(ids, adapter_ids=row_ids).last_hidden_state,
                                                   peft(input_ids=ids, adapter_names=names).last_hidden_state),
-            "top2_ours_vs_dense": _max_diff(top2_ours(), dense(ids).last_hidden_state),
+            "top2_per_token_ours_vs_dense": _max_diff(top2_ours("per_token")(), dense(ids).last_hidden_state),
         }
         forward = measure({
             "base": lambda: base(ids),
             "one_adapter": lambda: ours1(ids, adapter_ids=torch.zeros(ROWS, dtype=torch.long, device=device)),
             "16_distinct_ours": lambda: ours16(ids, adapter_ids=row_ids),
             "16_distinct_peft": lambda: peft(input_ids=ids, adapter_names=names),
-            "top2_of_16_ours": top2_ours,
+            "top2_of_16_ours": top2_ours("per_token"),
+            "top2_of_16_per_row_ours": top2_ours("per_row"),
             "top2_of_16_dense": lambda: dense(ids),
         }, device, repeats, desc="model forward")
     embeds = base.embed_tokens(ids).detach()
 
-    def train_step(model, params, routed: bool):
+    def train_step(model, params, how: str | None):
         def step():
             x = embeds.clone().requires_grad_()
-            with le.routing(model, row_top, row_gates) if routed else contextlib.nullcontext():
+            with le.routing(model, *top2[how]) if how else contextlib.nullcontext():
                 loss = model(inputs_embeds=x).last_hidden_state.float().pow(2).mean()
             grads = torch.autograd.grad(loss, [x, *params])
             return grads
@@ -244,9 +250,10 @@ def model_level(layers: int, device, dtype, repeats: int) -> dict:
 
     lora_params = [p for n, p in ours16.named_parameters() if "lora_" in n]
     training = measure({
-        "base": train_step(base, [], routed=False),
-        "top2_of_16_ours": train_step(ours16, lora_params, routed=True),
-        "top2_of_16_dense": train_step(dense, hooks.params, routed=False),
+        "base": train_step(base, [], None),
+        "top2_of_16_ours": train_step(ours16, lora_params, "per_token"),
+        "top2_of_16_per_row_ours": train_step(ours16, lora_params, "per_row"),
+        "top2_of_16_dense": train_step(dense, hooks.params, None),
     }, device, repeats, desc="model training step")
     return {"parity_max_abs_diff": parity, "forward_s": forward, "train_step_s": training}
 
@@ -342,11 +349,15 @@ def ratios(model: dict, ops: dict) -> dict:
         "16_distinct_ours / base": f["16_distinct_ours"] / f["base"],
         "16_distinct_peft / base": f["16_distinct_peft"] / f["base"],
         "16_distinct peft / ours (speedup)": f["16_distinct_peft"] / f["16_distinct_ours"],
+        "16_distinct LoRA time over base, peft / ours": (f["16_distinct_peft"] - f["base"])
+        / max(f["16_distinct_ours"] - f["base"], 1e-9),
         "top2_of_16_ours / base": f["top2_of_16_ours"] / f["base"],
+        "top2_of_16_per_row_ours / base": f["top2_of_16_per_row_ours"] / f["base"],
         "top2_of_16 dense / ours (speedup)": f["top2_of_16_dense"] / f["top2_of_16_ours"],
         "top2_of_16 LoRA time over base, dense / ours": (f["top2_of_16_dense"] - f["base"])
         / max(f["top2_of_16_ours"] - f["base"], 1e-9),
         "train top2_of_16_ours / base": tr["top2_of_16_ours"] / tr["base"],
+        "train top2_of_16_per_row_ours / base": tr["top2_of_16_per_row_ours"] / tr["base"],
         "train top2_of_16 dense / ours (speedup)": tr["top2_of_16_dense"] / tr["top2_of_16_ours"],
         "op: per-token top2 ours, 1 + sum over projections / base forward": 1 + s["top2_of_16_ours"] / f["base"],
         "op: 16_distinct loop / ours (speedup)": s["16_distinct_loop"] / s["16_distinct_ours"],
@@ -362,6 +373,9 @@ def targets(r: dict) -> dict:
     checks = {
         "16 distinct <= 1.10x base": (r["16_distinct_ours / base"], 1.10, "<="),
         "16 distinct >= 1.3x faster than PEFT": (r["16_distinct peft / ours (speedup)"], 1.3, ">="),
+        # LoRA time over base: PEFT itself costs less than 1.3x base on some CPUs, where no total-time ratio can reach 1.3
+        "16 distinct >= 1.3x faster than PEFT (LoRA time over base)": (
+            r["16_distinct LoRA time over base, peft / ours"], 1.3, ">="),
         "top-2 of 16 <= 1.15x base": (r["top2_of_16_ours / base"], 1.15, "<="),
         # LoRA time over base: the reading under which "<= 1.15x base" and "3x faster than dense" fit together
         "top-2 of 16 >= 3x faster than dense (model, fused dense)": (
@@ -369,6 +383,8 @@ def targets(r: dict) -> dict:
         "top-2 of 16 >= 3x faster than dense (op, fused dense)": (r["op: top2 dense / ours (speedup)"], 3.0, ">="),
         "top-2 of 16 >= 3x faster than dense (op, each expert)": (r["op: top2 dense_each / ours (speedup)"], 3.0, ">="),
         "train top-2 of 16 <= 1.3x base train": (r["train top2_of_16_ours / base"], 1.3, "<="),
+        "top-2 of 16 per row <= 1.15x base": (r["top2_of_16_per_row_ours / base"], 1.15, "<="),
+        "train top-2 of 16 per row <= 1.3x base train": (r["train top2_of_16_per_row_ours / base"], 1.3, "<="),
     }
     return {k: {"measured": v, "bound": b, "met": v <= b if op == "<=" else v >= b} for k, (v, b, op) in checks.items()}
 
