@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,8 +87,13 @@ class RunPlan:
 
     def _mask_empty(self, t: torch.Tensor) -> torch.Tensor:
         """Zero, in place, the pairs of t [C, L, k, r] that have no expert."""
-        t.permute(0, 2, 1, 3)[self.chunk_idx < 0] = 0
+        if self.has_empty:
+            t.permute(0, 2, 1, 3)[self.chunk_idx < 0] = 0
         return t
+
+    @functools.cached_property
+    def has_empty(self) -> bool:
+        return bool((self.chunk_idx < 0).any())
 
     def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         (C, k), L, r = self.chunk_idx.shape, self.run, A.shape[1]
