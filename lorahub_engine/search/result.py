@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from lorahub_engine.adapter import LoraAdapter
+import torch
+
+from lorahub_engine.adapter import LoraAdapter, LoraModule
 from lorahub_engine.merge import merge
 from lorahub_engine.search.config import SearchConfig
 
@@ -30,10 +32,18 @@ class SearchResult:
     config: SearchConfig
     adapters: list[LoraAdapter] = field(repr=False)
 
-    def adapter(self, name: str = "lorahub") -> LoraAdapter:
+    def adapter(self, name: str = "lorahub", dtype: torch.dtype | None = None) -> LoraAdapter:
         """The composition as one adapter: le.merge(adapters, weights, "lorahub"), with the search recorded in its
-        metadata. Save it as a PEFT folder (`.save`) or fold it into the base (`le.merge_into_base`)."""
-        composed = merge(self.adapters, [self.weights[n] for n in self.names], "lorahub", name=name)
+        metadata. Save it as a PEFT folder (`.save`) or fold it into the base (`le.merge_into_base`).
+
+        The factors are mixed in fp32, as the search evaluated them on an fp32 model (le.merge alone would round
+        the mix of fp16 adapters to fp16); `dtype` casts the result, e.g. torch.float16 for a smaller file.
+        """
+        sources = [_float32(a) for a in self.adapters]
+        composed = merge(sources, [self.weights[n] for n in self.names], "lorahub", name=name)
+        if dtype is not None:
+            composed = composed.with_modules({path: LoraModule(m.A.to(dtype), m.B.to(dtype), m.scale)
+                                              for path, m in composed.modules.items()})
         composed.metadata["lorahub_search"] = {"config": self.config.to_json(), "loss": self.loss,
                                                "cross_entropy": self.cross_entropy, "weights": self.weights}
         return composed
@@ -41,3 +51,8 @@ class SearchResult:
     def to_json(self) -> dict:
         return {"names": self.names, "weights": self.weights, "loss": self.loss, "cross_entropy": self.cross_entropy,
                 "config": self.config.to_json(), "history": [e._asdict() for e in self.history]}
+
+
+def _float32(adapter: LoraAdapter) -> LoraAdapter:
+    return adapter.with_modules({path: LoraModule(m.A.float(), m.B.float(), m.scale)
+                                 for path, m in adapter.modules.items()})
