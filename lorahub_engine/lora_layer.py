@@ -40,7 +40,8 @@ class RowRouting:
         idx, gates = self.idx, self.gates
         if self.mode == "fusion":  # token t uses its row's merged expert, number `row`
             if idx.shape[0] not in (1, rows):
-                raise ValueError(f"fusion merges factors per batch row: routing needs 1 or {rows} rows, got {idx.shape[0]}")
+                raise ValueError(f"fusion merges factors per batch row: routing needs 1 or {rows} rows, "
+                                 f"got {idx.shape[0]}")
             idx = torch.arange(rows, device=idx.device)[:, None]
             gates = torch.ones(idx.shape, device=idx.device)
         routing = TokenRouting(*_rows_to_tokens(idx, gates, rows, num_tokens))

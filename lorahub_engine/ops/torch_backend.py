@@ -3,9 +3,9 @@
 `plan` picks one of three layouts for a routing; none loops in Python over more than a few dozen experts:
 - `RunPlan`, for routings that are constant over runs of consecutive tokens (a batch routed per row: one adapter for
   every token, an adapter per request, a retrieval mixture, a LoraHub population). The tokens are cut into C chunks
-  of L rows (L = the gcd of the run lengths) and each slot is one bmm over the chunks with each chunk's expert
-  weights gathered (r x in per chunk, small next to L x in activations). No activation row is gathered or
-  scattered: the output is updated in place by baddbmm, at the memory cost of a plain LoRA.
+  of L rows (L = the gcd of the run lengths); shrink and expand are one bmm each over the chunks, with each chunk's
+  k experts' weights gathered (k*r x in per chunk, small next to L x in activations). No activation row is gathered
+  or scattered: the output is updated in place by baddbmm, at the memory cost of a plain LoRA.
 - `SegmentPlan`, for per-token routings (a router's top-k) whose experts get many tokens each: pairs sorted by expert
   once (stable), one mm per expert segment, no padding.
 - `BlockPlan`, for per-token routings over many experts with few tokens each (large E, decoding): the sorted pairs
