@@ -24,30 +24,45 @@ class RowRouting:
     or per token (N = rows * tokens per row, mixture only).
 
     mode "mixture" sums the k experts' outputs; "fusion" first merges each row's k experts into one by the
-    LoraHub factor rule (gates as weights), then applies that single expert.
+    LoraHub factor rule (gates as weights), then applies that single expert. Equal rows share one merged expert
+    (a LoraHub population repeats each candidate over its examples: merged once per candidate, not per row).
     """
 
     idx: torch.Tensor
     gates: torch.Tensor
     mode: str = "mixture"
-    _per_token: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def per_token(self, rows: int, num_tokens: int) -> TokenRouting:
         """This routing expanded to the tokens of a batch of `rows` rows; built once, shared by every layer."""
         key = (rows, num_tokens)
-        if key in self._per_token:
-            return self._per_token[key]
+        if key in self._cache:
+            return self._cache[key]
         idx, gates = self.idx, self.gates
-        if self.mode == "fusion":  # token t uses its row's merged expert, number `row`
+        if self.mode == "fusion":  # token t uses its row's merged expert
             if idx.shape[0] not in (1, rows):
                 raise ValueError(f"fusion merges factors per batch row: routing needs 1 or {rows} rows, "
                                  f"got {idx.shape[0]}")
-            idx = torch.arange(rows, device=idx.device)[:, None]
+            idx = self.fused()[2][:, None]  # (N, 1)
             gates = torch.ones(idx.shape, device=idx.device)
         routing = TokenRouting(*_rows_to_tokens(idx, gates, rows, num_tokens))
-        if not gates.requires_grad:  # learnable gates get a fresh graph every forward
-            self._per_token[key] = routing
+        if not self.gates.requires_grad:  # learnable gates get a fresh graph every forward
+            self._cache[key] = routing
         return routing
+
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fusion's distinct rows: (idx [U, k], gates [U, k]) and, for each of the N rows, which one it is [N].
+        Learnable gates keep every row (each row's gates get their own gradient)."""
+        if self.gates.requires_grad:
+            return self.idx, self.gates, torch.arange(len(self.idx), device=self.idx.device)
+        if "fused" not in self._cache:
+            key = torch.cat([self.idx.double(), self.gates.double()], dim=1)  # (N, 2k)
+            _, inverse = torch.unique(key, dim=0, return_inverse=True)  # (N,) in [0, U)
+            N, U = len(inverse), int(inverse.max()) + 1
+            first = torch.full((U,), N, device=inverse.device).scatter_reduce_(
+                0, inverse, torch.arange(N, device=inverse.device), "amin")  # a representative row of each
+            self._cache["fused"] = self.idx[first], self.gates[first], inverse
+        return self._cache["fused"]
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -110,19 +125,14 @@ class LoraLayer(nn.Module):
         out = self.base(tokens, *args, **kwargs)  # (T, out)
         A, B, scale = self.lora_A, self.lora_B, self.lora_scale
         if routing.mode == "fusion":
-            # One merged expert per row: gather its k experts and mix their factors (LoraHub rule, gates as weights).
-            e = routing.idx.clamp(min=0)  # (N, k)
-            w = torch.where(routing.idx >= 0, routing.gates, torch.zeros_like(routing.gates))
-            A, B = lorahub_factors(A[e], B[e], scale[e], w)  # (N, r, in), (N, out, r)
-            A, B = _expand_rows(A, rows), _expand_rows(B, rows)
-            scale = torch.ones(rows, dtype=scale.dtype, device=scale.device)
+            # One merged expert per distinct row: mix its k experts' factors (LoraHub rule, gates as weights).
+            idx, gates, _ = routing.fused()  # (U, k)
+            e, w = idx.clamp(min=0), torch.where(idx >= 0, gates, torch.zeros_like(gates))
+            A, B = lorahub_factors(A[e], B[e], scale[e], w)  # (U, r, in), (U, out, r)
+            scale = torch.ones(A.shape[0], dtype=scale.dtype, device=scale.device)
         token_routing = routing.per_token(rows, tokens.shape[0])
         out = grouped_lora_routed(tokens, A, B, scale, token_routing, out=out)
         return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def _expand_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return t.expand(rows, *t.shape[1:]) if t.shape[0] == 1 else t
 
 
 def _rows_to_tokens(idx: torch.Tensor, gates: torch.Tensor, rows: int, num_tokens: int):

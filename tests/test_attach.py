@@ -5,6 +5,7 @@ import torch
 from peft import PeftModel
 
 import lorahub_engine as le
+from lorahub_engine.lora_layer import RowRouting
 from tests.ops.reference import grouped_lora_reference
 from tests.tiny_models import ARCHITECTURES, make_peft_adapter, tiny_gpt2, tiny_llama
 
@@ -137,6 +138,26 @@ def test_generate_under_routing_matches_merged_model():
     assert torch.equal(got, merged.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0))
 
 
+
+
+def test_fusion_merges_each_distinct_row_once_and_matches_per_row_merges():
+    base = tiny_llama()
+    adapters = [le.init_adapter(base, n, ["q_proj", "down_proj"], r=2 + i, seed=i) for i, n in enumerate("abc")]
+    for ad in adapters:
+        for m in ad.modules.values():
+            m.B.normal_()
+    model = le.attach(copy.deepcopy(base), adapters)
+    x = torch.randint(0, 64, (4, 5))
+    idx = torch.tensor([[0, 2], [1, -1], [0, 2], [1, -1]])  # a population of 2 candidates x 2 examples
+    gates = torch.tensor([[0.5, -1.0], [2.0, 9.0], [0.5, -1.0], [2.0, 9.0]])
+    fused_idx, _, inverse = RowRouting(idx, gates, "fusion").fused()
+    assert len(fused_idx) == 2 and inverse[0] != inverse[1] and inverse.tolist() == inverse[:2].tolist() * 2
+    with le.routing(model, idx, gates, mode="fusion"):
+        got = outputs(model, x, "llama")
+    for row, (names, weights) in enumerate([([0, 2], [0.5, -1.0]), ([1], [2.0])] * 2):
+        merged = le.merge([adapters[i] for i in names], weights, method="lorahub")
+        ref = le.merge_into_base(copy.deepcopy(base), merged)
+        torch.testing.assert_close(got[row], outputs(ref, x[row : row + 1], "llama")[0], atol=1e-5, rtol=0)
 
 def test_routing_per_token_matches_an_einsum_reference_in_every_layer():
     base = tiny_llama()
