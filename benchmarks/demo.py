@@ -15,25 +15,28 @@ from tqdm import tqdm
 from benchmarks.taskworld import accuracy, examples, get_task, list_tasks
 
 DEMO_TASK = "navigate"
-COMPOSITIONS = ("uniform_retrieved", "retrieval_mixture", "retrieval_fusion", "ties", "best_single")
+COMPOSITIONS = ("uniform_retrieved", "retrieval_lorahub", "lorahub", "retrieval_mixture", "retrieval_fusion", "ties",
+                "best_single")
+DEMO_METHODS = ("uniform_retrieved", "retrieval_lorahub")
 
 
-def run_demo(task: str | None = None, method: str = "uniform_retrieved", k: int = 3, n_test: int = 100, seed: int = 0,
-             progress: bool = True) -> dict:
+def run_demo(task: str | None = None, methods: tuple[str, ...] = DEMO_METHODS, k: int = 3, n_test: int = 100,
+             seed: int = 0, progress: bool = True) -> dict:
     """Print and return the zero-shot and composed accuracies of `task` (held out: no zoo adapter saw it)."""
-    from benchmarks import methods
+    from benchmarks import methods as registry
     from benchmarks.bases import load_base
     from benchmarks.cross_task import Context, Settings
     from benchmarks.zoo import load_zoo
     from retrieval import AdapterIndex
 
     task = task or DEMO_TASK
-    if method not in COMPOSITIONS:
-        raise ValueError(f"method must be one of {COMPOSITIONS}, got {method!r}")
+    unknown = [m for m in methods if m not in COMPOSITIONS]
+    if unknown or not methods:
+        raise ValueError(f"methods must be among {COMPOSITIONS}, got {list(methods)}")
     if not get_task(task).held_out:
         raise ValueError(f"{task} is a training task; pick a held-out one: {', '.join(list_tasks(held_out=True))}")
     start = time.time()
-    steps = tqdm(total=5, desc="demo", bar_format="{desc}: {n}/{total} {postfix}", disable=not progress)
+    steps = tqdm(total=4 + len(methods), desc="demo", bar_format="{desc}: {n}/{total} {postfix}", disable=not progress)
     steps.set_postfix_str("loading the tiny base")
     base = load_base("tiny")
     steps.update()
@@ -49,14 +52,17 @@ def run_demo(task: str | None = None, method: str = "uniform_retrieved", k: int 
     ctx.shots = ctx.shots_of(seed)
     answers = [y for _, y in test]
     steps.set_postfix_str("zero-shot base")
-    zero = accuracy(methods.zero_shot(ctx).predictions, answers)
+    result = {"task": task, "zero_shot": accuracy(registry.zero_shot(ctx).predictions, answers), "composed": {},
+              "adapters": {}}
     steps.update()
-    steps.set_postfix_str(f"{method} with k={k}")
-    composed = getattr(methods, method)(ctx)
-    steps.update()
+    for method in methods:
+        steps.set_postfix_str(f"{method} (k={k})" if "lorahub" not in method else f"{method} (search, 40 evaluations)")
+        output = getattr(registry, method)(ctx)
+        result["composed"][method] = accuracy(output.predictions, answers)
+        result["adapters"][method] = output.info.get("adapters", [])
+        steps.update()
     steps.close()
-    result = {"task": task, "method": method, "zero_shot": zero, "composed": accuracy(composed.predictions, answers),
-              "adapters": composed.info.get("adapters", []), "seconds": round(time.time() - start, 1)}
+    result["seconds"] = round(time.time() - start, 1)
     _print(result, ctx, len(zoo))
     return result
 
@@ -65,13 +71,13 @@ def _print(result: dict, ctx, zoo_size: int) -> None:
     print(f"\nunseen task: {result['task']}: {ctx.task.instruction!r} (no adapter of the {zoo_size}-adapter zoo "
           "was trained on it)")
     print("5 examples:", "; ".join(f"{x} -> {y}" for x, y in ctx.shots))
-    if result["adapters"]:
-        print(f"retrieved adapters: {', '.join(result['adapters'])}")
     n = len(ctx.test)
-    print(f"{'zero-shot base:':32s} {result['zero_shot']:.2f} exact match on {n} test examples")
-    print(f"{result['method'] + ' (composed):':32s} {result['composed']:.2f}")
+    print(f"{'zero-shot base:':36s} {result['zero_shot']:.2f} exact match on {n} test examples")
+    for method, score in result["composed"].items():
+        names = result["adapters"][method]
+        used = f"  ({len(names)} adapters: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else ""
+        print(f"{method + ':':36s} {score:.2f}{used}")
     print(f"({result['seconds']} s)")
-
 
 if __name__ == "__main__":
     from lorahub_engine.cli import main

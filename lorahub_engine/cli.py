@@ -282,13 +282,10 @@ def add_search(commands) -> None:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    import warnings
-
     from lorahub_engine.search import lorahub_search, random_modules, retrieved_modules
     from lorahub_engine.zoo import AdapterZoo
 
     _threads(args)
-    warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND")  # nevergrad x scipy, harmless
     examples = _read_examples(args.examples)
     zoo = AdapterZoo.load(args.zoo, lazy=True)
     if args.adapters:
@@ -414,8 +411,9 @@ def add_demo(commands) -> None:
     p = commands.add_parser("demo", help="an unseen task, 5 examples: retrieved + composed adapters vs zero-shot",
                             description="Runs on the shipped tiny base and tiny zoo; nothing is downloaded.")
     p.add_argument("--task", help="a held-out taskworld task (default navigate)")
-    p.add_argument("--method", default="uniform_retrieved",
-                   help="composition: uniform_retrieved, retrieval_mixture, retrieval_fusion, ties, best_single")
+    p.add_argument("--methods", nargs="+", default=["uniform_retrieved", "retrieval_lorahub"],
+                   help="compositions: uniform_retrieved, retrieval_lorahub, lorahub, retrieval_mixture, "
+                   "retrieval_fusion, ties, best_single")
     p.add_argument("--k", type=int, default=3, help="adapters retrieved")
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="which 5 examples")
@@ -427,7 +425,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from benchmarks.demo import run_demo as demo
 
     _threads(args)
-    demo(args.task or None, args.method, args.k, args.n_test, args.seed)
+    demo(args.task or None, tuple(args.methods), args.k, args.n_test, args.seed)
     return 0
 
 

@@ -13,6 +13,7 @@ w = 0 with `num_workers = population` and seeded through its parametrization's r
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -46,6 +47,10 @@ class NevergradOptimizer:
 
     def __init__(self, config: SearchConfig, dimension: int):
         import nevergrad as ng  # ~1.5 s to import: only when a search runs
+
+        # nevergrad hands scipy's COBYLA an end radius above its start radius for short budgets; scipy resets it
+        # and warns from the optimizer's own thread (so no local catch_warnings can see it): harmless, silenced.
+        warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND")
 
         registry = ng.optimizers.registry
         if config.optimizer not in registry:

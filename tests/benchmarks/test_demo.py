@@ -12,9 +12,12 @@ def test_demo_composes_retrieved_adapters_that_beat_the_zero_shot_base(one_threa
     monkeypatch.setattr(zoo, "build_zoo", lambda *a, **k: pytest.fail("the shipped tiny zoo must be used"))
     result = run_demo(progress=False)
     out = capsys.readouterr().out
-    assert result["task"] == "navigate" and len(result["adapters"]) == 3
-    assert result["composed"] > result["zero_shot"] + 0.1
-    assert "zero-shot base:" in out and "retrieved adapters:" in out and "100 test examples" in out
+    assert result["task"] == "navigate"
+    assert len(result["adapters"]["uniform_retrieved"]) == 3 and len(result["adapters"]["retrieval_lorahub"]) == 20
+    for method in ("uniform_retrieved", "retrieval_lorahub"):
+        assert result["composed"][method] > result["zero_shot"] + 0.1
+        assert f"{method}:" in out
+    assert "zero-shot base:" in out and "100 test examples" in out
 
 
 def test_demo_refuses_a_training_task():
@@ -31,4 +34,4 @@ def test_cli_parses_the_benchmark_commands():
     args = parser.parse_args(["build-zoo", "--base", "smollm2", "--out", "z"])
     assert args.base == "smollm2" and args.out == "z"
     args = parser.parse_args(["demo", "--task", "count_even", "--k", "2"])
-    assert args.task == "count_even" and args.k == 2 and args.method == "uniform_retrieved"
+    assert args.task == "count_even" and args.k == 2 and args.methods == ["uniform_retrieved", "retrieval_lorahub"]
