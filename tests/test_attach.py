@@ -74,12 +74,19 @@ def test_set_weights_is_exact_task_arithmetic_and_fusion_is_lorahub():
     torch.testing.assert_close(outputs(model, x, "llama"), outputs(fused, x, "llama"), atol=1e-5, rtol=0)
 
 
-def test_routing_context_gives_each_row_its_own_mixture():
-    base = tiny_llama()
-    adapters = [le.init_adapter(base, n, ["q_proj", "down_proj"], r=3, seed=i) for i, n in enumerate("abc")]
+def three_adapters(base, ranks):
+    """Adapters a, b, c on q_proj and down_proj with nonzero B (init_adapter's B is zero)."""
+    adapters = [le.init_adapter(base, name, ["q_proj", "down_proj"], r=r, seed=i)
+                for i, (name, r) in enumerate(zip("abc", ranks))]
     for ad in adapters:
         for m in ad.modules.values():
             m.B.normal_()
+    return adapters
+
+
+def test_routing_context_gives_each_row_its_own_mixture():
+    base = tiny_llama()
+    adapters = three_adapters(base, ranks=(3, 3, 3))
     model = le.attach(copy.deepcopy(base), adapters)
     x = torch.randint(0, 64, (2, 6))
     idx, gates = torch.tensor([[0, 2], [1, -1]]), torch.tensor([[0.5, 0.25], [2.0, 9.0]])
@@ -142,10 +149,7 @@ def test_generate_under_routing_matches_merged_model():
 
 def test_fusion_merges_each_distinct_row_once_and_matches_per_row_merges():
     base = tiny_llama()
-    adapters = [le.init_adapter(base, n, ["q_proj", "down_proj"], r=2 + i, seed=i) for i, n in enumerate("abc")]
-    for ad in adapters:
-        for m in ad.modules.values():
-            m.B.normal_()
+    adapters = three_adapters(base, ranks=(2, 3, 4))
     model = le.attach(copy.deepcopy(base), adapters)
     x = torch.randint(0, 64, (4, 5))
     idx = torch.tensor([[0, 2], [1, -1], [0, 2], [1, -1]])  # a population of 2 candidates x 2 examples
@@ -159,12 +163,10 @@ def test_fusion_merges_each_distinct_row_once_and_matches_per_row_merges():
         ref = le.merge_into_base(copy.deepcopy(base), merged)
         torch.testing.assert_close(got[row], outputs(ref, x[row : row + 1], "llama")[0], atol=1e-5, rtol=0)
 
+
 def test_routing_per_token_matches_an_einsum_reference_in_every_layer():
     base = tiny_llama()
-    adapters = [le.init_adapter(base, n, ["q_proj", "down_proj"], r=3, seed=i) for i, n in enumerate("abc")]
-    for ad in adapters:
-        for m in ad.modules.values():
-            m.B.normal_()
+    adapters = three_adapters(base, ranks=(3, 3, 3))
     model = le.attach(copy.deepcopy(base), adapters)
     x = torch.randint(0, 64, (2, 6))
     g = torch.Generator().manual_seed(0)
