@@ -13,6 +13,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -316,7 +317,7 @@ def run_search(args: argparse.Namespace) -> int:
 def _read_examples(path: str) -> list[tuple[str, str]]:
     """(input, output) pairs from a JSON lines file; blank lines are skipped."""
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise AdapterError(f"cannot read examples: {e}") from None
     examples = []
@@ -385,8 +386,6 @@ def add_bench(commands) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from benchmarks import cross_task
     from benchmarks.bases import load_base
     from benchmarks.taskworld import load_extra_tasks
