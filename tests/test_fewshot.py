@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import T5Config, T5ForConditionalGeneration
 
 from lorahub_engine.fewshot import IGNORE, Batch, encode_examples, example_losses, generate_answers

@@ -26,4 +26,5 @@ __all__ = [
     "make_optimizer",
     "random_modules",
     "retrieved_modules",
+    "run_search",
 ]

@@ -1,6 +1,12 @@
 import pytest
 import torch
 
+import lorahub_engine as le
+from benchmarks.bases import load_tiny
+from benchmarks.training import TrainSpec
+from benchmarks.zoo import ZooRecipe, build_zoo
+from tests.benchmarks.micro import MICRO, ZOO_TASKS
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -9,3 +15,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def micro_zoo(tmp_path_factory):
+    """The micro base and a 4-adapter zoo trained on it (3 steps each), built once per session in a temp cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAHUB_CACHE", str(tmp_path_factory.mktemp("cache")))
+        base = load_tiny(MICRO, progress=False)
+        folder = build_zoo(base, ZOO_TASKS, ZooRecipe(train=TrainSpec(steps=3, rows_per_adapter=2)), progress=False)
+    return base, le.AdapterZoo.load(folder)

@@ -1,13 +1,11 @@
 """Cross-task harness: scoring and aggregation against hand-made methods, report files, built-in methods."""
 
 import json
-from dataclasses import replace
 
 import pytest
 
 import lorahub_engine as le
 from benchmarks import cross_task
-from benchmarks.bases import TinySpec, load_tiny
 from benchmarks.cross_task import (
     METHODS,
     Context,
@@ -18,34 +16,11 @@ from benchmarks.cross_task import (
     run_cross_task,
 )
 from benchmarks.taskworld import get_task
-from benchmarks.training import TrainSpec, mean_losses
-from benchmarks.zoo import ZooRecipe, build_zoo
+from benchmarks.training import mean_losses
+from tests.benchmarks.micro import FakeIndex
 
-MICRO = replace(TinySpec(), vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
-                max_positions=512, steps=2, batch_size=4, warmup_steps=1)
-ZOO_TASKS = ["plural", "add", "has_animal", "count_animal"]
 TASKS = ["count_birds", "spell_plural"]
-
-
-class FakeIndex:
-    """Retrieval by a fixed table: inputs mentioning 'birds'/'how many' get counting adapters, others lexicon."""
-
-    def search(self, texts, k):
-        return [[("count_animal", 0.9), ("has_animal", 0.5), ("add", 0.2), ("plural", 0.1)][:k]
-                if "How many" in text else [("plural", 0.8), ("has_animal", 0.3), ("add", 0.2), ("count_animal", 0.1)][:k]
-                for text in texts]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LORAHUB_CACHE", str(tmp_path_factory.mktemp("cache")))
-        base = load_tiny(MICRO, progress=False)
-        folder = build_zoo(base, ZOO_TASKS, ZooRecipe(train=TrainSpec(steps=3, rows_per_adapter=2)), progress=False)
-    return base, le.AdapterZoo.load(folder)
 
 
 @pytest.fixture
@@ -69,8 +44,8 @@ def fake_methods():
         METHODS.pop(name)
 
 
-def test_scores_and_aggregates_over_seeds(setup, fake_methods):
-    base, zoo = setup
+def test_scores_and_aggregates_over_seeds(micro_zoo, fake_methods):
+    base, zoo = micro_zoo
     results = run_cross_task(base, TASKS, fake_methods, seeds=[0, 1], n_test=4, zoo=zoo, index=FakeIndex(),
                              progress=False)
     for task in TASKS:
@@ -83,8 +58,8 @@ def test_scores_and_aggregates_over_seeds(setup, fake_methods):
     assert summary["test_seed0"]["mean"] == 0.5 and summary["test_seed0"]["std"] == pytest.approx(0.5)
 
 
-def test_report_files_table_and_json_round_trip(setup, fake_methods, tmp_path, capsys):
-    base, zoo = setup
+def test_report_files_table_and_json_round_trip(micro_zoo, fake_methods, tmp_path, capsys):
+    base, zoo = micro_zoo
     methods = ["zero_shot", "icl", *fake_methods]
     results = run_cross_task(base, TASKS, methods, seeds=[0, 1], n_test=4, zoo=zoo, index=FakeIndex(),
                              out=tmp_path, progress=False)
@@ -104,8 +79,8 @@ def test_report_files_table_and_json_round_trip(setup, fake_methods, tmp_path, c
     assert (tmp_path / "cross_task_tiny.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_builtin_adapter_methods_run_and_leave_the_base_clean(setup):
-    base, zoo = setup
+def test_builtin_adapter_methods_run_and_leave_the_base_clean(micro_zoo):
+    base, zoo = micro_zoo
     methods = [m for m in METHODS if m != "upper_task_lora" and not m.startswith("test_")]
     results = run_cross_task(base, ["count_birds"], methods, seeds=[0], n_test=3, zoo=zoo, index=FakeIndex(),
                              settings=Settings(n_test=3, k=2, max_new_tokens=4), progress=False)
@@ -115,8 +90,8 @@ def test_builtin_adapter_methods_run_and_leave_the_base_clean(setup):
         le.attached_names(base.model)  # every method detached what it attached
 
 
-def test_best_single_picks_the_lowest_shot_loss(setup):
-    base, zoo = setup
+def test_best_single_picks_the_lowest_shot_loss(micro_zoo):
+    base, zoo = micro_zoo
     results = run_cross_task(base, ["count_birds"], ["best_single"], seeds=[0], n_test=2, zoo=zoo,
                              index=FakeIndex(), settings=Settings(n_test=2, max_new_tokens=2), progress=False)
     ctx = Context(base, zoo, FakeIndex(), get_task("count_birds"), [], [], 0, [0], Settings())
@@ -125,8 +100,8 @@ def test_best_single_picks_the_lowest_shot_loss(setup):
     assert results["count_birds"]["best_single"]["info"][0]["adapters"] == [min(losses, key=losses.get)]
 
 
-def test_unknown_method_and_duplicate_registration_are_errors(setup):
-    base, zoo = setup
+def test_unknown_method_and_duplicate_registration_are_errors(micro_zoo):
+    base, zoo = micro_zoo
     with pytest.raises(ValueError, match="unknown methods"):
         run_cross_task(base, TASKS, ["nope"], seeds=[0], n_test=2, zoo=zoo, index=FakeIndex(), progress=False)
     with pytest.raises(ValueError, match="already registered"):

@@ -5,14 +5,14 @@ import pytest
 import lorahub_engine as le
 from benchmarks.cross_task import Settings, run_cross_task
 from lorahub_engine.search import random_modules
-from tests.benchmarks.test_cross_task import FakeIndex, setup  # noqa: F401  (the micro base + 4-adapter zoo)
+from tests.benchmarks.micro import FakeIndex
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore:COBYLA")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = Settings(n_test=3, max_new_tokens=4)
 
 
-def test_lorahub_rows_search_random_or_retrieved_modules(setup):  # noqa: F811
-    base, zoo = setup
+def test_lorahub_rows_search_random_or_retrieved_modules(micro_zoo):
+    base, zoo = micro_zoo
     results = run_cross_task(base, ["count_birds"], ["lorahub", "retrieval_lorahub"], seeds=[0, 1], zoo=zoo,
                              index=FakeIndex(), settings=SETTINGS, progress=False)
     random_row, retrieved_row = results["count_birds"]["lorahub"], results["count_birds"]["retrieval_lorahub"]

@@ -9,13 +9,12 @@ import torch
 
 import lorahub_engine as le
 from benchmarks import zoo as zoo_module
-from benchmarks.bases import TinySpec, load_tiny
+from benchmarks.bases import load_tiny
 from benchmarks.taskworld import get_task, list_tasks, split_of
 from benchmarks.training import TrainSpec, mean_losses, train_adapters
 from benchmarks.zoo import TINY_ZOO, ZooRecipe, build_zoo, load_zoo, task_pairs, zoo_hash
+from tests.benchmarks.micro import MICRO
 
-MICRO = replace(TinySpec(), vocab_size=300, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
-                max_positions=512, steps=2, batch_size=4, warmup_steps=1)
 TASKS = ["plural", "add", "has_animal"]
 RECIPE = ZooRecipe(train=TrainSpec(steps=3, rows_per_adapter=2), group_size=2)
 
