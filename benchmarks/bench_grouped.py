@@ -25,19 +25,16 @@ import copy
 import json
 import os
 import platform
-import statistics
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import lorahub_engine as le
-from lorahub_engine.ops import grouped_lora
+from benchmarks.timing import CLOCKS, measure
 from lorahub_engine._io import write_json_atomic
+from lorahub_engine.ops import grouped_lora
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHAPES = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
@@ -45,33 +42,7 @@ SHAPES = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_p
 ROWS, SEQ, RANK, EXPERTS, TOP_K, SEED = 32, 64, 8, 16, 2, 0
 
 
-# ---------------------------------------------------------------- timing
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 clock = CLOCKS["wall"]  # set from --clock in main
-
-
-def measure(cases: dict[str, Callable[[], object]], device, repeats: int, inner: int = 1, desc: str = "") -> dict:
-    """Seconds per call of each case, {"min": {case: s}, "median": {...}}: one warm-up each, then `repeats`
-    round-robin passes. Ratios use the minimum: other processes on shared CPUs only ever add time."""
-    for fn in cases.values():
-        fn()
-    times = {name: [] for name in cases}
-    for _ in tqdm(range(repeats), desc=desc, leave=False):
-        for name, fn in cases.items():
-            sync(device)
-            start = clock()
-            for _ in range(inner):
-                fn()
-            sync(device)
-            times[name].append((clock() - start) / inner)
-    return {"min": {n: min(t) for n, t in times.items()}, "median": {n: statistics.median(t) for n, t in times.items()}}
 
 
 # ---------------------------------------------------------------- baselines (independent of the op)
@@ -235,7 +206,7 @@ def model_level(layers: int, device, dtype, repeats: int) -> dict:
             "top2_of_16_ours": top2_ours("per_token"),
             "top2_of_16_per_row_ours": top2_ours("per_row"),
             "top2_of_16_dense": lambda: dense(ids),
-        }, device, repeats, desc="model forward")
+        }, device, repeats, desc="model forward", clock=clock)
     embeds = base.embed_tokens(ids).detach()
 
     def train_step(model, params, how: str | None):
@@ -254,7 +225,7 @@ def model_level(layers: int, device, dtype, repeats: int) -> dict:
         "top2_of_16_ours": train_step(ours16, lora_params, "per_token"),
         "top2_of_16_per_row_ours": train_step(ours16, lora_params, "per_row"),
         "top2_of_16_dense": train_step(dense, hooks.params, None),
-    }, device, repeats, desc="model training step")
+    }, device, repeats, desc="model training step", clock=clock)
     return {"parity_max_abs_diff": parity, "forward_s": forward, "train_step_s": training}
 
 
@@ -295,7 +266,7 @@ def op_level(layers: int, device, dtype, repeats: int) -> dict:
         for method, fn in (("ours", grouped_lora), ("dense", dense_all_experts)):
             cases[f"top2_of_16_{method}_fwd_bwd"] = lambda fn=fn: torch.autograd.grad(
                 fn(trainable[0], trainable[1], trainable[2], scale, idx, gates).float().square().sum(), trainable)
-        per_shape[name] = measure(cases, device, repeats, inner, desc=f"op {name}")
+        per_shape[name] = measure(cases, device, repeats, inner, desc=f"op {name}", clock=clock)
     model_sum = {case: layers * sum(s["min"][case] for s in per_shape.values()) for case in per_shape["q_proj"]["min"]}
     return {"per_shape_s": per_shape, "model_sum_s": model_sum}
 

@@ -1,0 +1,36 @@
+"""Timing for the benchmark scripts: one warm-up per case, then round-robin repeats, minimum and median."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # process: CPU seconds of this process only
+
+
+def measure(cases: dict[str, Callable[[], object]], device: torch.device, repeats: int, inner: int = 1,
+            desc: str = "", clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Seconds per call of each case, {"min": {case: s}, "median": {...}}: one warm-up each, then `repeats`
+    round-robin passes of `inner` calls. Other processes on a shared CPU only ever add time: ratios of minimums
+    are the fair ones on a quiet machine, medians the steadier ones on a busy one."""
+    for fn in cases.values():
+        fn()
+    times = {name: [] for name in cases}
+    for _ in tqdm(range(repeats), desc=desc, leave=False):
+        for name, fn in cases.items():
+            _sync(device)
+            start = clock()
+            for _ in range(inner):
+                fn()
+            _sync(device)
+            times[name].append((clock() - start) / inner)
+    return {"min": {n: min(t) for n, t in times.items()}, "median": {n: statistics.median(t) for n, t in times.items()}}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

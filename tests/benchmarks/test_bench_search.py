@@ -1,0 +1,14 @@
+"""Smoke run of benchmarks/bench_search.py on the shipped tiny base: every way of evaluating agrees, JSON written."""
+
+import json
+
+from benchmarks import bench_search
+
+
+def test_bench_search_ways_agree_and_write_json(one_thread, tmp_path):
+    out = tmp_path / "bench.json"
+    bench_search.main(["--candidates", "4", "--repeats", "1", "--out", str(out)])  # raises if a way disagrees
+    result = json.loads(out.read_text())
+    assert set(result["seconds_per_candidate"]) == {"merge_and_rerun", "gates_one_by_one", "gates_population_8",
+                                                    "gates_population_all"}
+    assert result["env"]["candidates"] == 4 and result["env"]["examples"] == 5
