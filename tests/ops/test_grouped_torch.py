@@ -143,7 +143,8 @@ def test_layouts_agree_primitive_by_primitive(case):
 
 
 @pytest.mark.parametrize("T,E,k,layout",
-                         [(300, 3, 2, "SegmentPlan"), (64, 16, 2, "BlockPlan"), (40, 6, 1, "BlockPlan")])
+                         [(300, 3, 2, "SegmentPlan"), (64, 16, 2, "BlockPlan"), (40, 6, 1, "BlockPlan"),
+                          (300, 256, 2, "BlockPlan"), (10800, 256, 2, "SegmentPlan")])
 def test_per_token_routings_pick_a_layout_by_tokens_per_expert(T, E, k, layout):
     x, A, B, scale, idx, gates = make_case(T, E, 4, 11, 7, k, seed=T)
     assert type(torch_backend.plan(idx, E)).__name__ == layout
