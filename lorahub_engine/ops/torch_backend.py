@@ -25,6 +25,7 @@ import torch
 CHUNK_BYTES = 1 << 19
 MIN_RUN = 16  # shorter runs gather more weight rows than the activation rows they save
 MIN_SEGMENT = 64  # mean tokens per expert from which one mm per expert beats padded blocks
+GATHER_BYTES = 1 << 25  # run layout: gathered expert weights (or per-chunk products) per bmm, at most
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -81,9 +82,15 @@ class RunPlan:
     run: int  # L
     num_experts: int
 
-    def _gather(self, W: torch.Tensor) -> torch.Tensor:
-        """W [E, r, n] -> each chunk's k experts stacked, [C, k*r, n] (empty slots read expert 0, masked by callers)."""
-        return W[self.chunk_idx.clamp(min=0)].flatten(1, 2)
+    def _groups(self, bytes_per_chunk: int) -> Iterator[slice]:
+        """Slices of consecutive chunks whose gathered weights (or per-chunk products) stay within GATHER_BYTES."""
+        C = self.chunk_idx.shape[0]
+        size = max(1, GATHER_BYTES // bytes_per_chunk)
+        return (slice(first, min(first + size, C)) for first in range(0, C, size))
+
+    def _gather(self, W: torch.Tensor, chunks: slice) -> torch.Tensor:
+        """W [E, r, n] -> these chunks' k experts stacked, [c, k*r, n] (an empty slot reads expert 0: callers mask)."""
+        return W[self.chunk_idx[chunks].clamp(min=0)].flatten(1, 2)
 
     def _mask_empty(self, t: torch.Tensor) -> torch.Tensor:
         """Zero, in place, the pairs of t [C, L, k, r] that have no expert."""
@@ -96,24 +103,32 @@ class RunPlan:
         return bool((self.chunk_idx < 0).any())
 
     def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        (C, k), L, r = self.chunk_idx.shape, self.run, A.shape[1]
-        u = torch.bmm(x.reshape(C, L, -1), self._gather(A).transpose(1, 2))  # (C, L, k*r)
-        return self._mask_empty(u.to(accum_dtype(x.dtype)).view(C, L, k, r)).view(C * L * k, r)
+        (C, k), L, (E, r, d_in) = self.chunk_idx.shape, self.run, A.shape
+        xs = x.reshape(C, L, d_in)
+        u = torch.empty(C, L, k * r, dtype=accum_dtype(x.dtype), device=x.device)
+        for chunks in self._groups(k * r * d_in * A.element_size()):
+            u[chunks] = torch.bmm(xs[chunks], self._gather(A, chunks).transpose(1, 2))  # (c, L, k*r)
+        return self._mask_empty(u.view(C, L, k, r)).view(C * L * k, r)
 
     def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        (C, k), L, r = self.chunk_idx.shape, self.run, B.shape[2]
-        scaled = self._mask_empty((u * coef[:, None]).to(out.dtype).view(C, L, k, r))
+        (C, k), L, (E, d_out, r) = self.chunk_idx.shape, self.run, B.shape
+        scaled = self._mask_empty((u * coef[:, None]).to(out.dtype).view(C, L, k, r)).view(C, L, k * r)
         target = out if out.is_contiguous() else out.contiguous()
-        Bt = self._gather(B.transpose(1, 2)).to(out.dtype)  # (C, k*r, out)
-        target.view(C, L, -1).baddbmm_(scaled.view(C, L, k * r), Bt)
+        ys = target.view(C, L, d_out)
+        Bt = B.transpose(1, 2)  # (E, r, out)
+        for chunks in self._groups(k * r * d_out * out.element_size()):
+            ys[chunks].baddbmm_(scaled[chunks], self._gather(Bt, chunks).to(out.dtype))  # k-sum inside the bmm
         return target if target is out else out.copy_(target)
 
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         (C, k), L, a, b = self.chunk_idx.shape, self.run, left.shape[1], right.shape[1]
-        per_chunk = torch.bmm(left.view(C, L, k * a).transpose(1, 2), right.reshape(C, L, b).to(left.dtype))
-        valid = (self.chunk_idx >= 0).flatten()  # (C*k,)
+        ls, rs = left.view(C, L, k * a).transpose(1, 2), right.reshape(C, L, b).to(left.dtype)
         g = torch.zeros(self.num_experts, a, b, dtype=left.dtype, device=left.device)
-        return g.index_add_(0, self.chunk_idx.flatten()[valid], per_chunk.view(C * k, a, b)[valid])
+        for chunks in self._groups(k * a * b * left.element_size()):
+            per_chunk = torch.bmm(ls[chunks], rs[chunks]).view(-1, a, b)  # (c*k, a, b)
+            experts = self.chunk_idx[chunks].flatten()
+            g.index_add_(0, experts[experts >= 0], per_chunk[experts >= 0])
+        return g
 
 
 @dataclass(frozen=True)

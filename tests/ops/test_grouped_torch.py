@@ -115,6 +115,13 @@ def test_row_routed_batches_take_the_run_layout_and_match_reference(rows, run, k
     assert_matches_reference(x, A, B, scale, idx, gates)
 
 
+def test_run_layout_walks_chunks_in_groups_when_gathered_weights_are_large(monkeypatch):
+    monkeypatch.setattr(torch_backend, "GATHER_BYTES", 1)  # one chunk per bmm
+    x, A, B, scale, idx, gates = row_routed_case(5, 16, 2, 4, 3, seed=11)
+    assert isinstance(torch_backend.plan(idx, 4), torch_backend.RunPlan)
+    assert_matches_reference(x, A, B, scale, idx, gates)
+
+
 def all_layouts(idx, E):
     """The same routing in each layout the torch backend has (the run layout only where idx has runs)."""
     experts, order = torch.sort(idx.reshape(-1), stable=True)
