@@ -60,7 +60,7 @@ def register_method(name: str, uses_shots: bool = True):
 # `bench cross-task --quick` (CI): a few held-out tasks near the zoo's skills, 2 seeds, 30 test examples.
 QUICK = {"tasks": ["count_birds", "has_vehicle", "last_alphabetically", "sentiment_negated"], "seeds": 2,
          "n_test": 30, "methods": ["zero_shot", "icl", "best_single", "uniform_retrieved", "retrieval_mixture",
-                                   "ties", "upper_shots_lora"]}
+                                   "ties", "retrieval_lorahub", "upper_shots_lora"]}
 
 
 @dataclass(frozen=True)
