@@ -1,20 +1,10 @@
 import pytest
-import torch
 
 import lorahub_engine as le
 from benchmarks.bases import load_tiny
 from benchmarks.training import TrainSpec
 from benchmarks.zoo import ZooRecipe, build_zoo
 from tests.benchmarks.micro import MICRO, ZOO_TASKS
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny ops: with 2 OpenMP threads on a busy machine, index_add_ waits ~80 ms per call (1 thread: ~5 us)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -13,15 +13,6 @@ WORDS = ["plural", "of", "answer", *NOUNS, *(n + "s" for n in NOUNS)]
 EXAMPLES = [(f"plural of {n} answer", f"{n}s") for n in NOUNS[:5]]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_thread():
-    """Tiny ops run fastest on one thread on this busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tokenizer():
     return word_tokenizer(WORDS)

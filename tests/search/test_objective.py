@@ -11,6 +11,8 @@ from lorahub_engine.fewshot import example_losses
 from lorahub_engine.search import FewShotObjective, encode_pairs, l1_penalty
 from tests.search.conftest import EXAMPLES, MODELS, mixed_adapters
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def merged_base_loss(base, tokenizer, adapters, weights):
     """Reference: mean answer CE of a copy of the base with the LoraHub merge folded into its weights."""

@@ -16,7 +16,8 @@ from lorahub_engine.search import FewShotObjective, SearchConfig, SearchError, e
 from lorahub_engine.search.optimizers import NevergradOptimizer
 from tests.search.conftest import EXAMPLES, MODELS, mixed_adapters, train_adapter
 
-pytestmark = pytest.mark.filterwarnings("ignore:COBYLA. Invalid MAXFUN")  # budgets below d + 2, on purpose
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:COBYLA. Invalid MAXFUN")]  # budgets below d + 2, on purpose
 
 
 @pytest.fixture(scope="module")
