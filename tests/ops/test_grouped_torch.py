@@ -178,3 +178,12 @@ def test_run_layout_adds_into_a_non_contiguous_out_and_half_inputs():
     half = grouped_lora(x.half(), A.half(), B.half(), scale, idx, gates, backend="torch")
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("T,E", [(400, 3), (40, 6)])  # segment and block layouts
+def test_per_token_layouts_take_half_inputs(T, E):
+    x, A, B, scale, idx, gates = make_case(T, E, 4, 16, 8, 2, seed=5, dtype=torch.float32)
+    ref = grouped_lora_reference(x, A, B, scale, idx, gates)
+    half = grouped_lora(x.half(), A.half(), B.half(), scale, idx, gates, backend="torch")
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), ref, rtol=2e-2, atol=5e-2)
