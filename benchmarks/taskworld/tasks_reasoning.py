@@ -231,19 +231,25 @@ def _logic_xor(rng):
 
 # --- state tracking ------------------------------------------------------------------------------------------------
 
-@define_task("counter", "state", "Follow the steps and give the final number.")
-def _counter(rng):
+def walk(rng, moves: tuple[int, int], largest: int, down: str, up: str) -> tuple[str, str]:
+    """A walk on the naturals from 0..9: each of `moves` (min, max) steps goes down by 1..largest when it can and
+    a coin says so, else up. Returns the steps as text and the end point."""
     value = rng.randint(0, 9)
     steps = [f"start at {value}."]
-    for _ in range(rng.randint(2, 4)):
-        amount = rng.randint(1, 5)
+    for _ in range(rng.randint(*moves)):
+        amount = rng.randint(1, largest)
         if rng.random() < 0.5 and value >= amount:
             value -= amount
-            steps.append(f"subtract {amount}.")
+            steps.append(f"{down} {amount}.")
         else:
             value += amount
-            steps.append(f"add {amount}.")
+            steps.append(f"{up} {amount}.")
     return " ".join(steps), str(value)
+
+
+@define_task("counter", "state", "Follow the steps and give the final number.")
+def _counter(rng):
+    return walk(rng, moves=(2, 4), largest=5, down="subtract", up="add")
 
 
 @define_task("swap_two", "state", "Two people swap what they hold as told. What does the person asked about hold?")
@@ -269,14 +275,4 @@ def _light_switch(rng):
 
 @define_task("position", "state", "Start at the given number on a line and follow the moves. Where do you end?")
 def _position(rng):
-    position = rng.randint(0, 9)
-    steps = [f"start at {position}."]
-    for _ in range(rng.randint(1, 4)):
-        amount = rng.randint(1, 4)
-        if rng.random() < 0.5 and position >= amount:
-            position -= amount
-            steps.append(f"move left {amount}.")
-        else:
-            position += amount
-            steps.append(f"move right {amount}.")
-    return " ".join(steps), str(position)
+    return walk(rng, moves=(1, 4), largest=4, down="move left", up="move right")
