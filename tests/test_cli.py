@@ -83,21 +83,14 @@ SEARCH_EXAMPLES = [("plural of cow answer", "cows"), ("plural of hen answer", "h
 @pytest.fixture(scope="module")
 def search_folders(tmp_path_factory):
     """A tiny Llama + tokenizer folder, a 3-adapter zoo with samples, a flat index over it, an examples file."""
-    from tests.tiny_models import tiny_llama_for, word_tokenizer
+    from tests.tiny_models import sampled_adapters, tiny_llama_for, word_tokenizer
 
     root = tmp_path_factory.mktemp("search_cli")
     tokenizer = word_tokenizer(SEARCH_WORDS)
     model = tiny_llama_for(tokenizer)
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    adapters = []
-    for i, (name, samples) in enumerate(SEARCH_SAMPLES.items()):
-        adapter = le.init_adapter(model, name, ["q_proj", "v_proj"], r=2, seed=i)
-        for m in adapter.modules.values():
-            m.B.normal_(generator=torch.Generator().manual_seed(i))
-        adapter.metadata = {"samples": samples}
-        adapters.append(adapter)
-    le.AdapterZoo(adapters).save(root / "zoo")
+    le.AdapterZoo(sampled_adapters(model, SEARCH_SAMPLES)).save(root / "zoo")
     assert main(["index", "build", str(root / "zoo"), "-o", str(root / "idx"), "--kind", "flat"]) == 0
     (root / "examples.jsonl").write_text("".join(json.dumps({"input": x, "output": y}) + "\n\n"
                                                  for x, y in SEARCH_EXAMPLES))

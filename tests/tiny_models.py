@@ -90,3 +90,18 @@ def tiny_llama_for(tokenizer, seed=0):
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return tf.LlamaForCausalLM(config).eval()
+
+
+def sampled_adapters(model, samples: dict[str, list[str]]) -> list:
+    """One adapter per name of `samples` on q_proj and v_proj (r=2, seeded, nonzero B) whose metadata holds its
+    sample inputs and family (= its name), as a zoo manifest records them for retrieval."""
+    import lorahub_engine as le
+
+    adapters = []
+    for i, (name, texts) in enumerate(samples.items()):
+        adapter = le.init_adapter(model, name, ["q_proj", "v_proj"], r=2, seed=i)
+        for m in adapter.modules.values():
+            m.B.normal_(generator=torch.Generator().manual_seed(i))
+        adapter.metadata = {"family": name, "samples": texts}
+        adapters.append(adapter)
+    return adapters

@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import lorahub_engine as le
 from lorahub_engine.cli import main
 from lorahub_engine.compose import retrieve_and_compose
 from retrieval import TASK_PREFIX, AdapterIndex
+from tests.tiny_models import sampled_adapters, tiny_llama_for, word_tokenizer
 
 WORDS = "add one two three plus translate cat dog french chat chien review good bad film".split()
 SAMPLES = {"add": ["add one plus two", "add two plus three", "one plus one"],
@@ -21,26 +20,11 @@ SAMPLES = {"add": ["add one plus two", "add two plus three", "one plus one"],
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("retrieval_cli")
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2)
-    model = LlamaForCausalLM(config).eval()
+    tokenizer = word_tokenizer(WORDS)
+    model = tiny_llama_for(tokenizer)
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    adapters = []
-    for i, (name, samples) in enumerate(SAMPLES.items()):
-        adapter = le.init_adapter(model, name, ["q_proj", "v_proj"], r=2, seed=i)
-        for m in adapter.modules.values():
-            m.B.normal_(generator=torch.Generator().manual_seed(i))
-        adapter.metadata = {"family": name, "samples": samples}
-        adapters.append(adapter)
+    adapters = sampled_adapters(model, SAMPLES)
     le.AdapterZoo(adapters).save(root / "zoo")
     assert main(["index", "build", str(root / "zoo"), "-o", str(root / "idx"), "--kind", "flat", "--task-prefix"]) == 0
     return root, model, tokenizer
