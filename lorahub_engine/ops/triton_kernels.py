@@ -18,6 +18,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _block_pairs(order, blk_start, blk_end, e, num_experts, BLOCK_M: tl.constexpr):
+    """This program's block: its pair ids, which of its BLOCK_M rows exist (row_ok), and which of those belong to
+    a real expert (row_live; off in a run of -1 pairs, whose rows get zeros; a vector mask, see top)."""
+    start = tl.load(blk_start + tl.program_id(0))
+    end = tl.load(blk_end + tl.program_id(0))
+    rows = start + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    row_live = row_ok & ((rows * 0 + e) < num_experts)
+    pair = tl.load(order + rows, mask=row_ok, other=0).to(tl.int64)
+    return pair, row_ok, row_live
+
+
+@triton.jit
 def shrink_kernel(
     x, A, u, order, blk_expert, blk_start, blk_end,
     num_slots, num_experts, d_in, rank,
@@ -28,13 +41,8 @@ def shrink_kernel(
     e = tl.load(blk_expert + tl.program_id(0))
     if e < 0:
         return
-    start = tl.load(blk_start + tl.program_id(0))
-    end = tl.load(blk_end + tl.program_id(0))
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    row_live = row_ok & ((rows * 0 + e) < num_experts)  # off in a run of -1 pairs: zeros stored (vector: see top)
+    pair, row_ok, row_live = _block_pairs(order, blk_start, blk_end, e, num_experts, BLOCK_M)
     e = tl.minimum(e, num_experts - 1)
-    pair = tl.load(order + rows, mask=row_ok, other=0).to(tl.int64)
     tok = pair // num_slots
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rr < rank
@@ -61,13 +69,8 @@ def expand_kernel(
     e = tl.load(blk_expert + tl.program_id(0))
     if e < 0:
         return
-    start = tl.load(blk_start + tl.program_id(0))
-    end = tl.load(blk_end + tl.program_id(0))
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    row_live = row_ok & ((rows * 0 + e) < num_experts)  # off in a run of -1 pairs: zeros stored
+    pair, row_ok, row_live = _block_pairs(order, blk_start, blk_end, e, num_experts, BLOCK_M)
     e = tl.minimum(e, num_experts - 1)
-    pair = tl.load(order + rows, mask=row_ok, other=0).to(tl.int64)
     nn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = nn < d_out
     b_base = B + e.to(tl.int64) * sb_e
