@@ -13,7 +13,8 @@ repeat times every case once); ratios use each case's fastest repeat (medians ar
   op level      per projection shape over 2048 tokens, summed over the model's layers: grouped_lora vs a plain
                 per-expert loop vs dense all-experts (fused: concatenated factors; each: one expert at a time),
                 for 16 distinct adapters and per-token top-2 of 16.
-  kernels       (CUDA only) the Triton shrink and expand alone: time, TFLOP/s and GB/s.
+  primitives    each backend primitive alone (plan, shrink, expand, outer; Triton on CUDA, torch on CPU): time and
+                TFLOP/s per projection shape (CUDA: also GB/s).
 CPU runs use fp32 and the torch backend, CUDA runs bf16 and the Triton backend (`grouped_lora`'s "auto").
 """
 
@@ -35,6 +36,7 @@ import lorahub_engine as le
 from benchmarks.timing import CLOCKS, measure
 from lorahub_engine._io import write_json_atomic
 from lorahub_engine.ops import grouped_lora
+from lorahub_engine.ops.grouped import resolve_backend
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHAPES = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
@@ -271,42 +273,45 @@ def op_level(layers: int, device, dtype, repeats: int) -> dict:
     return {"per_shape_s": per_shape, "model_sum_s": model_sum}
 
 
-def kernel_level(device, dtype, repeats: int) -> dict:
-    """The Triton shrink and expand alone (plan prebuilt): seconds, TFLOP/s and GB/s by the bytes they must move."""
-    from lorahub_engine.ops import triton_backend as tb
-
+def primitive_level(device, dtype, repeats: int) -> dict:
+    """Each primitive of the backend alone, plan prebuilt (Triton kernels on CUDA, the torch backend's layouts on
+    CPU): seconds and TFLOP/s per projection shape; on CUDA also GB/s by the bytes the kernels must move.
+    outer is the backward's grad_A product (v * coef)^T x."""
     g = torch.Generator().manual_seed(SEED)
     routes = assignments(device, g)
     elt = torch.finfo(dtype).bits // 8
+    inner = 50 if device.type == "cuda" else 3
     report = {}
     for name, (d_in, d_out) in SHAPES.items():
         x = torch.randn(ROWS * SEQ, d_in, generator=g).to(device, dtype)
         A = torch.randn(EXPERTS, RANK, d_in, generator=g).to(device, dtype)
         B = torch.randn(EXPERTS, d_out, RANK, generator=g).to(device, dtype)
+        backend = resolve_backend("auto", x)
         for scen in ("16_distinct", "top2_of_16"):
             idx, gates = routes[scen]
             pairs, k = int((idx >= 0).sum()), idx.shape[1]
-            plan = tb.plan(idx, EXPERTS)
-            u = tb.shrink(x, A, plan)
+            plan = backend.plan(idx, EXPERTS)
+            u = backend.shrink(x, A, plan)
             coef = gates.reshape(-1).float()
+            left = u * coef[:, None]
             y = torch.zeros(x.shape[0], d_out, device=device, dtype=dtype)  # expand adds into it
-            t = measure({"plan": lambda: tb.plan(idx, EXPERTS), "shrink": lambda: tb.shrink(x, A, plan),
-                         "expand": lambda: tb.expand(u, B, coef, plan, y)}, device, repeats, inner=50,
-                        desc=f"kernels {name} {scen}")
-            flops = {"shrink": 2 * pairs * d_in * RANK, "expand": 2 * pairs * RANK * d_out}
-            moved = {
-                "shrink": pairs * d_in * elt + EXPERTS * RANK * d_in * elt + pairs * RANK * 4,
-                # per-pair rows in fp32, then (k > 1) read again and summed into (T, out)
-                "expand": pairs * RANK * 4 + EXPERTS * d_out * RANK * elt + pairs * d_out * 4
-                + (pairs * d_out * 4 + x.shape[0] * d_out * 4 if k > 1 else 0),
-            }
-            t = t["min"]
-            report[f"{name}/{scen}"] = {
-                "plan_s": t["plan"],
-                **{f"{kern}_s": t[kern] for kern in ("shrink", "expand")},
-                **{f"{kern}_tflops": flops[kern] / t[kern] / 1e12 for kern in ("shrink", "expand")},
-                **{f"{kern}_gbps": moved[kern] / t[kern] / 1e9 for kern in ("shrink", "expand")},
-            }
+            t = measure({"plan": lambda: backend.plan(idx, EXPERTS), "shrink": lambda: backend.shrink(x, A, plan),
+                         "expand": lambda: backend.expand(u, B, coef, plan, y),
+                         "outer": lambda: backend.outer(left, x, plan)},
+                        device, repeats, inner=inner, desc=f"primitives {name} {scen}", clock=clock)["min"]
+            flops = {"shrink": 2 * pairs * d_in * RANK, "expand": 2 * pairs * RANK * d_out,
+                     "outer": 2 * pairs * RANK * d_in}
+            row = {"layout": type(plan).__name__, "plan_s": t["plan"],
+                   **{f"{p}_s": t[p] for p in flops}, **{f"{p}_tflops": flops[p] / t[p] / 1e12 for p in flops}}
+            if device.type == "cuda":
+                moved = {
+                    "shrink": pairs * d_in * elt + EXPERTS * RANK * d_in * elt + pairs * RANK * 4,
+                    # per-pair rows in fp32, then (k > 1) read again and summed into (T, out)
+                    "expand": pairs * RANK * 4 + EXPERTS * d_out * RANK * elt + pairs * d_out * 4
+                    + (pairs * d_out * 4 + x.shape[0] * d_out * 4 if k > 1 else 0),
+                }
+                row.update({f"{p}_gbps": moved[p] / t[p] / 1e9 for p in moved})
+            report[f"{name}/{scen}"] = row
     return report
 
 
@@ -381,8 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"env": _env(device, dtype, args)}
     result["ops"] = op_level(args.layers, device, dtype, args.repeats)
     result["model"] = model_level(args.layers, device, dtype, args.repeats)
-    if device.type == "cuda":
-        result["kernels"] = kernel_level(device, dtype, args.repeats)
+    result["primitives"] = primitive_level(device, dtype, args.repeats)
     result["ratios"] = ratios(result["model"], result["ops"])
     result["targets"] = targets(result["ratios"])
     result["env"]["load_avg_end"] = os.getloadavg()
@@ -411,8 +415,10 @@ def _print(result: dict) -> None:
     print("\nop level, summed over the model's projections (min s)")
     for name, t in result["ops"]["model_sum_s"].items():
         print(f"  {name:32s} {t:9.4f}")
-    for name, row in result.get("kernels", {}).items():
-        print(f"  kernel {name:28s} " + "  ".join(f"{k}={v:.3g}" for k, v in row.items()))
+    print("\nprimitives, plan prebuilt (min s, TFLOP/s)")
+    for name, row in result["primitives"].items():
+        print(f"  {name:24s} " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in row.items()))
     print("\nparity (max abs diff):", result["model"]["parity_max_abs_diff"])
     print("\nratios")
     for name, v in result["ratios"].items():
