@@ -48,9 +48,7 @@ def setup(base_name: str):
         adapters = [zoo[name] for name in random_modules(zoo.names, MODULES, seed=SEED)]
     else:
         adapters = [random_lora(base.model, f"random{i}", seed=i) for i in range(MODULES)]
-    adapters = [a.with_modules({p: le.LoraModule(m.A.float(), m.B.float(), m.scale) for p, m in a.modules.items()})
-                for a in adapters]
-    return base, adapters, encode_pairs(base.model, base.tokenizer, shots)
+    return base, [a.to(torch.float32) for a in adapters], encode_pairs(base.model, base.tokenizer, shots)
 
 
 def random_lora(model, name: str, seed: int) -> le.LoraAdapter:

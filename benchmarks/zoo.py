@@ -118,9 +118,8 @@ def load_zoo(base, tasks: list[str] | None = None, recipe: ZooRecipe = ZooRecipe
 
 
 def _stored(adapter: le.LoraAdapter, recipe: ZooRecipe) -> le.LoraAdapter:
-    dtype = getattr(torch, recipe.dtype)
-    modules = {p: le.LoraModule(m.A.to(dtype), m.B.to(dtype), m.scale) for p, m in adapter.modules.items()}
-    return adapter.with_modules(modules, metadata=metadata(adapter.name, recipe.n_samples))
+    stored = adapter.to(getattr(torch, recipe.dtype))
+    return stored.with_modules(stored.modules, metadata=metadata(adapter.name, recipe.n_samples))
 
 
 def _save_with_record(zoo: le.AdapterZoo, folder: Path, record: dict) -> None:

@@ -69,6 +69,11 @@ class LoraAdapter:
     def with_modules(self, modules: Mapping[str, LoraModule], **changes) -> LoraAdapter:
         return replace(self, modules=dict(modules), **changes)
 
+    def to(self, dtype: torch.dtype) -> LoraAdapter:
+        """The same adapter with its factors cast to `dtype` (scales are plain floats and stay)."""
+        return self.with_modules({path: LoraModule(m.A.to(dtype), m.B.to(dtype), m.scale)
+                                  for path, m in self.modules.items()})
+
     @classmethod
     def load(cls, path: str | Path, name: str | None = None, lazy: bool = False) -> LoraAdapter:
         """Read a PEFT LoRA folder. `lazy=True` reads each module's tensors only when it is accessed."""

@@ -63,6 +63,16 @@ def test_lazy_load_reads_the_same_tensors(patterned):
         torch.testing.assert_close(lazy.delta_weight(path), eager.delta_weight(path))
 
 
+
+def test_to_casts_factors_and_keeps_everything_else(patterned):
+    adapter = le.LoraAdapter.load(patterned)
+    half = adapter.to(torch.float16)
+    assert half.name == adapter.name and half.metadata == adapter.metadata and list(half.modules) == list(adapter.modules)
+    for path, m in adapter.modules.items():
+        assert half.modules[path].A.dtype == half.modules[path].B.dtype == torch.float16
+        assert half.modules[path].scale == m.scale
+        torch.testing.assert_close(half.modules[path].B, m.B.half(), rtol=0, atol=0)
+
 def copy_adapter(src, dst):
     dst.mkdir()
     for f in src.iterdir():

@@ -103,7 +103,7 @@ class RunPlan:
         return bool((self.chunk_idx < 0).any())
 
     def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        (C, k), L, (E, r, d_in) = self.chunk_idx.shape, self.run, A.shape
+        (C, k), L, (_, r, d_in) = self.chunk_idx.shape, self.run, A.shape
         xs = x.reshape(C, L, d_in)
         u = torch.empty(C, L, k * r, dtype=accum_dtype(x.dtype), device=x.device)
         for chunks in self._groups(k * r * d_in * A.element_size()):
@@ -111,7 +111,7 @@ class RunPlan:
         return self._mask_empty(u.view(C, L, k, r)).view(C * L * k, r)
 
     def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        (C, k), L, (E, d_out, r) = self.chunk_idx.shape, self.run, B.shape
+        (C, k), L, (_, d_out, r) = self.chunk_idx.shape, self.run, B.shape
         scaled = self._mask_empty((u * coef[:, None]).to(out.dtype).view(C, L, k, r)).view(C, L, k * r)
         target = out if out.is_contiguous() else out.contiguous()
         ys = target.view(C, L, d_out)

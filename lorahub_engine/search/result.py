@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from lorahub_engine.adapter import LoraAdapter, LoraModule
+from lorahub_engine.adapter import LoraAdapter
 from lorahub_engine.merge import merge
 from lorahub_engine.search.config import SearchConfig
 
@@ -39,11 +39,10 @@ class SearchResult:
         The factors are mixed in fp32, as the search evaluated them on an fp32 model (le.merge alone would round
         the mix of fp16 adapters to fp16); `dtype` casts the result, e.g. torch.float16 for a smaller file.
         """
-        sources = [_float32(a) for a in self.adapters]
+        sources = [a.to(torch.float32) for a in self.adapters]
         composed = merge(sources, [self.weights[n] for n in self.names], "lorahub", name=name)
         if dtype is not None:
-            composed = composed.with_modules({path: LoraModule(m.A.to(dtype), m.B.to(dtype), m.scale)
-                                              for path, m in composed.modules.items()})
+            composed = composed.to(dtype)
         composed.metadata["lorahub_search"] = {"config": self.config.to_json(), "loss": self.loss,
                                                "cross_entropy": self.cross_entropy, "weights": self.weights}
         return composed
@@ -52,7 +51,3 @@ class SearchResult:
         return {"names": self.names, "weights": self.weights, "loss": self.loss, "cross_entropy": self.cross_entropy,
                 "config": self.config.to_json(), "history": [e._asdict() for e in self.history]}
 
-
-def _float32(adapter: LoraAdapter) -> LoraAdapter:
-    return adapter.with_modules({path: LoraModule(m.A.float(), m.B.float(), m.scale)
-                                 for path, m in adapter.modules.items()})

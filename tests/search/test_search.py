@@ -138,14 +138,10 @@ def test_result_is_json_and_a_peft_adapter(base, tokenizer, zoo, tmp_path):
 def test_composed_adapter_of_fp16_adapters_is_what_the_search_evaluated(base, tokenizer, zoo):
     """A zoo stored in fp16 (as the shipped one): the search mixes the factors in the fp32 bank, and so must the
     composed adapter; le.merge alone rounds the mix to fp16."""
-    def cast(adapters, dtype):
-        return [a.with_modules({p: le.LoraModule(m.A.to(dtype), m.B.to(dtype), m.scale) for p, m in a.modules.items()})
-                for a in adapters]
-
-    half = cast(zoo, torch.float16)
+    half = [a.to(torch.float16) for a in zoo]
     result = search(base, tokenizer, half, budget=6, optimizer="CMA", population=3)
     weights = list(result.weights.values())
-    exact = le.merge(cast(half, torch.float32), weights, method="lorahub")  # fp16 values, mixed in fp32
+    exact = le.merge([a.to(torch.float32) for a in half], weights, method="lorahub")  # fp16 values, mixed in fp32
     rounded = le.merge(half, weights, method="lorahub")
     composed, small = result.adapter(), result.adapter(dtype=torch.float16)
     for path in exact.modules:
