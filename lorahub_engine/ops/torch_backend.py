@@ -1,15 +1,15 @@
 """The CPU path of `grouped_lora`, and the reference the Triton kernels are held to.
 
-`plan` picks one of three layouts for a routing; none loops in Python over more than a few dozen experts:
+`plan` picks one of two layouts for a routing; none loops in Python over more than a few dozen experts:
 - `RunPlan`, for routings that are constant over runs of consecutive tokens (a batch routed per row: one adapter for
   every token, an adapter per request, a retrieval mixture, a LoraHub population). The tokens are cut into C chunks
   of L rows (L = the gcd of the run lengths); shrink and expand are one bmm each over the chunks, with each chunk's
   k experts' weights gathered (k*r x in per chunk, small next to L x in activations). No activation row is gathered
   or scattered: the output is updated in place by baddbmm, at the memory cost of a plain LoRA.
-- `SegmentPlan`, for per-token routings (a router's top-k) whose experts get many tokens each: pairs sorted by expert
-  once (stable), one mm per expert segment, no padding.
-- `BlockPlan`, for per-token routings over many experts with few tokens each (large E, decoding): the sorted pairs
-  laid out in blocks of `block` rows that each belong to one expert (an expert's last block is padded), walked as
+- `SegmentPlan`, for per-token routings (a router's top-k): pairs sorted by expert once (stable). fp32 and fp64 walk
+  them with the compiled kernels of `native` (no activation row copied); otherwise, or without a C++ compiler, one
+  mm per expert segment, or, for many experts with few tokens each (large E, decoding), `BlockPlan`: the sorted
+  pairs in blocks of `block` rows that each belong to one expert (an expert's last block is padded), walked as
   batched matmuls in chunks whose rows fit in cache (~512 KiB).
 """
 
@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from lorahub_engine.ops import native
 
 CHUNK_BYTES = 1 << 19
 MIN_RUN = 16  # shorter runs gather more weight rows than the activation rows they save
@@ -40,10 +42,7 @@ def plan(idx: torch.Tensor, num_experts: int) -> Plan:
     experts, order = torch.sort(idx.reshape(-1), stable=True)
     first_valid = int((experts < 0).sum())
     order, experts = order[first_valid:], experts[first_valid:]  # (P,) valid pairs, sorted by expert
-    counts = torch.bincount(experts, minlength=num_experts)  # (E,)
-    if len(order) >= MIN_SEGMENT * int((counts > 0).sum()):
-        return SegmentPlan.build(order, counts, idx.shape)
-    return BlockPlan.build(order, experts, counts, idx.shape)
+    return SegmentPlan.build(order, experts, torch.bincount(experts, minlength=num_experts), idx.shape)
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -133,39 +132,72 @@ class RunPlan:
 
 @dataclass(frozen=True)
 class SegmentPlan:
-    """Valid pairs sorted by expert: sorted row i is pair `pair[i]` of token `token[i]`; expert e owns rows
-    start:stop of one segment (only experts with pairs have one)."""
+    """Valid pairs sorted by expert: sorted row i is pair `pair[i]` of token `token[i]` for expert `expert[i]`;
+    expert e owns rows start:stop of one segment (only experts with pairs have one).
+
+    Three walks over the same rows: the compiled kernels (`native`: fp32 / fp64 with a C++ compiler) read and update
+    activation rows where they lie; otherwise one mm per segment between a gather and a scatter, or, when segments
+    are short, the padded blocks of `blocks`.
+    """
 
     pair: torch.Tensor  # (P,)
     token: torch.Tensor  # (P,)
+    expert: torch.Tensor  # (P,)
+    counts: torch.Tensor  # (E,) rows per expert
     segments: tuple[tuple[int, int, int], ...]  # (expert, start, stop)
-    num_pairs: int  # T*k
-    num_experts: int
+    shape: tuple[int, int]  # (T, k)
 
     @classmethod
-    def build(cls, order: torch.Tensor, counts: torch.Tensor, shape: torch.Size) -> SegmentPlan:
-        T, k = shape
+    def build(cls, order: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, shape: torch.Size) -> SegmentPlan:
         stops = torch.cumsum(counts, 0).tolist()
         segments = tuple((e, stop - c, stop) for e, (c, stop) in enumerate(zip(counts.tolist(), stops)) if c)
-        return cls(order, torch.div(order, k, rounding_mode="floor"), segments, T * k, len(counts))
+        T, k = shape
+        return cls(order, torch.div(order, k, rounding_mode="floor"), experts, counts, segments, (T, k))
+
+    @property
+    def num_pairs(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @functools.cached_property
+    def blocks(self) -> BlockPlan | None:
+        """These rows in padded blocks, for the torch walk when segments average under MIN_SEGMENT rows (many
+        experts with few tokens each); None when one mm per segment is the faster walk."""
+        if len(self.pair) >= MIN_SEGMENT * len(self.segments):
+            return None
+        return BlockPlan.build(self.pair, self.expert, self.counts, self.shape)
 
     def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        u = torch.zeros(self.num_pairs, A.shape[1], dtype=accum_dtype(x.dtype), device=x.device)
+        if native.supports(x, A, u):
+            native.shrink(x, A, self.expert, self.token, self.pair, u)
+            return u
+        if self.blocks is not None:
+            return self.blocks.shrink(x, A)
         u_sorted = x.new_empty(len(self.pair), A.shape[1])  # (P, r)
         for e, start, stop in self.segments:
             torch.mm(x.index_select(0, self.token[start:stop]), A[e].t(), out=u_sorted[start:stop])
-        u = torch.zeros(self.num_pairs, A.shape[1], dtype=accum_dtype(x.dtype), device=x.device)
         return u.index_copy_(0, self.pair, u_sorted.to(u.dtype))
 
     def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         scaled = (u * coef[:, None]).index_select(0, self.pair).to(B.dtype)  # (P, r) sorted
+        if out.is_contiguous() and native.supports(scaled, B, out):
+            native.expand(scaled, B.transpose(1, 2), self.expert, self.token, out)
+            return out
+        if self.blocks is not None:
+            return self.blocks.expand(u, B, coef, out)
         for e, start, stop in self.segments:
             # A token's k slots are added in sorted order; CPU index_add_ runs sequentially, hence deterministic.
             out.index_add_(0, self.token[start:stop], torch.mm(scaled[start:stop], B[e].t()).to(out.dtype))
         return out
 
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        g = torch.zeros(self.num_experts, left.shape[1], right.shape[1], dtype=left.dtype, device=left.device)
+        g = torch.zeros(len(self.counts), left.shape[1], right.shape[1], dtype=left.dtype, device=left.device)
         left_sorted = left.index_select(0, self.pair)  # (P, a)
+        if native.supports(left_sorted, right, g):
+            native.outer(left_sorted, right, self.expert, self.token, g)
+            return g
+        if self.blocks is not None:
+            return self.blocks.outer(left, right)
         for e, start, stop in self.segments:
             rows = right.index_select(0, self.token[start:stop]).to(left.dtype)  # (n_e, b)
             torch.mm(left_sorted[start:stop].t(), rows, out=g[e])
@@ -189,7 +221,7 @@ class BlockPlan:
     num_experts: int
 
     @classmethod
-    def build(cls, order: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, shape: torch.Size) -> BlockPlan:
+    def build(cls, order: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, shape: tuple[int, int]) -> BlockPlan:
         (T, k), device = shape, order.device
         block = _block_size(len(order), int((counts > 0).sum()))
         blocks = (counts + block - 1) // block  # (E,) blocks per expert
@@ -251,4 +283,4 @@ def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(1, t.shape[1])])
 
 
-Plan = RunPlan | SegmentPlan | BlockPlan
+Plan = RunPlan | SegmentPlan

@@ -1,9 +1,19 @@
 import pytest
 import torch
 
-from lorahub_engine.ops import grouped_lora, torch_backend
+from lorahub_engine.ops import grouped_lora, native, torch_backend
 from lorahub_engine.ops.grouped import TokenRouting, grouped_lora_routed
 from tests.ops.reference import grouped_lora_reference
+
+
+@pytest.fixture(params=["native", "torch"], autouse=True)
+def walk(request, monkeypatch):
+    """Every test twice: per-token layouts walked by the compiled kernels, and by torch ops alone (no compiler)."""
+    if request.param == "torch":
+        monkeypatch.setattr(native, "library", lambda: None)
+    elif native.library() is None:
+        pytest.skip("no C++ compiler here: the compiled kernels cannot be built")
+    return request.param
 
 
 def make_case(T, E, r, d_in, d_out, k, seed, dtype=torch.float64, none_share=0.2):
@@ -122,19 +132,27 @@ def test_run_layout_walks_chunks_in_groups_when_gathered_weights_are_large(monke
     assert_matches_reference(x, A, B, scale, idx, gates)
 
 
-def all_layouts(idx, E):
-    """The same routing in each layout the torch backend has (the run layout only where idx has runs)."""
+def segment_plan(idx, E):
     experts, order = torch.sort(idx.reshape(-1), stable=True)
     order, experts = order[experts >= 0], experts[experts >= 0]
-    counts = torch.bincount(experts, minlength=E)
-    layouts = [torch_backend.SegmentPlan.build(order, counts, idx.shape),
-               torch_backend.BlockPlan.build(order, experts, counts, idx.shape)]
+    return torch_backend.SegmentPlan.build(order, experts, torch.bincount(experts, minlength=E), idx.shape)
+
+
+def all_layouts(idx, E, monkeypatch):
+    """The same routing in each layout and torch walk the backend has (the run layout only where idx has runs)."""
+    layouts = []
+    for min_segment in (0, 10**9):  # one mm per segment; padded blocks (fixed at a plan's first use of .blocks)
+        with monkeypatch.context() as m:
+            m.setattr(torch_backend, "MIN_SEGMENT", min_segment)
+            layout = segment_plan(idx, E)
+            assert (layout.blocks is None) == (min_segment == 0)
+            layouts.append(layout)
     chosen = torch_backend.plan(idx, E)
     return layouts + [chosen] if isinstance(chosen, torch_backend.RunPlan) else layouts
 
 
 @pytest.mark.parametrize("case", [row_routed_case(5, 16, 2, 4, 3, seed=7), make_case(50, 4, 3, 11, 7, 3, seed=8)])
-def test_layouts_agree_primitive_by_primitive(case):
+def test_layouts_agree_primitive_by_primitive(case, monkeypatch):
     x, A, B, scale, idx, gates = case
     E, P = A.shape[0], idx.numel()
     g = torch.Generator().manual_seed(0)
@@ -142,19 +160,20 @@ def test_layouts_agree_primitive_by_primitive(case):
     u = torch.randn(P, A.shape[1], generator=g, dtype=x.dtype)
     start = torch.randn(x.shape[0], B.shape[1], generator=g, dtype=x.dtype)
     left = torch.randn(P, 3, generator=g, dtype=x.dtype) * (idx.reshape(-1, 1) >= 0)  # rows of empty pairs are 0
-    first, *others = all_layouts(idx, E)
+    first, *others = all_layouts(idx, E, monkeypatch)
     for other in others:
         torch.testing.assert_close(other.shrink(x, A), first.shrink(x, A))
         torch.testing.assert_close(other.expand(u, B, coef, start.clone()), first.expand(u, B, coef, start.clone()))
         torch.testing.assert_close(other.outer(left, x), first.outer(left, x))
 
 
-@pytest.mark.parametrize("T,E,k,layout",
-                         [(300, 3, 2, "SegmentPlan"), (64, 16, 2, "BlockPlan"), (40, 6, 1, "BlockPlan"),
-                          (300, 256, 2, "BlockPlan"), (10800, 256, 2, "SegmentPlan")])
-def test_per_token_routings_pick_a_layout_by_tokens_per_expert(T, E, k, layout):
+@pytest.mark.parametrize("T,E,k,blocks",
+                         [(300, 3, 2, False), (64, 16, 2, True), (40, 6, 1, True), (300, 256, 2, True),
+                          (10800, 256, 2, False)])
+def test_per_token_routings_walk_blocks_when_experts_get_few_tokens(T, E, k, blocks):
     x, A, B, scale, idx, gates = make_case(T, E, 4, 11, 7, k, seed=T)
-    assert type(torch_backend.plan(idx, E)).__name__ == layout
+    chosen = torch_backend.plan(idx, E)
+    assert isinstance(chosen, torch_backend.SegmentPlan) and (chosen.blocks is not None) == blocks
     assert_matches_reference(x, A, B, scale, idx, gates)
 
 

@@ -1,0 +1,157 @@
+"""The torch backend's gather-free CPU kernels (`cpu_kernels.cpp`), compiled on first use and loaded with ctypes.
+
+Built once per kernel source, compiler and CPU into `$XDG_CACHE_HOME/lorahub_engine` (~1-3 s; no torch headers).
+Without a C++ compiler, or with `LORAHUB_ENGINE_NATIVE=0`, `library()` is None and the backend keeps to torch ops.
+The kernels take fp32 or fp64 contiguous CPU tensors; a call runs on `torch.get_num_threads()` threads (ctypes
+releases the GIL), each owning disjoint output rows or columns, so results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FLAGS = ["-O3", "-std=c++20", "-ffp-contract=fast", "-shared", "-fPIC"]
+SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+MIN_SPLIT = 1 << 18  # multiply-adds from which a call is split across threads
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (disabled, or no compiler could build them: warned once)."""
+    if os.environ.get("LORAHUB_ENGINE_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        warnings.warn("no C++ compiler found: grouped_lora's per-token CPU path uses torch ops (slower)", stacklevel=2)
+        return None
+    path = _cache_dir() / f"cpu_kernels-{_build_key(compiler)}.so"
+    if not path.exists():
+        try:
+            _build(compiler, path)
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", "") or err
+            warnings.warn(f"building {SOURCE.name} failed, grouped_lora's per-token CPU path uses torch ops: {detail}",
+                          stacklevel=2)
+            return None
+    return _declare(ctypes.CDLL(str(path)))
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can take these tensors: all on the CPU, of one dtype among fp32 / fp64, and built."""
+    dtype = tensors[0].dtype
+    return (dtype in SUFFIX and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+            and library() is not None)
+
+
+def shrink(x: torch.Tensor, A: torch.Tensor, expert: torch.Tensor, token: torch.Tensor, pair: torch.Tensor,
+           u: torch.Tensor) -> None:
+    """u[pair[i]] = A[expert[i]] @ x[token[i]] for every sorted row i. x [T, n], A [E, r, n], u [T*k, r]."""
+    x, A = x.contiguous(), A.contiguous()
+    fn = _kernel("shrink", x.dtype)
+    n, r, P = x.shape[1], A.shape[1], len(expert)
+    _split(P, P * n * r, lambda lo, hi: fn(_ptr(x), n, _ptr(A), r, _ptr(expert), _ptr(token), _ptr(pair), lo, hi,
+                                           _ptr(u)))
+
+
+def expand(w: torch.Tensor, Bt: torch.Tensor, expert: torch.Tensor, token: torch.Tensor, out: torch.Tensor) -> None:
+    """out[token[i]] += Bt[expert[i]]^T w[i] for every sorted row i. w [P, r], Bt [E, r, m], out [T, m] contiguous."""
+    w, Bt = w.contiguous(), Bt.contiguous()
+    fn = _kernel("expand", out.dtype)
+    (P, r), m = w.shape, Bt.shape[2]
+    _split(m, P * m * r, lambda lo, hi: fn(_ptr(w), _ptr(Bt), r, m, _ptr(expert), _ptr(token), P, lo, hi, _ptr(out)),
+           align=64)
+
+
+def outer(left: torch.Tensor, right: torch.Tensor, expert: torch.Tensor, token: torch.Tensor, g: torch.Tensor) -> None:
+    """g[expert[i]] += left[i]^T right[token[i]] for every sorted row i. left [P, a], right [T, n], g [E, a, n]."""
+    left, right = left.contiguous(), right.contiguous()
+    fn = _kernel("outer", g.dtype)
+    (P, a), n = left.shape, right.shape[1]
+    _split(n, P * n * a, lambda lo, hi: fn(_ptr(left), a, _ptr(right), n, _ptr(expert), _ptr(token), P, lo, hi,
+                                           _ptr(g)), align=64)
+
+
+def _split(size: int, work: int, call, align: int = 1) -> None:
+    """call(lo, hi) over [0, size), cut into one aligned range per torch thread when the work is worth it."""
+    threads = min(torch.get_num_threads(), max(1, work // MIN_SPLIT), max(1, size // align))
+    if threads == 1:
+        call(0, size)
+        return
+    step = -(-size // threads // align) * align
+    bounds = [(lo, min(lo + step, size)) for lo in range(0, size, step)]
+    list(_pool(threads).map(lambda b: call(*b), bounds))
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="lorahub-native")
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    return getattr(library(), f"{name}_{SUFFIX[dtype]}")
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    signatures = {"shrink": [p, i, p, i, p, p, p, i, i, p], "expand": [p, p, i, i, p, p, i, i, i, p],
+                  "outer": [p, i, p, i, p, p, i, i, i, p]}
+    for name, args in signatures.items():
+        for suffix in SUFFIX.values():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes, fn.restype = args, None
+    return lib
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "lorahub_engine"
+
+
+def _build_key(compiler: str) -> str:
+    """Source, compiler and CPU (the build targets this machine's instruction set)."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(" ".join([compiler, *FLAGS, platform.machine(), _cpu_flags()]).encode())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line for line in lines if line.startswith(("flags", "Features"))), "")
+
+
+def _build(compiler: str, path: Path) -> None:
+    """Compile to a temporary file beside `path`, then rename: a concurrent or interrupted build leaves no half file.
+    -march=native where the compiler knows it (GCC, Clang on x86), portable code otherwise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        for arch in (["-march=native"], []):
+            result = subprocess.run([compiler, *FLAGS, *arch, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            if result.returncode == 0:
+                os.replace(tmp, path)
+                return
+        raise subprocess.CalledProcessError(result.returncode, result.args, stderr=result.stderr)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,130 @@
+"""The compiled CPU kernels: each primitive against the torch walk of the same plan and against the einsum reference,
+across the widths where their vector and rank blocking have tails; threads; the build and its fallbacks."""
+
+import pytest
+import torch
+
+from lorahub_engine.ops import grouped_lora, native, torch_backend
+from tests.ops.reference import grouped_lora_reference
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C++ compiler: the kernels cannot be built")
+
+
+def case(T, E, r, d_in, d_out, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d_in, generator=g, dtype=dtype)
+    A = torch.randn(E, r, d_in, generator=g, dtype=dtype)
+    B = torch.randn(E, d_out, r, generator=g, dtype=dtype)
+    idx = torch.randint(-1, E - 1, (T, k), generator=g)  # -1 = none
+    idx[0, 0] = E - 1  # an expert with a single row
+    return x, A, B, idx
+
+
+def walk_both(monkeypatch, fn):
+    """fn() with the compiled kernels, then with torch ops alone."""
+    compiled = fn()
+    with monkeypatch.context() as m:
+        m.setattr(native, "library", lambda: None)
+        return compiled, fn()
+
+
+# widths around the vector (16 fp32, 8 fp64 lanes; expand and outer step 2 vectors) and rank blocks (4 and 8)
+@pytest.mark.parametrize("r,d_in,d_out", [(1, 5, 3), (3, 16, 33), (4, 31, 64), (5, 70, 17), (8, 64, 96), (9, 33, 130),
+                                          (16, 128, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_primitives_match_the_torch_walk(r, d_in, d_out, dtype, monkeypatch):
+    T, E, k = 45, 5, 3
+    x, A, B, idx = case(T, E, r, d_in, d_out, k, dtype, seed=r + d_in)
+    plan = torch_backend.plan(idx, E)
+    assert isinstance(plan, torch_backend.SegmentPlan)
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(T * k, r, generator=g, dtype=dtype)
+    coef = torch.rand(T * k, generator=g, dtype=dtype)
+    start = torch.randn(T, d_out, generator=g, dtype=dtype)
+    left = torch.randn(T * k, r, generator=g, dtype=dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {}
+    for prim in (lambda: plan.shrink(x, A), lambda: plan.expand(u, B, coef, start.clone()),
+                 lambda: plan.outer(left, x)):
+        compiled, torch_only = walk_both(monkeypatch, prim)
+        torch.testing.assert_close(compiled, torch_only, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_op_and_gradients_match_reference(dtype):
+    x, A, B, idx = case(200, 6, 8, 40, 24, 2, dtype)
+    scale = torch.rand(6, dtype=dtype) + 0.5
+    gates = torch.rand(idx.shape, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, gates)]
+    refs = [t.clone().requires_grad_() for t in (x, A, B, gates)]
+    ours = grouped_lora(leaves[0], leaves[1], leaves[2], scale, idx, leaves[3], backend="torch")
+    ref = grouped_lora_reference(refs[0], refs[1], refs[2], scale, idx, refs[3])
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(ours, ref, **tol)
+    grad = torch.randn(ref.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    ours.backward(grad)
+    ref.backward(grad)
+    for mine, theirs in zip(leaves, refs):
+        torch.testing.assert_close(mine.grad, theirs.grad, **tol)
+
+
+def test_threads_split_the_work_without_changing_a_bit(monkeypatch):
+    x, A, B, idx = case(300, 4, 8, 200, 300, 2, torch.float32)
+    plan = torch_backend.plan(idx, 4)
+    u = plan.shrink(x, A)
+    coef = torch.rand(idx.numel())
+
+    def primitives():
+        return plan.shrink(x, A), plan.expand(u, B, coef, torch.zeros(300, 300)), plan.outer(u, x)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = primitives()
+        monkeypatch.setattr(native, "MIN_SPLIT", 1)
+        torch.set_num_threads(3)
+        split = primitives()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, split):
+        assert torch.equal(a, b)
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+    """library() from scratch into an empty cache directory."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.library.cache_clear()
+    yield tmp_path / "lorahub_engine"
+    native.library.cache_clear()
+
+
+def test_builds_once_into_the_cache(fresh_build):
+    assert native.library() is not None
+    (built,) = fresh_build.iterdir()
+    assert built.suffix == ".so"
+    stamp = built.stat().st_mtime_ns
+    native.library.cache_clear()
+    assert native.library() is not None and built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+def test_a_failing_compiler_falls_back_to_torch_and_leaves_no_file(fresh_build, monkeypatch):
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.warns(UserWarning, match="uses torch ops"):
+        assert native.library() is None
+    assert not any(fresh_build.iterdir())
+    x = torch.randn(20, 4)
+    assert not native.supports(x)
+
+
+def test_disabled_by_environment(fresh_build, monkeypatch):
+    monkeypatch.setenv("LORAHUB_ENGINE_NATIVE", "0")
+    assert native.library() is None
+    assert not fresh_build.exists()
+
+
+def test_supports_only_cpu_fp32_fp64_of_one_dtype():
+    f32, f64 = torch.zeros(2), torch.zeros(2, dtype=torch.float64)
+    assert native.supports(f32, f32) and native.supports(f64)
+    assert not native.supports(f32, f64)
+    assert not native.supports(torch.zeros(2, dtype=torch.float16))
+    assert not native.supports(torch.zeros(2, dtype=torch.bfloat16))
