@@ -7,7 +7,8 @@ Index legend: t tokens (T), j slots (k), e experts (E), p = t * k + j a (token, 
 A backend is a module with four functions over one `plan` it builds from `idx`:
     plan(idx[T,k], num_experts)            -> opaque metadata (pairs grouped by expert)
     shrink(x[T,in], A[E,r,in], plan)       -> u[T*k, r] acc,   u[p] = A[e] @ x[t]          (0 where idx < 0)
-    expand(u[T*k,r], B[E,out,r], coef[T*k], plan, out[T,out]) -> out,  out[t] += sum_j coef[p] * B[e] @ u[p]
+    expand(u[T*k,r], B[E,out,r], coef[T*k], plan, out[T,out] | None) -> out,  out[t] += sum_j coef[p] * B[e] @ u[p]
+                                           (out None: a new [T, out] tensor of u's dtype holding the sums)
     outer(left[T*k,a], right[T,b], plan)   -> g[E,a,b] acc,   g[e] = sum_{p: idx=e} left[p]^T right[t]
 "acc" is the accumulation dtype: fp32 for half inputs, the input's own precision above that.
 The forward and the backward below are written once in terms of these, so every backend trains the same way.
@@ -110,7 +111,7 @@ class _GroupedLora(torch.autograd.Function):
         coef = pair_coefficients(scale, routing.idx, gates)
         u = backend.shrink(x, A, plan)  # (T*k, r) acc
         if out is None:
-            y = backend.expand(u, B, coef, plan, x.new_zeros(x.shape[0], B.shape[1], dtype=u.dtype)).to(x.dtype)
+            y = backend.expand(u, B, coef, plan, None).to(x.dtype)
         else:
             y = backend.expand(u, B, coef, plan, out)
             ctx.mark_dirty(out)
@@ -129,8 +130,7 @@ class _GroupedLora(torch.autograd.Function):
         # v[p] = B[e]^T grad_y[t]: the gradient arriving at the rank-r bottleneck of pair p.
         v = backend.shrink(grad_y, B.transpose(1, 2).contiguous(), plan)  # (T*k, r)
         if need_x:
-            grad_x = x.new_zeros(x.shape, dtype=v.dtype)
-            grad_x = backend.expand(v, A.transpose(1, 2).contiguous(), coef, plan, grad_x).to(x.dtype)
+            grad_x = backend.expand(v, A.transpose(1, 2).contiguous(), coef, plan, None).to(x.dtype)
         if need_A:
             grad_A = backend.outer(v * coef[:, None], x, plan).to(A.dtype)  # (E, r, in)
         if need_B:

@@ -50,7 +50,7 @@ def shrink(x: torch.Tensor, A: torch.Tensor, plan: Plan) -> torch.Tensor:
 
 
 def expand(u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, plan: Plan,
-           out: torch.Tensor) -> torch.Tensor:
+           out: torch.Tensor | None) -> torch.Tensor:
     return plan.expand(u, B, coef, out)
 
 
@@ -109,14 +109,20 @@ class RunPlan:
             u[chunks] = torch.bmm(xs[chunks], self._gather(A, chunks).transpose(1, 2))  # (c, L, k*r)
         return self._mask_empty(u.view(C, L, k, r)).view(C * L * k, r)
 
-    def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         (C, k), L, (_, d_out, r) = self.chunk_idx.shape, self.run, B.shape
-        scaled = self._mask_empty((u * coef[:, None]).to(out.dtype).view(C, L, k, r)).view(C, L, k * r)
+        dtype = u.dtype if out is None else out.dtype
+        scaled = self._mask_empty((u * coef[:, None]).to(dtype).view(C, L, k, r)).view(C, L, k * r)
+        Bt = B.transpose(1, 2)  # (E, r, out)
+        if out is None:  # written by the bmm itself, no zero fill
+            ys = torch.empty(C, L, d_out, dtype=dtype, device=u.device)
+            for chunks in self._groups(k * r * d_out * ys.element_size()):
+                torch.bmm(scaled[chunks], self._gather(Bt, chunks).to(dtype), out=ys[chunks])
+            return ys.view(C * L, d_out)
         target = out if out.is_contiguous() else out.contiguous()
         ys = target.view(C, L, d_out)
-        Bt = B.transpose(1, 2)  # (E, r, out)
         for chunks in self._groups(k * r * d_out * out.element_size()):
-            ys[chunks].baddbmm_(scaled[chunks], self._gather(Bt, chunks).to(out.dtype))  # k-sum inside the bmm
+            ys[chunks].baddbmm_(scaled[chunks], self._gather(Bt, chunks).to(dtype))  # k-sum inside the bmm
         return target if target is out else out.copy_(target)
 
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -159,6 +165,21 @@ class SegmentPlan:
         return self.shape[0] * self.shape[1]
 
     @functools.cached_property
+    def idx(self) -> torch.Tensor:
+        """The routing [T, k] back from the sorted rows (-1 = none)."""
+        idx = torch.full((self.num_pairs,), -1, dtype=torch.long, device=self.pair.device)
+        return idx.index_put_((self.pair,), self.expert).view(self.shape)
+
+    @functools.cached_property
+    def token_order(self) -> torch.Tensor:
+        """Tokens ordered so that equal rows of idx are adjacent (stable sorts, last slot first): the compiled
+        expand keeps a group's expert weights in cache while it updates the group's rows."""
+        order = torch.arange(self.shape[0], device=self.pair.device)
+        for j in reversed(range(self.shape[1])):
+            order = order[torch.sort(self.idx[order, j], stable=True).indices]
+        return order
+
+    @functools.cached_property
     def blocks(self) -> BlockPlan | None:
         """These rows in padded blocks, for the torch walk when segments average under MIN_SEGMENT rows (many
         experts with few tokens each); None when one mm per segment is the faster walk."""
@@ -178,13 +199,17 @@ class SegmentPlan:
             torch.mm(x.index_select(0, self.token[start:stop]), A[e].t(), out=u_sorted[start:stop])
         return u.index_copy_(0, self.pair, u_sorted.to(u.dtype))
 
-    def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        scaled = (u * coef[:, None]).index_select(0, self.pair).to(B.dtype)  # (P, r) sorted
-        if out.is_contiguous() and native.supports(scaled, B, out):
-            native.expand(scaled, B.transpose(1, 2), self.expert, self.token, out)
-            return out
+    def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        if native.supports(u, B) and (out is None or out.is_contiguous() and native.supports(u, out)):
+            fresh = out is None  # every row written by the kernel, no zero fill
+            target = torch.empty(self.shape[0], B.shape[1], dtype=u.dtype, device=u.device) if fresh else out
+            native.expand(u * coef[:, None], B.transpose(1, 2), self.idx, self.token_order, target, not fresh)
+            return target
+        if out is None:
+            out = torch.zeros(self.shape[0], B.shape[1], dtype=u.dtype, device=u.device)
         if self.blocks is not None:
             return self.blocks.expand(u, B, coef, out)
+        scaled = (u * coef[:, None]).index_select(0, self.pair).to(B.dtype)  # (P, r) sorted
         for e, start, stop in self.segments:
             # A token's k slots are added in sorted order; CPU index_add_ runs sequentially, hence deterministic.
             out.index_add_(0, self.token[start:stop], torch.mm(scaled[start:stop], B[e].t()).to(out.dtype))

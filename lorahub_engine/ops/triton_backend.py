@@ -88,7 +88,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, plan: Plan) -> torch.Tensor:
     return u
 
 
-def expand(u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, plan: Plan, out: torch.Tensor) -> torch.Tensor:
+def expand(u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, plan: Plan,
+           out: torch.Tensor | None) -> torch.Tensor:
     E, d_out, R = B.shape
     T, k = plan.num_tokens, plan.num_slots
     per_pair = torch.empty(T * k, d_out, dtype=_accum_dtype(B), device=u.device)  # (T*k, out), every row written
@@ -102,7 +103,7 @@ def expand(u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, plan: Plan, out
         BLOCK_M=plan.block_m, BLOCK_N=block_n, BLOCK_R=_block_r(R), PRECISION=_precision(B),
     )
     delta = per_pair if k == 1 else per_pair.view(T, k, d_out).sum(1)  # (T, out): fixed-order sum over slots
-    return out.add_(delta.to(out.dtype))
+    return delta if out is None else out.add_(delta.to(out.dtype))
 
 
 def outer(left: torch.Tensor, right: torch.Tensor, plan: Plan) -> torch.Tensor:

@@ -164,6 +164,7 @@ def test_layouts_agree_primitive_by_primitive(case, monkeypatch):
     for other in others:
         torch.testing.assert_close(other.shrink(x, A), first.shrink(x, A))
         torch.testing.assert_close(other.expand(u, B, coef, start.clone()), first.expand(u, B, coef, start.clone()))
+        torch.testing.assert_close(other.expand(u, B, coef, None), first.expand(u, B, coef, None))  # a new output
         torch.testing.assert_close(other.outer(left, x), first.outer(left, x))
 
 

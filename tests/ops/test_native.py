@@ -44,7 +44,7 @@ def test_primitives_match_the_torch_walk(r, d_in, d_out, dtype, monkeypatch):
     left = torch.randn(T * k, r, generator=g, dtype=dtype)
     tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {}
     for prim in (lambda: plan.shrink(x, A), lambda: plan.expand(u, B, coef, start.clone()),
-                 lambda: plan.outer(left, x)):
+                 lambda: plan.expand(u, B, coef, None), lambda: plan.outer(left, x)):
         compiled, torch_only = walk_both(monkeypatch, prim)
         torch.testing.assert_close(compiled, torch_only, **tol)
 
