@@ -14,9 +14,10 @@ CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # process: C
 
 def measure(cases: dict[str, Callable[[], object]], device: torch.device, repeats: int, inner: int = 1,
             desc: str = "", clock: Callable[[], float] = time.perf_counter) -> dict:
-    """Seconds per call of each case, {"min": {case: s}, "median": {...}}: one warm-up each, then `repeats`
-    round-robin passes of `inner` calls. Other processes on a shared CPU only ever add time: ratios of minimums
-    are the fair ones on a quiet machine, medians the steadier ones on a busy one."""
+    """Seconds per call of each case: {"min": {case: s}, "median": {...}, "rounds": {case: [s per round]}}, after one
+    warm-up each, over `repeats` round-robin passes of `inner` calls. Other processes on a shared CPU only ever add
+    time: ratios of minimums are the fair ones on a quiet machine, medians the steadier ones on a busy one, and
+    `paired_ratio` (round by round) the steadiest where the machine drifts."""
     for fn in cases.values():
         fn()
     times = {name: [] for name in cases}
@@ -28,7 +29,14 @@ def measure(cases: dict[str, Callable[[], object]], device: torch.device, repeat
                 fn()
             _sync(device)
             times[name].append((clock() - start) / inner)
-    return {"min": {n: min(t) for n, t in times.items()}, "median": {n: statistics.median(t) for n, t in times.items()}}
+    return {"min": {n: min(t) for n, t in times.items()}, "median": {n: statistics.median(t) for n, t in times.items()},
+            "rounds": times}
+
+
+def paired_ratio(timings: dict, case: str, reference: str) -> float:
+    """Median over rounds of case / reference, each round's two times taken moments apart."""
+    rounds = timings["rounds"]
+    return statistics.median(c / r for c, r in zip(rounds[case], rounds[reference]))
 
 
 def _sync(device: torch.device) -> None:
