@@ -1,9 +1,9 @@
 // Gather-free CPU kernels of the torch backend's segment layout; built and loaded by native.py.
 //
-// shrink and outer walk the valid (token, slot) pairs sorted by expert: row i is pair pair[i] of token token[i] and
-// uses expert expert[i]; in each run of one expert, that expert's weights stay in cache while activation rows are
-// read where they lie. expand walks tokens grouped by their experts and updates each output row once, in place.
-// No activation row is gathered into a copy or scattered from one.
+// The kernels walk the valid (token, slot) pairs in a sorted order: row i is pair pair[i] of token token[i] and uses
+// expert expert[i]; rows come in tiles of consecutive tokens and, within a tile, grouped by expert. In each run of
+// one expert, its weights stay in registers or L1 while the tile's activation rows, in L2, are read or updated where
+// they lie: no activation row is gathered into a copy or scattered from one.
 // Vectors are GCC/Clang vector extensions of 64 bytes (16 floats, 8 doubles): one AVX-512 register, two AVX2 ones.
 // Ranks are walked in chunks known at compile time, so a chunk's accumulators live in registers.
 #include <algorithm>
@@ -21,10 +21,10 @@ struct V {
   static S sum(vec v) { S s = 0; for (int64_t l = 0; l < N; l++) s += v[l]; return s; }
 };
 
-constexpr int RANK_CHUNK = 8;  // outer: ranks per pass (their gradient columns in registers)
+constexpr int RANK_CHUNK = 8;  // expand, outer: ranks per pass (weight or gradient columns in registers)
 constexpr int SHRINK_RANKS = 4, SHRINK_ROWS = 4;  // shrink: 4 ranks x 4 rows of accumulators (measured best)
 
-// End of the run of rows sharing row i's expert, within [i, end).
+// End of the run of rows sharing row i's expert, within [i, end) (a run may span two tiles: harmless).
 inline int64_t run_end(const int64_t* expert, int64_t i, int64_t end) {
   int64_t stop = i + 1;
   while (stop < end && expert[stop] == expert[i]) stop++;
@@ -63,6 +63,40 @@ void shrink_run(const S* x, int64_t n, const S* Ae, int64_t r, int64_t j0, const
   int64_t i = start;
   for (; i + SHRINK_ROWS <= stop; i += SHRINK_ROWS) shrink_block<S, W, SHRINK_ROWS>(x, n, Ae, r, j0, token, pair, i, u);
   for (; i < stop; i++) shrink_block<S, W, 1>(x, n, Ae, r, j0, token, pair, i, u);
+}
+
+// out[token[i], c0:c1] += sum_j w[i, j0 + j] * Be[j, c0:c1] over the rows of one run, for W ranks of Be (rows j0..
+// of one expert's B^T): the run's weight columns are held in registers while its output rows are updated in place.
+template <typename S, int W>
+void expand_run(const S* w, int64_t r, int64_t j0, const S* Be, int64_t m, const int64_t* token, int64_t start,
+                int64_t stop, int64_t c0, int64_t c1, S* out) {
+  using T = V<S>;
+  constexpr int64_t BLOCK = 2 * T::N;
+  int64_t c = c0;
+  for (; c + BLOCK <= c1; c += BLOCK) {
+    typename T::vec b0[W], b1[W];
+    for (int j = 0; j < W; j++) {
+      b0[j] = T::load(Be + j * m + c);
+      b1[j] = T::load(Be + j * m + c + T::N);
+    }
+    for (int64_t i = start; i < stop; i++) {
+      S* o = out + token[i] * m + c;
+      const S* wi = w + i * r + j0;
+      typename T::vec o0 = T::load(o), o1 = T::load(o + T::N);
+      for (int j = 0; j < W; j++) {
+        o0 += wi[j] * b0[j];
+        o1 += wi[j] * b1[j];
+      }
+      T::store(o, o0);
+      T::store(o + T::N, o1);
+    }
+  }
+  for (int64_t i = start; i < stop; i++)
+    for (int64_t cc = c; cc < c1; cc++) {
+      S acc = 0;
+      for (int j = 0; j < W; j++) acc += w[i * r + j0 + j] * Be[j * m + cc];
+      out[token[i] * m + cc] += acc;
+    }
 }
 
 // g[j, c0:c1] += sum_i left[i, j0 + j] * right[token[i], c0:c1] over the rows of one run, for W ranks (g: rows j0..
@@ -126,51 +160,26 @@ void shrink(const S* x, int64_t n, const S* A, int64_t r, const int64_t* expert,
   }
 }
 
-// out [T, m]: out[t, c0:c1] (+)= sum_j Bt[idx[t, j]]^T w[t * k + j] for every token t (added, or written when not
-// `accumulate`: out need not be initialized); w [T*k, r] per pair, Bt [E, r, m], idx [T, k] (-1 = none). Tokens are walked in `order`, where tokens with equal rows of idx are adjacent:
-// for each such group and block of columns, the group's weight columns stay in L1 while its output rows are updated,
-// each row once with all its slots (no per-expert pass over the output).
+// out [T, m]: out[token[i], c0:c1] += Bt[expert[i]]^T w[i] for all P rows; w [P, r] sorted rows, Bt [E, r, m].
+// The rows come in tiles of `tile` consecutive tokens (see shrink), so a tile's output rows stay in cache while its
+// experts' runs update them; when not `accumulate`, each tile's rows are zeroed first (out need not be initialized).
 template <typename S>
-void expand(const S* w, const S* Bt, int64_t r, int64_t m, const int64_t* idx, int64_t k, const int64_t* order,
-            int64_t T, int64_t c0, int64_t c1, bool accumulate, S* out) {
-  using Vec = V<S>;
-  constexpr int64_t H = 4, BLOCK = H * Vec::N;  // 4 vectors of columns, 2 accumulators each: 8 FMA chains
-  for (int64_t i = 0; i < T;) {
-    const int64_t* experts = idx + order[i] * k;
-    int64_t stop = i + 1;
-    while (stop < T && std::equal(experts, experts + k, idx + order[stop] * k)) stop++;
-    int64_t c = c0;
-    for (; c + BLOCK <= c1; c += BLOCK)
-      for (int64_t g = i; g < stop; g++) {
-        typename Vec::vec even[H] = {}, odd[H] = {};
-        for (int64_t j = 0; j < k; j++) {
-          if (experts[j] < 0) continue;
-          const S* wp = w + (order[g] * k + j) * r;
-          const S* B = Bt + experts[j] * r * m + c;
-          int64_t q = 0;
-          for (; q + 2 <= r; q += 2)
-            for (int h = 0; h < H; h++) {
-              even[h] += wp[q] * Vec::load(B + q * m + h * Vec::N);
-              odd[h] += wp[q + 1] * Vec::load(B + (q + 1) * m + h * Vec::N);
-            }
-          if (q < r)
-            for (int h = 0; h < H; h++) even[h] += wp[q] * Vec::load(B + q * m + h * Vec::N);
-        }
-        S* o = out + order[g] * m + c;
-        for (int h = 0; h < H; h++)
-          Vec::store(o + h * Vec::N, (accumulate ? Vec::load(o + h * Vec::N) : typename Vec::vec{}) + even[h] + odd[h]);
-      }
-    for (int64_t g = i; g < stop; g++)
-      for (int64_t cc = c; cc < c1; cc++) {
-        S acc = accumulate ? out[order[g] * m + cc] : 0;
-        for (int64_t j = 0; j < k; j++) {
-          if (experts[j] < 0) continue;
-          const S* wp = w + (order[g] * k + j) * r;
-          for (int64_t q = 0; q < r; q++) acc += wp[q] * Bt[(experts[j] * r + q) * m + cc];
-        }
-        out[order[g] * m + cc] = acc;
-      }
-    i = stop;
+void expand(const S* w, const S* Bt, int64_t r, int64_t m, const int64_t* expert, const int64_t* token, int64_t P,
+            int64_t T, int64_t tile, int64_t c0, int64_t c1, bool accumulate, S* out) {
+  int64_t i = 0;
+  for (int64_t first = 0; first < T; first += tile) {
+    int64_t last = std::min(first + tile, T);
+    if (!accumulate)
+      for (int64_t t = first; t < last; t++) std::fill(out + t * m + c0, out + t * m + c1, S(0));
+    while (i < P && token[i] < last) {
+      int64_t stop = i + 1;
+      while (stop < P && expert[stop] == expert[i] && token[stop] < last) stop++;
+      for (int64_t j0 = 0; j0 < r; j0 += RANK_CHUNK)
+        with_width(std::min<int64_t>(RANK_CHUNK, r - j0), [&]<int W>() {
+          expand_run<S, W>(w, r, j0, Bt + (expert[i] * r + j0) * m, m, token, i, stop, c0, c1, out);
+        });
+      i = stop;
+    }
   }
 }
 
@@ -195,10 +204,10 @@ void outer(const S* left, int64_t a, const S* right, int64_t n, const int64_t* e
                                   const int64_t* token, const int64_t* pair, int64_t begin, int64_t end, S* u) {    \
     shrink<S>(x, n, A, r, expert, token, pair, begin, end, u);                                                      \
   }                                                                                                                 \
-  extern "C" void expand_##suffix(const S* w, const S* Bt, int64_t r, int64_t m, const int64_t* idx, int64_t k,     \
-                                  const int64_t* order, int64_t T, int64_t c0, int64_t c1, int64_t accumulate,      \
-                                  S* out) {                                                                         \
-    expand<S>(w, Bt, r, m, idx, k, order, T, c0, c1, accumulate != 0, out);                                         \
+  extern "C" void expand_##suffix(const S* w, const S* Bt, int64_t r, int64_t m, const int64_t* expert,             \
+                                  const int64_t* token, int64_t P, int64_t T, int64_t tile, int64_t c0, int64_t c1, \
+                                  int64_t accumulate, S* out) {                                                     \
+    expand<S>(w, Bt, r, m, expert, token, P, T, tile, c0, c1, accumulate != 0, out);                                \
   }                                                                                                                 \
   extern "C" void outer_##suffix(const S* left, int64_t a, const S* right, int64_t n, const int64_t* expert,        \
                                  const int64_t* token, int64_t P, int64_t c0, int64_t c1, S* g) {                   \

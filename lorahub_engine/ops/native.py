@@ -1,6 +1,7 @@
 """The torch backend's gather-free CPU kernels (`cpu_kernels.cpp`), compiled on first use and loaded with ctypes.
 
-Built once per kernel source, compiler and CPU into `$XDG_CACHE_HOME/lorahub_engine` (~1-3 s; no torch headers).
+Built once per kernel source, compiler and CPU into `$XDG_CACHE_HOME/lorahub_engine` (a few seconds; no torch
+headers).
 Without a C++ compiler, or with `LORAHUB_ENGINE_NATIVE=0`, `library()` is None and the backend keeps to torch ops.
 The kernels take fp32 or fp64 contiguous CPU tensors; a call runs on `torch.get_num_threads()` threads (ctypes
 releases the GIL), each owning disjoint output rows or columns, so results do not depend on the thread count.
@@ -66,16 +67,16 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert: torch.Tensor, token: torch.
                                            _ptr(u)))
 
 
-def expand(w: torch.Tensor, Bt: torch.Tensor, idx: torch.Tensor, order: torch.Tensor, out: torch.Tensor,
+def expand(w: torch.Tensor, Bt: torch.Tensor, expert: torch.Tensor, token: torch.Tensor, tile: int, out: torch.Tensor,
            accumulate: bool = True) -> None:
-    """out[t] (+)= sum_j Bt[idx[t, j]]^T w[t * k + j] for every token t, walked in `order` (tokens with equal rows of
-    idx adjacent); not `accumulate`: every row of out is written, so it need not be initialized.
-    w [T*k, r] per pair, Bt [E, r, m], idx [T, k] (-1 = none), out [T, m] contiguous."""
-    w, Bt, idx = w.contiguous(), Bt.contiguous(), idx.contiguous()
+    """out[token[i]] += Bt[expert[i]]^T w[i] for every sorted row i, rows in tiles of `tile` tokens; not
+    `accumulate`: each tile's rows are zeroed first, so out need not be initialized.
+    w [P, r] sorted rows, Bt [E, r, m], out [T, m] contiguous."""
+    w, Bt = w.contiguous(), Bt.contiguous()
     fn = _kernel("expand", out.dtype)
-    (T, k), r, m = idx.shape, w.shape[1], Bt.shape[2]
-    _split(m, T * k * m * r, lambda lo, hi: fn(_ptr(w), _ptr(Bt), r, m, _ptr(idx), k, _ptr(order), T, lo, hi,
-                                               int(accumulate), _ptr(out)), align=64)
+    (P, r), (T, m) = w.shape, out.shape
+    _split(m, P * m * r, lambda lo, hi: fn(_ptr(w), _ptr(Bt), r, m, _ptr(expert), _ptr(token), P, T, tile, lo, hi,
+                                           int(accumulate), _ptr(out)), align=64)
 
 
 def outer(left: torch.Tensor, right: torch.Tensor, expert: torch.Tensor, token: torch.Tensor, g: torch.Tensor) -> None:
@@ -113,7 +114,7 @@ def _ptr(t: torch.Tensor) -> int:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int64
-    signatures = {"shrink": [p, i, p, i, p, p, p, i, i, p], "expand": [p, p, i, i, p, i, p, i, i, i, i, p],
+    signatures = {"shrink": [p, i, p, i, p, p, p, i, i, p], "expand": [p, p, i, i, p, p, i, i, i, i, i, i, p],
                   "outer": [p, i, p, i, p, p, i, i, i, p]}
     for name, args in signatures.items():
         for suffix in SUFFIX.values():

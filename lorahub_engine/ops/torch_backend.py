@@ -1,16 +1,19 @@
 """The CPU path of `grouped_lora`, and the reference the Triton kernels are held to.
 
-`plan` picks one of two layouts for a routing; none loops in Python over more than a few dozen experts:
-- `RunPlan`, for routings that are constant over runs of consecutive tokens (a batch routed per row: one adapter for
-  every token, an adapter per request, a retrieval mixture, a LoraHub population). The tokens are cut into C chunks
-  of L rows (L = the gcd of the run lengths); shrink and expand are one bmm each over the chunks, with each chunk's
-  k experts' weights gathered (k*r x in per chunk, small next to L x in activations). No activation row is gathered
-  or scattered: the output is updated in place by baddbmm, at the memory cost of a plain LoRA.
-- `SegmentPlan`, for per-token routings (a router's top-k): pairs sorted by expert once (stable). fp32 and fp64 walk
-  them with the compiled kernels of `native` (no activation row copied); otherwise, or without a C++ compiler, one
-  mm per expert segment, or, for many experts with few tokens each (large E, decoding), `BlockPlan`: the sorted
-  pairs in blocks of `block` rows that each belong to one expert (an expert's last block is padded), walked as
-  batched matmuls in chunks whose rows fit in cache (~512 KiB).
+`plan` sorts a routing's valid (token, slot) pairs by expert once (`SegmentPlan`) and every primitive then picks a
+walk over them; none loops in Python over more than a few dozen experts:
+- compiled (fp32 / fp64, with a C++ compiler: `native`): the pairs in tiles of NATIVE_TILE consecutive tokens and by
+  expert within a tile; the kernels read and update the tile's activation rows where they lie, in cache, while each
+  expert's weights stay in registers. Any routing, per row or per token.
+- runs (`RunPlan`; torch ops), for routings constant over runs of consecutive tokens (a batch routed per row: one
+  adapter for every token, an adapter per request, a retrieval mixture, a LoraHub population). The tokens are cut
+  into C chunks of L rows (L = the gcd of the run lengths); shrink and expand are one bmm each over the chunks, with
+  each chunk's k experts' weights gathered (k*r x in per chunk, small next to L x in activations).
+- segments (torch ops), for per-token routings whose experts get many tokens each: one mm per expert segment
+  between a gather and a scatter, no padding.
+- blocks (`BlockPlan`; torch ops), for per-token routings over many experts with few tokens each (large E, decoding):
+  the sorted pairs in blocks of `block` rows that each belong to one expert (an expert's last block is padded),
+  walked as batched matmuls in chunks whose rows fit in cache (~512 KiB).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ CHUNK_BYTES = 1 << 19
 MIN_RUN = 16  # shorter runs gather more weight rows than the activation rows they save
 MIN_SEGMENT = 64  # mean tokens per expert from which one mm per expert beats padded blocks
 GATHER_BYTES = 1 << 25  # run layout: gathered expert weights (or per-chunk products) per bmm, at most
+NATIVE_TILE = 128  # segment layout, compiled walk: tokens whose activation rows stay in cache (L2) together
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,13 +40,12 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def plan(idx: torch.Tensor, num_experts: int) -> Plan:
-    run = _common_run_length(idx)
-    if run >= MIN_RUN:
-        return RunPlan(idx[::run].contiguous(), run, num_experts)
     experts, order = torch.sort(idx.reshape(-1), stable=True)
     first_valid = int((experts < 0).sum())
     order, experts = order[first_valid:], experts[first_valid:]  # (P,) valid pairs, sorted by expert
-    return SegmentPlan.build(order, experts, torch.bincount(experts, minlength=num_experts), idx.shape)
+    run = _common_run_length(idx)
+    runs = RunPlan(idx[::run].contiguous(), run, num_experts) if run >= MIN_RUN else None
+    return SegmentPlan.build(order, experts, torch.bincount(experts, minlength=num_experts), idx.shape, runs)
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -139,12 +142,8 @@ class RunPlan:
 @dataclass(frozen=True)
 class SegmentPlan:
     """Valid pairs sorted by expert: sorted row i is pair `pair[i]` of token `token[i]` for expert `expert[i]`;
-    expert e owns rows start:stop of one segment (only experts with pairs have one).
-
-    Three walks over the same rows: the compiled kernels (`native`: fp32 / fp64 with a C++ compiler) read and update
-    activation rows where they lie; otherwise one mm per segment between a gather and a scatter, or, when segments
-    are short, the padded blocks of `blocks`.
-    """
+    expert e owns rows start:stop of one segment (only experts with pairs have one). `runs`: the same routing as
+    chunks of constant routing, where it has them. Each primitive walks the rows the way `walk` names."""
 
     pair: torch.Tensor  # (P,)
     token: torch.Tensor  # (P,)
@@ -152,32 +151,33 @@ class SegmentPlan:
     counts: torch.Tensor  # (E,) rows per expert
     segments: tuple[tuple[int, int, int], ...]  # (expert, start, stop)
     shape: tuple[int, int]  # (T, k)
+    runs: RunPlan | None = None
 
     @classmethod
-    def build(cls, order: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, shape: torch.Size) -> SegmentPlan:
+    def build(cls, order: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, shape: torch.Size,
+              runs: RunPlan | None = None) -> SegmentPlan:
         stops = torch.cumsum(counts, 0).tolist()
         segments = tuple((e, stop - c, stop) for e, (c, stop) in enumerate(zip(counts.tolist(), stops)) if c)
         T, k = shape
-        return cls(order, torch.div(order, k, rounding_mode="floor"), experts, counts, segments, (T, k))
+        return cls(order, torch.div(order, k, rounding_mode="floor"), experts, counts, segments, (T, k), runs)
 
     @property
     def num_pairs(self) -> int:
         return self.shape[0] * self.shape[1]
 
-    @functools.cached_property
-    def idx(self) -> torch.Tensor:
-        """The routing [T, k] back from the sorted rows (-1 = none)."""
-        idx = torch.full((self.num_pairs,), -1, dtype=torch.long, device=self.pair.device)
-        return idx.index_put_((self.pair,), self.expert).view(self.shape)
+    def walk(self, *tensors: torch.Tensor) -> str:
+        """"compiled" where the kernels take these tensors, else the torch walk: "runs", "blocks" or "segments"."""
+        if native.supports(*tensors):
+            return "compiled"
+        return "runs" if self.runs is not None else "blocks" if self.blocks is not None else "segments"
 
     @functools.cached_property
-    def token_order(self) -> torch.Tensor:
-        """Tokens ordered so that equal rows of idx are adjacent (stable sorts, last slot first): the compiled
-        expand keeps a group's expert weights in cache while it updates the group's rows."""
-        order = torch.arange(self.shape[0], device=self.pair.device)
-        for j in reversed(range(self.shape[1])):
-            order = order[torch.sort(self.idx[order, j], stable=True).indices]
-        return order
+    def tiled(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pair, token, expert) of the rows reordered by tile of NATIVE_TILE tokens, then by expert: the compiled
+        kernels' walk, in which a tile's activation rows stay in cache while its experts pass."""
+        tile = torch.div(self.token, NATIVE_TILE, rounding_mode="floor")
+        order = torch.sort(tile * len(self.counts) + self.expert, stable=True).indices
+        return self.pair[order], self.token[order], self.expert[order]
 
     @functools.cached_property
     def blocks(self) -> BlockPlan | None:
@@ -188,23 +188,30 @@ class SegmentPlan:
         return BlockPlan.build(self.pair, self.expert, self.counts, self.shape)
 
     def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        walk = self.walk(x, A)
+        if walk in ("runs", "blocks"):
+            return getattr(self, walk).shrink(x, A)
         u = torch.zeros(self.num_pairs, A.shape[1], dtype=accum_dtype(x.dtype), device=x.device)
-        if native.supports(x, A, u):
-            native.shrink(x, A, self.expert, self.token, self.pair, u)
+        if walk == "compiled":
+            pair, token, expert = self.tiled
+            native.shrink(x, A, expert, token, pair, u)
             return u
-        if self.blocks is not None:
-            return self.blocks.shrink(x, A)
         u_sorted = x.new_empty(len(self.pair), A.shape[1])  # (P, r)
         for e, start, stop in self.segments:
             torch.mm(x.index_select(0, self.token[start:stop]), A[e].t(), out=u_sorted[start:stop])
         return u.index_copy_(0, self.pair, u_sorted.to(u.dtype))
 
     def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        if native.supports(u, B) and (out is None or out.is_contiguous() and native.supports(u, out)):
-            fresh = out is None  # every row written by the kernel, no zero fill
+        walk = self.walk(u, B) if out is None else self.walk(u, B, out)
+        if walk == "compiled" and (out is None or out.is_contiguous()):
+            pair, token, expert = self.tiled
+            fresh = out is None  # zeroed tile by tile inside the kernel, where the rows are about to be used
             target = torch.empty(self.shape[0], B.shape[1], dtype=u.dtype, device=u.device) if fresh else out
-            native.expand(u * coef[:, None], B.transpose(1, 2), self.idx, self.token_order, target, not fresh)
+            scaled = (u * coef[:, None]).index_select(0, pair)  # (P, r) in the walk's order
+            native.expand(scaled, B.transpose(1, 2), expert, token, NATIVE_TILE, target, accumulate=not fresh)
             return target
+        if self.runs is not None:
+            return self.runs.expand(u, B, coef, out)
         if out is None:
             out = torch.zeros(self.shape[0], B.shape[1], dtype=u.dtype, device=u.device)
         if self.blocks is not None:
@@ -216,13 +223,15 @@ class SegmentPlan:
         return out
 
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        walk = self.walk(left, right)
+        if walk in ("runs", "blocks"):
+            return getattr(self, walk).outer(left, right)
         g = torch.zeros(len(self.counts), left.shape[1], right.shape[1], dtype=left.dtype, device=left.device)
-        left_sorted = left.index_select(0, self.pair)  # (P, a)
-        if native.supports(left_sorted, right, g):
-            native.outer(left_sorted, right, self.expert, self.token, g)
+        if walk == "compiled":
+            pair, token, expert = self.tiled
+            native.outer(left.index_select(0, pair), right, expert, token, g)
             return g
-        if self.blocks is not None:
-            return self.blocks.outer(left, right)
+        left_sorted = left.index_select(0, self.pair)  # (P, a)
         for e, start, stop in self.segments:
             rows = right.index_select(0, self.token[start:stop]).to(left.dtype)  # (n_e, b)
             torch.mm(left_sorted[start:stop].t(), rows, out=g[e])
@@ -308,4 +317,4 @@ def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(1, t.shape[1])])
 
 
-Plan = RunPlan | SegmentPlan
+Plan = SegmentPlan
