@@ -401,8 +401,39 @@ def main(argv: list[str] | None = None) -> dict:
     _print(result)
     out = args.out or Path(__file__).parent / "results" / f"bench_grouped_{device.type}.json"
     write_json_atomic(out, result, indent=1)
-    print(f"wrote {out}")
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return result
+
+
+def plot(result: dict, path: Path) -> None:
+    """Model-level time / base (paired medians) of every case, forward and training step, with the issue's bounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), width_ratios=[7, 4])
+    for ax, key, title, bounds in ((axes[0], "forward_s", "forward", (1.10, 1.15)),
+                                   (axes[1], "train_step_s", "training step", (1.3,))):
+        timings = result["model"][key]
+        names = [n for n in timings["rounds"] if n != "base"]
+        bars = ax.barh(names, [paired_ratio(timings, n, "base") for n in names], color="tab:blue")
+        ax.bar_label(bars, fmt="%.3f", padding=3, fontsize=8)
+        for bound in bounds:
+            ax.axvline(bound, color="tab:red", linestyle="--", linewidth=1)
+        ax.set_xlim(1.0, 1.1 * max(b.get_width() for b in bars))
+        ax.invert_yaxis()
+        ax.set_title(f"{title}, time / base")
+    env = result["env"]
+    fig.suptitle(f"SmolLM2-135M-shaped body, {env['layers']} layers, LoRA r={env['rank']}, {env['device']} "
+                 f"{env['dtype']}, {env['threads']} thread(s), commit {env['commit']}; dashed: the issue's bounds",
+                 fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def _env(device, dtype, args) -> dict:
