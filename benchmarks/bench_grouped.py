@@ -5,8 +5,9 @@
 
 Model: random Llama body (30 layers, hidden 576, intermediate 1536, 9 heads, 3 kv heads; no LM head), LoRA r=8 on
 all 7 projections, a batch of 32 rows x 64 tokens. Every ratio compares timings of one run, taken round-robin (each
-repeat times every case once); model-level ratios are medians over repeats of the two cases' times in that repeat
-(the box drifts by 10% between repeats; within one it barely does), op-level ones use fastest repeats. Cases:
+repeat times every case once, model-level repeats time the base again right before each case); model-level ratios
+are medians over repeats of a case's time over the base's just before it (a shared box drifts by 10-15% from one
+repeat to the next, little from one forward to the next), op-level ones use fastest repeats. Cases:
   model level   base forward; one adapter; 16 distinct adapters (one per row; ours vs PEFT `adapter_names=`);
                 top-2 of 16 experts per token (ours vs all 16 computed densely), and per batch row (a retrieval
                 mixture's or a LoraHub population's shape); training steps (forward + backward to the input
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 import lorahub_engine as le
-from benchmarks.timing import CLOCKS, measure, paired_ratio
+from benchmarks.timing import CLOCKS, measure, paired_ratio, pairs
 from lorahub_engine._io import write_json_atomic
 from lorahub_engine.ops import grouped_lora
 from lorahub_engine.ops.grouped import resolve_backend
@@ -210,7 +211,7 @@ def model_level(layers: int, device, dtype, repeats: int) -> dict:
             "top2_of_16_ours": top2_ours("per_token"),
             "top2_of_16_per_row_ours": top2_ours("per_row"),
             "top2_of_16_dense": lambda: dense(ids),
-        }, device, repeats, desc="model forward", clock=clock)
+        }, device, repeats, desc="model forward", clock=clock, reference="base")
     embeds = base.embed_tokens(ids).detach()
 
     def train_step(model, params, how: str | None):
@@ -229,7 +230,7 @@ def model_level(layers: int, device, dtype, repeats: int) -> dict:
         "top2_of_16_ours": train_step(ours16, lora_params, "per_token"),
         "top2_of_16_per_row_ours": train_step(ours16, lora_params, "per_row"),
         "top2_of_16_dense": train_step(dense, hooks.params, None),
-    }, device, repeats, desc="model training step", clock=clock)
+    }, device, repeats, desc="model training step", clock=clock, reference="base")
     return {"parity_max_abs_diff": parity, "forward_s": forward, "train_step_s": training}
 
 
@@ -347,9 +348,10 @@ def ratios(model: dict, ops: dict) -> dict:
 
 
 def lora_time_ratio(timings: dict, slow: str, fast: str) -> float:
-    """Median over repeats of (slow - base) / (fast - base): how much less time `fast` adds to the base forward."""
-    r = timings["rounds"]
-    return statistics.median((a - b) / max(c - b, 1e-9) for a, c, b in zip(r[slow], r[fast], r["base"]))
+    """Median over repeats of (slow - base) / (fast - base), each against its own base timing: how much less time
+    `fast` adds to the base."""
+    slow_pairs, fast_pairs = pairs(timings, slow, "base"), pairs(timings, fast, "base")
+    return statistics.median((a - ba) / max(c - bc, 1e-9) for (ba, a), (bc, c) in zip(slow_pairs, fast_pairs))
 
 
 def targets(r: dict) -> dict:

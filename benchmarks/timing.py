@@ -13,30 +13,52 @@ CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # process: C
 
 
 def measure(cases: dict[str, Callable[[], object]], device: torch.device, repeats: int, inner: int = 1,
-            desc: str = "", clock: Callable[[], float] = time.perf_counter) -> dict:
+            desc: str = "", clock: Callable[[], float] = time.perf_counter, reference: str | None = None) -> dict:
     """Seconds per call of each case: {"min": {case: s}, "median": {...}, "rounds": {case: [s per round]}}, after one
     warm-up each, over `repeats` round-robin passes of `inner` calls. Other processes on a shared CPU only ever add
-    time: ratios of minimums are the fair ones on a quiet machine, medians the steadier ones on a busy one, and
-    `paired_ratio` (round by round) the steadiest where the machine drifts."""
+    time: ratios of minimums are the fair ones on a quiet machine, medians the steadier ones on a busy one.
+
+    With a `reference` case, each round also times the reference right before every other case, and "paired"
+    holds {case: [(reference s, case s) per round]}: `paired_ratio` then compares times taken moments apart, which is
+    the steadiest where the machine drifts."""
     for fn in cases.values():
         fn()
     times = {name: [] for name in cases}
+    paired = {name: [] for name in cases if name != reference}
+
+    def timed(fn) -> float:
+        _sync(device)
+        start = clock()
+        for _ in range(inner):
+            fn()
+        _sync(device)
+        return (clock() - start) / inner
+
     for _ in tqdm(range(repeats), desc=desc, leave=False):
         for name, fn in cases.items():
-            _sync(device)
-            start = clock()
-            for _ in range(inner):
-                fn()
-            _sync(device)
-            times[name].append((clock() - start) / inner)
-    return {"min": {n: min(t) for n, t in times.items()}, "median": {n: statistics.median(t) for n, t in times.items()},
-            "rounds": times}
+            if reference is not None and name != reference:
+                paired[name].append((timed(cases[reference]), timed(fn)))
+                times[name].append(paired[name][-1][1])
+            else:
+                times[name].append(timed(fn))
+    result = {"min": {n: min(t) for n, t in times.items()}, "median": {n: statistics.median(t) for n, t in times.items()},
+              "rounds": times}
+    if reference is not None:
+        result.update(reference=reference, paired=paired)
+    return result
 
 
 def paired_ratio(timings: dict, case: str, reference: str) -> float:
-    """Median over rounds of case / reference, each round's two times taken moments apart."""
-    rounds = timings["rounds"]
-    return statistics.median(c / r for c, r in zip(rounds[case], rounds[reference]))
+    """Median over rounds of case / reference: each against the reference timed right before it where `measure` had
+    this reference, else against the reference's time in the same round."""
+    return statistics.median(c / r for r, c in pairs(timings, case, reference))
+
+
+def pairs(timings: dict, case: str, reference: str) -> list[tuple[float, float]]:
+    """(reference s, case s) per round, as `paired_ratio` compares them."""
+    if timings.get("reference") == reference:
+        return timings["paired"][case]
+    return list(zip(timings["rounds"][reference], timings["rounds"][case]))
 
 
 def _sync(device: torch.device) -> None:
