@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace {
 
@@ -20,6 +21,37 @@ struct V {
   static void store(S* p, vec v) { std::memcpy(p, &v, sizeof v); }
   static S sum(vec v) { S s = 0; for (int64_t l = 0; l < N; l++) s += v[l]; return s; }
 };
+
+#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+#define LORAHUB_SUM16 1
+typedef V<float>::vec f16;
+// a + b with lanes regrouped so that each half-width unit of the result holds one input's units summed pairwise:
+// four such levels turn 16 vectors into one whose lane q is the sum of vector q (a transposing reduction).
+inline f16 sum_units1(f16 a, f16 b) {
+  return __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+inline f16 sum_units2(f16 a, f16 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+         __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+inline f16 sum_units4(f16 a, f16 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+         __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+inline f16 sum_units8(f16 a, f16 b) {
+  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+// sums[q] = the lanes of v[q] summed, for 16 float vectors.
+inline void sum16(const f16* v, float* sums) {
+  f16 l1[8], l2[4];
+  for (int i = 0; i < 8; i++) l1[i] = sum_units1(v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < 4; i++) l2[i] = sum_units2(l1[2 * i], l1[2 * i + 1]);
+  f16 all = sum_units8(sum_units4(l2[0], l2[1]), sum_units4(l2[2], l2[3]));
+  std::memcpy(sums, &all, sizeof all);
+}
+#endif
 
 constexpr int RANK_CHUNK = 8;  // expand, outer: ranks per pass (weight or gradient columns in registers)
 constexpr int SHRINK_RANKS = 4, SHRINK_ROWS = 4;  // shrink: 4 ranks x 4 rows of accumulators (measured best)
@@ -49,9 +81,19 @@ void shrink_block(const S* x, int64_t n, const S* Ae, int64_t r, int64_t j0, con
       for (int b = 0; b < TB; b++) acc[b][j] += a * xv[b];
     }
   }
+  S sums[16];
+#ifdef LORAHUB_SUM16
+  if constexpr (std::is_same_v<S, float> && TB * W <= 16) {
+    // Padded to 16 vectors: each lane sum is the same tree whichever block a row falls in (threads cut blocks).
+    typename T::vec all[16] = {};
+    std::memcpy(all, acc, sizeof acc);
+    sum16(all, sums);
+  } else
+#endif
+    for (int q = 0; q < TB * W; q++) sums[q] = T::sum(acc[q / W][q % W]);
   for (int b = 0; b < TB; b++)
     for (int j = 0; j < W; j++) {
-      S sum = T::sum(acc[b][j]);
+      S sum = sums[b * W + j];
       for (int64_t cc = c; cc < n; cc++) sum += Ae[j * n + cc] * rows[b][cc];
       u[pair[i + b] * r + j0 + j] = sum;
     }
