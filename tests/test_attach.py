@@ -9,6 +9,8 @@ from lorahub_engine.lora_layer import RowRouting
 from tests.ops.reference import grouped_lora_reference
 from tests.tiny_models import ARCHITECTURES, make_peft_adapter, tiny_gpt2, tiny_llama
 
+CLOSE = {"atol": 1e-5, "rtol": 1e-5}  # fp32 through a few layers, with products summed in other orders than PEFT's
+
 
 def outputs(model, x, arch, **kwargs):
     extra = {"decoder_input_ids": x[:, :5]} if arch == "t5" else {}
@@ -35,7 +37,7 @@ def test_one_adapter_matches_peft(arch_case):
     ours = le.attach(copy.deepcopy(base), [le.LoraAdapter.load(folder / "a")])
     x = torch.randint(0, 64, (2, 9))
     le.set_weights(ours, [1.0])
-    torch.testing.assert_close(outputs(ours, x, arch), outputs(peft_model, x, arch), atol=1e-5, rtol=0)
+    torch.testing.assert_close(outputs(ours, x, arch), outputs(peft_model, x, arch), **CLOSE)
 
 
 def test_mixed_batch_matches_peft_adapter_names(arch_case):
@@ -47,7 +49,7 @@ def test_mixed_batch_matches_peft_adapter_names(arch_case):
     x = torch.randint(0, 64, (4, 9))
     ref = outputs(peft_model, x, arch, adapter_names=["a", "b", "__base__", "b"])
     got = outputs(ours, x, arch, adapter_ids=torch.tensor([0, 1, -1, 1]))
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, ref, **CLOSE)
     assert not torch.allclose(ref[0], ref[2])  # the adapters really change the output
     torch.testing.assert_close(outputs(ours, x, arch), outputs(base, x, arch))  # no routing = base
 
@@ -67,11 +69,11 @@ def test_set_weights_is_exact_task_arithmetic_and_fusion_is_lorahub():
     expected = copy.deepcopy(base)
     le.merge_into_base(expected, a, weight=0.7)
     le.merge_into_base(expected, b, weight=-0.3)
-    torch.testing.assert_close(mixture, outputs(expected, x, "llama"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixture, outputs(expected, x, "llama"), **CLOSE)
 
     le.set_weights(model, [0.7, -0.3], mode="fusion")
     fused = le.merge_into_base(copy.deepcopy(base), le.merge([a, b], [0.7, -0.3], method="lorahub"))
-    torch.testing.assert_close(outputs(model, x, "llama"), outputs(fused, x, "llama"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(outputs(model, x, "llama"), outputs(fused, x, "llama"), **CLOSE)
 
 
 def three_adapters(base, ranks):
@@ -96,7 +98,7 @@ def test_routing_context_gives_each_row_its_own_mixture():
         ref = copy.deepcopy(base)
         for e, w in mix.items():
             le.merge_into_base(ref, adapters[e], weight=w)
-        torch.testing.assert_close(got[row], outputs(ref, x[row : row + 1], "llama")[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[row], outputs(ref, x[row : row + 1], "llama")[0], **CLOSE)
 
 
 def test_merge_into_base_matches_peft_merge_and_unload(tmp_path):
@@ -105,7 +107,7 @@ def test_merge_into_base_matches_peft_merge_and_unload(tmp_path):
     merged_peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").merge_and_unload()
     ours = le.merge_into_base(copy.deepcopy(base), le.LoraAdapter.load(tmp_path / "a"))
     x = torch.randint(0, 64, (2, 8))
-    torch.testing.assert_close(outputs(ours, x, "gpt2"), outputs(merged_peft, x, "gpt2"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(outputs(ours, x, "gpt2"), outputs(merged_peft, x, "gpt2"), **CLOSE)
 
 
 def test_detach_restores_the_plain_model():
@@ -161,7 +163,7 @@ def test_fusion_merges_each_distinct_row_once_and_matches_per_row_merges():
     for row, (names, weights) in enumerate([([0, 2], [0.5, -1.0]), ([1], [2.0])] * 2):
         merged = le.merge([adapters[i] for i in names], weights, method="lorahub")
         ref = le.merge_into_base(copy.deepcopy(base), merged)
-        torch.testing.assert_close(got[row], outputs(ref, x[row : row + 1], "llama")[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[row], outputs(ref, x[row : row + 1], "llama")[0], **CLOSE)
 
 
 def test_routing_per_token_matches_an_einsum_reference_in_every_layer():
@@ -182,7 +184,7 @@ def test_routing_per_token_matches_an_einsum_reference_in_every_layer():
         ref.get_submodule(path).register_forward_hook(
             lambda mod, args, out, A=A, B=B, scale=scale: out + grouped_lora_reference(
                 args[0].reshape(12, -1), A, B, scale, idx, gates).view(out.shape))
-    torch.testing.assert_close(got, outputs(ref, x, "llama"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, outputs(ref, x, "llama"), **CLOSE)
     with pytest.raises(ValueError, match="fusion merges factors per batch row"):
         with le.routing(model, idx, gates, mode="fusion"):
             model(x)
