@@ -128,9 +128,9 @@ class _GroupedLora(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_x = grad_A = grad_B = grad_gates = None
         # v[p] = B[e]^T grad_y[t]: the gradient arriving at the rank-r bottleneck of pair p.
-        v = backend.shrink(grad_y, B.transpose(1, 2).contiguous(), plan)  # (T*k, r)
+        v = backend.shrink(grad_y, B.transpose(1, 2), plan)  # (T*k, r); a backend copies the view if it must
         if need_x:
-            grad_x = backend.expand(v, A.transpose(1, 2).contiguous(), coef, plan, None).to(x.dtype)
+            grad_x = backend.expand(v, A.transpose(1, 2), coef, plan, None).to(x.dtype)
         if need_A:
             grad_A = backend.outer(v * coef[:, None], x, plan).to(A.dtype)  # (E, r, in)
         if need_B:

@@ -75,6 +75,7 @@ def plan(idx: torch.Tensor, num_experts: int) -> Plan:
 
 def shrink(x: torch.Tensor, A: torch.Tensor, plan: Plan) -> torch.Tensor:
     _check_dtype(x)
+    A = A.contiguous()  # the backward passes B^T as a view: rows of A read whole
     E, R, d_in = A.shape
     u = torch.empty(plan.num_tokens * plan.num_slots, R, dtype=_accum_dtype(x), device=x.device)  # every row written
     block_r = _block_r(R)
@@ -90,6 +91,7 @@ def shrink(x: torch.Tensor, A: torch.Tensor, plan: Plan) -> torch.Tensor:
 
 def expand(u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, plan: Plan,
            out: torch.Tensor | None) -> torch.Tensor:
+    B = B.contiguous()  # the backward passes A^T as a view
     E, d_out, R = B.shape
     T, k = plan.num_tokens, plan.num_slots
     per_pair = torch.empty(T * k, d_out, dtype=_accum_dtype(B), device=u.device)  # (T*k, out), every row written
