@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 namespace {
 
@@ -25,30 +26,29 @@ struct V {
 #if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
 #define LORAHUB_SUM16 1
 typedef V<float>::vec f16;
-// a + b with lanes regrouped so that each half-width unit of the result holds one input's units summed pairwise:
-// four such levels turn 16 vectors into one whose lane q is the sum of vector q (a transposing reduction).
-inline f16 sum_units1(f16 a, f16 b) {
-  return __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
-         __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+// Lane l of the half `half` of a level that sums units of U lanes: lanes come in groups of 2U, the first U taken
+// from a, the next U from b; half 0 picks each pair of units' first unit, half 1 its second.
+constexpr int unit_lane(int U, int l, int half) {
+  int group = l / (2 * U), within = l % (2 * U);
+  return (within < U ? 0 : 16) + group * 2 * U + within % U + half * U;
 }
-inline f16 sum_units2(f16 a, f16 b) {
-  return __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-         __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+// One level of a transposing reduction: each unit of U lanes of a and of b is summed with its neighbour, and the
+// results of a and b interleave unit by unit. Levels U = 1, 2, 4, 8 turn 16 vectors into one whose lane q is the
+// sum of vector q.
+template <int U, int... L>
+inline f16 sum_units(f16 a, f16 b, std::integer_sequence<int, L...>) {
+  return __builtin_shufflevector(a, b, unit_lane(U, L, 0)...) + __builtin_shufflevector(a, b, unit_lane(U, L, 1)...);
 }
-inline f16 sum_units4(f16 a, f16 b) {
-  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
-         __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-}
-inline f16 sum_units8(f16 a, f16 b) {
-  return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-         __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+template <int U>
+inline f16 sum_units(f16 a, f16 b) {
+  return sum_units<U>(a, b, std::make_integer_sequence<int, 16>{});
 }
 // sums[q] = the lanes of v[q] summed, for 16 float vectors.
 inline void sum16(const f16* v, float* sums) {
   f16 l1[8], l2[4];
-  for (int i = 0; i < 8; i++) l1[i] = sum_units1(v[2 * i], v[2 * i + 1]);
-  for (int i = 0; i < 4; i++) l2[i] = sum_units2(l1[2 * i], l1[2 * i + 1]);
-  f16 all = sum_units8(sum_units4(l2[0], l2[1]), sum_units4(l2[2], l2[3]));
+  for (int i = 0; i < 8; i++) l1[i] = sum_units<1>(v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < 4; i++) l2[i] = sum_units<2>(l1[2 * i], l1[2 * i + 1]);
+  f16 all = sum_units<8>(sum_units<4>(l2[0], l2[1]), sum_units<4>(l2[2], l2[3]));
   std::memcpy(sums, &all, sizeof all);
 }
 #endif
@@ -81,13 +81,15 @@ void shrink_block(const S* x, int64_t n, const S* Ae, int64_t r, int64_t j0, con
       for (int b = 0; b < TB; b++) acc[b][j] += a * xv[b];
     }
   }
-  S sums[16];
+  S sums[TB * W];
 #ifdef LORAHUB_SUM16
   if constexpr (std::is_same_v<S, float> && TB * W <= 16) {
     // Padded to 16 vectors: each lane sum is the same tree whichever block a row falls in (threads cut blocks).
     typename T::vec all[16] = {};
     std::memcpy(all, acc, sizeof acc);
-    sum16(all, sums);
+    float padded[16];
+    sum16(all, padded);
+    std::copy(padded, padded + TB * W, sums);
   } else
 #endif
     for (int q = 0; q < TB * W; q++) sums[q] = T::sum(acc[q / W][q % W]);
