@@ -83,15 +83,10 @@ SEARCH_EXAMPLES = [("plural of cow answer", "cows"), ("plural of hen answer", "h
 @pytest.fixture(scope="module")
 def search_folders(tmp_path_factory):
     """A tiny Llama + tokenizer folder, a 3-adapter zoo with samples, a flat index over it, an examples file."""
-    from tests.tiny_models import sampled_adapters, tiny_llama_for, word_tokenizer
+    from tests.tiny_models import saved_zoo
 
     root = tmp_path_factory.mktemp("search_cli")
-    tokenizer = word_tokenizer(SEARCH_WORDS)
-    model = tiny_llama_for(tokenizer)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    le.AdapterZoo(sampled_adapters(model, SEARCH_SAMPLES)).save(root / "zoo")
-    assert main(["index", "build", str(root / "zoo"), "-o", str(root / "idx"), "--kind", "flat"]) == 0
+    saved_zoo(root, SEARCH_WORDS, SEARCH_SAMPLES)
     (root / "examples.jsonl").write_text("".join(json.dumps({"input": x, "output": y}) + "\n\n"
                                                  for x, y in SEARCH_EXAMPLES))
     return root

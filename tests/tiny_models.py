@@ -105,3 +105,18 @@ def sampled_adapters(model, samples: dict[str, list[str]]) -> list:
         adapter.metadata = {"family": name, "samples": texts}
         adapters.append(adapter)
     return adapters
+
+
+def saved_zoo(root, words: list[str], samples: dict[str, list[str]], *index_options: str):
+    """Under root: a tiny Llama with a word tokenizer over `words` (model/), a zoo of `sampled_adapters` (zoo/) and a
+    flat index of it built by the CLI with `index_options` (idx/). Returns (model, tokenizer)."""
+    import lorahub_engine as le
+    from lorahub_engine.cli import main
+
+    tokenizer = word_tokenizer(words)
+    model = tiny_llama_for(tokenizer)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    le.AdapterZoo(sampled_adapters(model, samples)).save(root / "zoo")
+    assert main(["index", "build", str(root / "zoo"), "-o", str(root / "idx"), "--kind", "flat", *index_options]) == 0
+    return model, tokenizer

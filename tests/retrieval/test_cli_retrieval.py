@@ -9,7 +9,7 @@ import lorahub_engine as le
 from lorahub_engine.cli import main
 from lorahub_engine.compose import retrieve_and_compose
 from retrieval import TASK_PREFIX, AdapterIndex
-from tests.tiny_models import sampled_adapters, tiny_llama_for, word_tokenizer
+from tests.tiny_models import saved_zoo
 
 WORDS = "add one two three plus translate cat dog french chat chien review good bad film".split()
 SAMPLES = {"add": ["add one plus two", "add two plus three", "one plus one"],
@@ -20,13 +20,7 @@ SAMPLES = {"add": ["add one plus two", "add two plus three", "one plus one"],
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("retrieval_cli")
-    tokenizer = word_tokenizer(WORDS)
-    model = tiny_llama_for(tokenizer)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    adapters = sampled_adapters(model, SAMPLES)
-    le.AdapterZoo(adapters).save(root / "zoo")
-    assert main(["index", "build", str(root / "zoo"), "-o", str(root / "idx"), "--kind", "flat", "--task-prefix"]) == 0
+    model, tokenizer = saved_zoo(root, WORDS, SAMPLES, "--task-prefix")
     return root, model, tokenizer
 
 
