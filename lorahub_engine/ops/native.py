@@ -63,8 +63,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert: torch.Tensor, token: torch.
     x, A = x.contiguous(), A.contiguous()
     fn = _kernel("shrink", x.dtype)
     n, r, P = x.shape[1], A.shape[1], len(expert)
-    _split(P, P * n * r, lambda lo, hi: fn(_ptr(x), n, _ptr(A), r, _ptr(expert), _ptr(token), _ptr(pair), lo, hi,
-                                           _ptr(u)))
+    args = (x.data_ptr(), n, A.data_ptr(), r, expert.data_ptr(), token.data_ptr(), pair.data_ptr())
+    _split(P, P * n * r, lambda lo, hi: fn(*args, lo, hi, u.data_ptr()))
 
 
 def expand(w: torch.Tensor, Bt: torch.Tensor, expert: torch.Tensor, token: torch.Tensor, tile: int, out: torch.Tensor,
@@ -75,8 +75,8 @@ def expand(w: torch.Tensor, Bt: torch.Tensor, expert: torch.Tensor, token: torch
     w, Bt = w.contiguous(), Bt.contiguous()
     fn = _kernel("expand", out.dtype)
     (P, r), (T, m) = w.shape, out.shape
-    _split(m, P * m * r, lambda lo, hi: fn(_ptr(w), _ptr(Bt), r, m, _ptr(expert), _ptr(token), P, T, tile, lo, hi,
-                                           int(accumulate), _ptr(out)), align=64)
+    args = (w.data_ptr(), Bt.data_ptr(), r, m, expert.data_ptr(), token.data_ptr(), P, T, tile)
+    _split(m, P * m * r, lambda lo, hi: fn(*args, lo, hi, int(accumulate), out.data_ptr()), align=64)
 
 
 def outer(left: torch.Tensor, right: torch.Tensor, expert: torch.Tensor, token: torch.Tensor, g: torch.Tensor) -> None:
@@ -84,8 +84,8 @@ def outer(left: torch.Tensor, right: torch.Tensor, expert: torch.Tensor, token: 
     left, right = left.contiguous(), right.contiguous()
     fn = _kernel("outer", g.dtype)
     (P, a), n = left.shape, right.shape[1]
-    _split(n, P * n * a, lambda lo, hi: fn(_ptr(left), a, _ptr(right), n, _ptr(expert), _ptr(token), P, lo, hi,
-                                           _ptr(g)), align=64)
+    args = (left.data_ptr(), a, right.data_ptr(), n, expert.data_ptr(), token.data_ptr(), P)
+    _split(n, P * n * a, lambda lo, hi: fn(*args, lo, hi, g.data_ptr()), align=64)
 
 
 def _split(size: int, work: int, call, align: int = 1) -> None:
@@ -106,10 +106,6 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 def _kernel(name: str, dtype: torch.dtype):
     return getattr(library(), f"{name}_{SUFFIX[dtype]}")
-
-
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:

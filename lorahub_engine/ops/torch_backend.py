@@ -166,9 +166,12 @@ class SegmentPlan:
         return self.shape[0] * self.shape[1]
 
     def walk(self, *tensors: torch.Tensor) -> str:
-        """"compiled" where the kernels take these tensors, else the torch walk: "runs", "blocks" or "segments"."""
-        if native.supports(*tensors):
-            return "compiled"
+        """"compiled" where the kernels take these tensors, else `torch_walk`."""
+        return "compiled" if native.supports(*tensors) else self.torch_walk
+
+    @property
+    def torch_walk(self) -> str:
+        """The walk in torch ops: "runs" where the routing has them, "blocks" for short segments, else "segments"."""
         return "runs" if self.runs is not None else "blocks" if self.blocks is not None else "segments"
 
     @functools.cached_property
@@ -202,19 +205,21 @@ class SegmentPlan:
         return u.index_copy_(0, self.pair, u_sorted.to(u.dtype))
 
     def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        walk = self.walk(u, B) if out is None else self.walk(u, B, out)
-        if walk == "compiled" and (out is None or out.is_contiguous()):
+        fresh = out is None
+        # the kernels write in place: into a new output (zeroed tile by tile, where the rows are about to be used)
+        # or a contiguous one
+        walk = self.walk(u, B) if fresh else self.walk(u, B, out) if out.is_contiguous() else self.torch_walk
+        if walk == "compiled":
             pair, token, expert = self.tiled
-            fresh = out is None  # zeroed tile by tile inside the kernel, where the rows are about to be used
             target = torch.empty(self.shape[0], B.shape[1], dtype=u.dtype, device=u.device) if fresh else out
             scaled = (u * coef[:, None]).index_select(0, pair)  # (P, r) in the walk's order
             native.expand(scaled, B.transpose(1, 2), expert, token, NATIVE_TILE, target, accumulate=not fresh)
             return target
-        if self.runs is not None:
+        if walk == "runs":
             return self.runs.expand(u, B, coef, out)
-        if out is None:
+        if fresh:
             out = torch.zeros(self.shape[0], B.shape[1], dtype=u.dtype, device=u.device)
-        if self.blocks is not None:
+        if walk == "blocks":
             return self.blocks.expand(u, B, coef, out)
         scaled = (u * coef[:, None]).index_select(0, self.pair).to(B.dtype)  # (P, r) sorted
         for e, start, stop in self.segments:
@@ -255,7 +260,8 @@ class BlockPlan:
     num_experts: int
 
     @classmethod
-    def build(cls, order: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, shape: tuple[int, int]) -> BlockPlan:
+    def build(cls, order: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor,
+              shape: tuple[int, int]) -> BlockPlan:
         (T, k), device = shape, order.device
         block = _block_size(len(order), int((counts > 0).sum()))
         blocks = (counts + block - 1) // block  # (E,) blocks per expert
