@@ -109,19 +109,29 @@ void shrink_run(const S* x, int64_t n, const S* Ae, int64_t r, int64_t j0, const
   for (; i < stop; i++) shrink_block<S, W, 1>(x, n, Ae, r, j0, token, pair, i, u);
 }
 
+// The N columns c.. of rank row p of a weight read with column stride sc (1: contiguous, one vector load).
+template <typename S>
+inline typename V<S>::vec load_columns(const S* p, int64_t c, int64_t sc) {
+  if (sc == 1) return V<S>::load(p + c);
+  typename V<S>::vec v;
+  for (int64_t l = 0; l < V<S>::N; l++) v[l] = p[(c + l) * sc];
+  return v;
+}
+
 // out[token[i], c0:c1] += sum_j w[i, j0 + j] * Be[j, c0:c1] over the rows of one run, for W ranks of Be (rows j0..
-// of one expert's B^T): the run's weight columns are held in registers while its output rows are updated in place.
+// of one expert's B^T; rank j, column c at Be[j * sj + c * sc]): the run's weight columns are held in registers
+// while its output rows are updated in place.
 template <typename S, int W>
-void expand_run(const S* w, int64_t r, int64_t j0, const S* Be, int64_t m, const int64_t* token, int64_t start,
-                int64_t stop, int64_t c0, int64_t c1, S* out) {
+void expand_run(const S* w, int64_t r, int64_t j0, const S* Be, int64_t sj, int64_t sc, int64_t m,
+                const int64_t* token, int64_t start, int64_t stop, int64_t c0, int64_t c1, S* out) {
   using T = V<S>;
   constexpr int64_t BLOCK = 2 * T::N;
   int64_t c = c0;
   for (; c + BLOCK <= c1; c += BLOCK) {
     typename T::vec b0[W], b1[W];
     for (int j = 0; j < W; j++) {
-      b0[j] = T::load(Be + j * m + c);
-      b1[j] = T::load(Be + j * m + c + T::N);
+      b0[j] = load_columns(Be + j * sj, c, sc);
+      b1[j] = load_columns(Be + j * sj, c + T::N, sc);
     }
     for (int64_t i = start; i < stop; i++) {
       S* o = out + token[i] * m + c;
@@ -138,7 +148,7 @@ void expand_run(const S* w, int64_t r, int64_t j0, const S* Be, int64_t m, const
   for (int64_t i = start; i < stop; i++)
     for (int64_t cc = c; cc < c1; cc++) {
       S acc = 0;
-      for (int j = 0; j < W; j++) acc += w[i * r + j0 + j] * Be[j * m + cc];
+      for (int j = 0; j < W; j++) acc += w[i * r + j0 + j] * Be[j * sj + cc * sc];
       out[token[i] * m + cc] += acc;
     }
 }
@@ -191,12 +201,13 @@ void with_width(int64_t width, F&& f) {
 }
 
 // u [T*k, r]: u[pair[i]] = A[expert[i]] @ x[token[i]] for rows i in [begin, end); x [T, n], A [E, r, n].
+// Rows of expert -1 (pairs without an expert) are skipped, here and in expand and outer.
 template <typename S>
 void shrink(const S* x, int64_t n, const S* A, int64_t r, const int64_t* expert, const int64_t* token,
             const int64_t* pair, int64_t begin, int64_t end, S* u) {
   for (int64_t i = begin; i < end;) {
     int64_t stop = run_end(expert, i, end);
-    for (int64_t j0 = 0; j0 < r; j0 += SHRINK_RANKS)
+    for (int64_t j0 = 0; j0 < r && expert[i] >= 0; j0 += SHRINK_RANKS)
       with_width(std::min<int64_t>(SHRINK_RANKS, r - j0), [&]<int W>() {
         shrink_run<S, W>(x, n, A + (expert[i] * r + j0) * n, r, j0, token, pair, i, stop, u);
       });
@@ -204,12 +215,13 @@ void shrink(const S* x, int64_t n, const S* A, int64_t r, const int64_t* expert,
   }
 }
 
-// out [T, m]: out[token[i], c0:c1] += Bt[expert[i]]^T w[i] for all P rows; w [P, r] sorted rows, Bt [E, r, m].
+// out [T, m]: out[token[i], c0:c1] += Bt[expert[i]]^T w[i] for all P rows; w [P, r] sorted rows, Bt [E, r, m] with
+// strides (se, sj, sc): contiguous (sc = 1), or B [E, m, r] itself read transposed (sj = 1, sc = r).
 // The rows come in tiles of `tile` consecutive tokens (see shrink), so a tile's output rows stay in cache while its
 // experts' runs update them; when not `accumulate`, each tile's rows are zeroed first (out need not be initialized).
 template <typename S>
-void expand(const S* w, const S* Bt, int64_t r, int64_t m, const int64_t* expert, const int64_t* token, int64_t P,
-            int64_t T, int64_t tile, int64_t c0, int64_t c1, bool accumulate, S* out) {
+void expand(const S* w, const S* Bt, int64_t r, int64_t m, int64_t se, int64_t sj, int64_t sc, const int64_t* expert,
+            const int64_t* token, int64_t P, int64_t T, int64_t tile, int64_t c0, int64_t c1, bool accumulate, S* out) {
   int64_t i = 0;
   for (int64_t first = 0; first < T; first += tile) {
     int64_t last = std::min(first + tile, T);
@@ -218,9 +230,9 @@ void expand(const S* w, const S* Bt, int64_t r, int64_t m, const int64_t* expert
     while (i < P && token[i] < last) {
       int64_t stop = i + 1;
       while (stop < P && expert[stop] == expert[i] && token[stop] < last) stop++;
-      for (int64_t j0 = 0; j0 < r; j0 += RANK_CHUNK)
+      for (int64_t j0 = 0; j0 < r && expert[i] >= 0; j0 += RANK_CHUNK)
         with_width(std::min<int64_t>(RANK_CHUNK, r - j0), [&]<int W>() {
-          expand_run<S, W>(w, r, j0, Bt + (expert[i] * r + j0) * m, m, token, i, stop, c0, c1, out);
+          expand_run<S, W>(w, r, j0, Bt + expert[i] * se + j0 * sj, sj, sc, m, token, i, stop, c0, c1, out);
         });
       i = stop;
     }
@@ -233,7 +245,7 @@ void outer(const S* left, int64_t a, const S* right, int64_t n, const int64_t* e
            int64_t c0, int64_t c1, S* g) {
   for (int64_t i = 0; i < P;) {
     int64_t stop = run_end(expert, i, P);
-    for (int64_t j0 = 0; j0 < a; j0 += RANK_CHUNK)
+    for (int64_t j0 = 0; j0 < a && expert[i] >= 0; j0 += RANK_CHUNK)
       with_width(std::min<int64_t>(RANK_CHUNK, a - j0), [&]<int W>() {
         outer_run<S, W>(left, a, j0, right, n, token, i, stop, c0, c1, g + (expert[i] * a + j0) * n);
       });
@@ -248,10 +260,10 @@ void outer(const S* left, int64_t a, const S* right, int64_t n, const int64_t* e
                                   const int64_t* token, const int64_t* pair, int64_t begin, int64_t end, S* u) {    \
     shrink<S>(x, n, A, r, expert, token, pair, begin, end, u);                                                      \
   }                                                                                                                 \
-  extern "C" void expand_##suffix(const S* w, const S* Bt, int64_t r, int64_t m, const int64_t* expert,             \
-                                  const int64_t* token, int64_t P, int64_t T, int64_t tile, int64_t c0, int64_t c1, \
-                                  int64_t accumulate, S* out) {                                                     \
-    expand<S>(w, Bt, r, m, expert, token, P, T, tile, c0, c1, accumulate != 0, out);                                \
+  extern "C" void expand_##suffix(const S* w, const S* Bt, int64_t r, int64_t m, int64_t se, int64_t sj,          \
+                                  int64_t sc, const int64_t* expert, const int64_t* token, int64_t P, int64_t T,    \
+                                  int64_t tile, int64_t c0, int64_t c1, int64_t accumulate, S* out) {               \
+    expand<S>(w, Bt, r, m, se, sj, sc, expert, token, P, T, tile, c0, c1, accumulate != 0, out);                    \
   }                                                                                                                 \
   extern "C" void outer_##suffix(const S* left, int64_t a, const S* right, int64_t n, const int64_t* expert,        \
                                  const int64_t* token, int64_t P, int64_t c0, int64_t c1, S* g) {                   \

@@ -71,11 +71,13 @@ def expand(w: torch.Tensor, Bt: torch.Tensor, expert: torch.Tensor, token: torch
            accumulate: bool = True) -> None:
     """out[token[i]] += Bt[expert[i]]^T w[i] for every sorted row i, rows in tiles of `tile` tokens; not
     `accumulate`: each tile's rows are zeroed first, so out need not be initialized.
-    w [P, r] sorted rows, Bt [E, r, m], out [T, m] contiguous."""
-    w, Bt = w.contiguous(), Bt.contiguous()
+    w [P, r] sorted rows, Bt [E, r, m] contiguous or B [E, m, r] transposed (read in place), out [T, m] contiguous."""
+    w = w.contiguous()
+    if Bt.stride(2) != 1 and Bt.stride(1) != 1:
+        Bt = Bt.contiguous()
     fn = _kernel("expand", out.dtype)
     (P, r), (T, m) = w.shape, out.shape
-    args = (w.data_ptr(), Bt.data_ptr(), r, m, expert.data_ptr(), token.data_ptr(), P, T, tile)
+    args = (w.data_ptr(), Bt.data_ptr(), r, m, *Bt.stride(), expert.data_ptr(), token.data_ptr(), P, T, tile)
     _split(m, P * m * r, lambda lo, hi: fn(*args, lo, hi, int(accumulate), out.data_ptr()), align=64)
 
 
@@ -110,7 +112,7 @@ def _kernel(name: str, dtype: torch.dtype):
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int64
-    signatures = {"shrink": [p, i, p, i, p, p, p, i, i, p], "expand": [p, p, i, i, p, p, i, i, i, i, i, i, p],
+    signatures = {"shrink": [p, i, p, i, p, p, p, i, i, p], "expand": [p, p, i, i, i, i, i, p, p, i, i, i, i, i, i, p],
                   "outer": [p, i, p, i, p, p, i, i, i, p]}
     for name, args in signatures.items():
         for suffix in SUFFIX.values():
