@@ -118,12 +118,13 @@ inline typename V<S>::vec load_columns(const S* p, int64_t c, int64_t sc) {
   return v;
 }
 
-// out[token[i], c0:c1] += sum_j w[i, j0 + j] * Be[j, c0:c1] over the rows of one run, for W ranks of Be (rows j0..
-// of one expert's B^T; rank j, column c at Be[j * sj + c * sc]): the run's weight columns are held in registers
-// while its output rows are updated in place.
+// out[token[i], c0:c1] += coef[pair[i]] * sum_j u[pair[i], j0 + j] * Be[j, c0:c1] over the rows of one run, for W
+// ranks of Be (rows j0.. of one expert's B^T; rank j, column c at Be[j * sj + c * sc]): the run's weight columns are
+// held in registers while its output rows are updated in place.
 template <typename S, int W>
-void expand_run(const S* w, int64_t r, int64_t j0, const S* Be, int64_t sj, int64_t sc, int64_t m,
-                const int64_t* token, int64_t start, int64_t stop, int64_t c0, int64_t c1, S* out) {
+void expand_run(const S* u, const S* coef, int64_t r, int64_t j0, const S* Be, int64_t sj, int64_t sc, int64_t m,
+                const int64_t* token, const int64_t* pair, int64_t start, int64_t stop, int64_t c0, int64_t c1,
+                S* out) {
   using T = V<S>;
   constexpr int64_t BLOCK = 2 * T::N;
   int64_t c = c0;
@@ -135,11 +136,13 @@ void expand_run(const S* w, int64_t r, int64_t j0, const S* Be, int64_t sj, int6
     }
     for (int64_t i = start; i < stop; i++) {
       S* o = out + token[i] * m + c;
-      const S* wi = w + i * r + j0;
+      const S* ui = u + pair[i] * r + j0;
+      S ci = coef[pair[i]];
       typename T::vec o0 = T::load(o), o1 = T::load(o + T::N);
       for (int j = 0; j < W; j++) {
-        o0 += wi[j] * b0[j];
-        o1 += wi[j] * b1[j];
+        S wj = ci * ui[j];
+        o0 += wj * b0[j];
+        o1 += wj * b1[j];
       }
       T::store(o, o0);
       T::store(o + T::N, o1);
@@ -148,7 +151,7 @@ void expand_run(const S* w, int64_t r, int64_t j0, const S* Be, int64_t sj, int6
   for (int64_t i = start; i < stop; i++)
     for (int64_t cc = c; cc < c1; cc++) {
       S acc = 0;
-      for (int j = 0; j < W; j++) acc += w[i * r + j0 + j] * Be[j * sj + cc * sc];
+      for (int j = 0; j < W; j++) acc += coef[pair[i]] * u[pair[i] * r + j0 + j] * Be[j * sj + cc * sc];
       out[token[i] * m + cc] += acc;
     }
 }
@@ -215,13 +218,15 @@ void shrink(const S* x, int64_t n, const S* A, int64_t r, const int64_t* expert,
   }
 }
 
-// out [T, m]: out[token[i], c0:c1] += Bt[expert[i]]^T w[i] for all P rows; w [P, r] sorted rows, Bt [E, r, m] with
-// strides (se, sj, sc): contiguous (sc = 1), or B [E, m, r] itself read transposed (sj = 1, sc = r).
+// out [T, m]: out[token[i], c0:c1] += coef[pair[i]] * Bt[expert[i]]^T u[pair[i]] for all P rows; u [T*k, r],
+// coef [T*k], Bt [E, r, m] with strides (se, sj, sc): contiguous (sc = 1), or B [E, m, r] read transposed (sj = 1,
+// sc = r).
 // The rows come in tiles of `tile` consecutive tokens (see shrink), so a tile's output rows stay in cache while its
 // experts' runs update them; when not `accumulate`, each tile's rows are zeroed first (out need not be initialized).
 template <typename S>
-void expand(const S* w, const S* Bt, int64_t r, int64_t m, int64_t se, int64_t sj, int64_t sc, const int64_t* expert,
-            const int64_t* token, int64_t P, int64_t T, int64_t tile, int64_t c0, int64_t c1, bool accumulate, S* out) {
+void expand(const S* u, const S* coef, const S* Bt, int64_t r, int64_t m, int64_t se, int64_t sj, int64_t sc,
+            const int64_t* expert, const int64_t* token, const int64_t* pair, int64_t P, int64_t T, int64_t tile,
+            int64_t c0, int64_t c1, bool accumulate, S* out) {
   int64_t i = 0;
   for (int64_t first = 0; first < T; first += tile) {
     int64_t last = std::min(first + tile, T);
@@ -232,7 +237,8 @@ void expand(const S* w, const S* Bt, int64_t r, int64_t m, int64_t se, int64_t s
       while (stop < P && expert[stop] == expert[i] && token[stop] < last) stop++;
       for (int64_t j0 = 0; j0 < r && expert[i] >= 0; j0 += RANK_CHUNK)
         with_width(std::min<int64_t>(RANK_CHUNK, r - j0), [&]<int W>() {
-          expand_run<S, W>(w, r, j0, Bt + expert[i] * se + j0 * sj, sj, sc, m, token, i, stop, c0, c1, out);
+          expand_run<S, W>(u, coef, r, j0, Bt + expert[i] * se + j0 * sj, sj, sc, m, token, pair, i, stop, c0, c1,
+                           out);
         });
       i = stop;
     }
@@ -260,10 +266,11 @@ void outer(const S* left, int64_t a, const S* right, int64_t n, const int64_t* e
                                   const int64_t* token, const int64_t* pair, int64_t begin, int64_t end, S* u) {    \
     shrink<S>(x, n, A, r, expert, token, pair, begin, end, u);                                                      \
   }                                                                                                                 \
-  extern "C" void expand_##suffix(const S* w, const S* Bt, int64_t r, int64_t m, int64_t se, int64_t sj,          \
-                                  int64_t sc, const int64_t* expert, const int64_t* token, int64_t P, int64_t T,    \
-                                  int64_t tile, int64_t c0, int64_t c1, int64_t accumulate, S* out) {               \
-    expand<S>(w, Bt, r, m, se, sj, sc, expert, token, P, T, tile, c0, c1, accumulate != 0, out);                    \
+  extern "C" void expand_##suffix(const S* u, const S* coef, const S* Bt, int64_t r, int64_t m, int64_t se,       \
+                                  int64_t sj, int64_t sc, const int64_t* expert, const int64_t* token,              \
+                                  const int64_t* pair, int64_t P, int64_t T, int64_t tile, int64_t c0, int64_t c1,  \
+                                  int64_t accumulate, S* out) {                                                     \
+    expand<S>(u, coef, Bt, r, m, se, sj, sc, expert, token, pair, P, T, tile, c0, c1, accumulate != 0, out);        \
   }                                                                                                                 \
   extern "C" void outer_##suffix(const S* left, int64_t a, const S* right, int64_t n, const int64_t* expert,        \
                                  const int64_t* token, int64_t P, int64_t c0, int64_t c1, S* g) {                   \

@@ -70,7 +70,9 @@ class TokenRouting:
             gates = torch.where(valid, self.gates.detach().to(dtype), 0).reshape(-1)
             self._pairs = (self.gates._version, gates, self.idx.clamp(min=0).reshape(-1))
         _, gates, safe_idx = self._pairs
-        return gates * scale.to(gates.dtype).index_select(0, safe_idx)
+        if scale.dtype != gates.dtype:
+            scale = scale.to(gates.dtype)
+        return gates * scale.index_select(0, safe_idx)
 
 
 def grouped_lora(

@@ -62,6 +62,11 @@ def outer(left: torch.Tensor, right: torch.Tensor, plan: Plan) -> torch.Tensor:
     return plan.outer(left, right)
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; no call into torch when it already is (calls cost microseconds at one token)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _common_run_length(idx: torch.Tensor) -> int:
     """The largest L such that idx is constant over every aligned chunk of L tokens (0 if that L < MIN_RUN)."""
     T = idx.shape[0]
@@ -243,10 +248,9 @@ class SegmentPlan:
         if walk == "compiled":
             pair, token, expert = self.tiled
             target = torch.empty(self.shape[0], B.shape[1], dtype=u.dtype, device=u.device) if fresh else out
-            scaled = (u * coef[:, None]).index_select(0, pair)  # (T*k, r) in the walk's order
             Bt = B.transpose(1, 2)  # (E, r, out): read in place within one tile, copied once for many tiles' runs
             Bt = Bt if self.shape[0] <= NATIVE_TILE else Bt.contiguous()
-            native.expand(scaled, Bt, expert, token, NATIVE_TILE, target, accumulate=not fresh)
+            native.expand(u, _as(coef, u.dtype), Bt, expert, token, pair, NATIVE_TILE, target, accumulate=not fresh)
             return target
         if walk == "runs":
             return self.runs.expand(u, B, coef, out)
@@ -295,21 +299,24 @@ class UniformPlan:
     def _side_by_side(self, W: torch.Tensor) -> torch.Tensor:
         """W [E, r, n] (a view may do) -> the k experts' [r, n] stacked, [k*r, n]."""
         if len(self.experts) == 1:
-            return W[max(self.experts[0], 0)]
+            return W.select(0, max(self.experts[0], 0))
         return W.index_select(0, self.index).flatten(0, 1)
 
     def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        u = _as(torch.nn.functional.linear(x, self._side_by_side(A)), accum_dtype(x.dtype))  # (T, k*r) = (T*k, r)
+        if len(self.experts) == 1:
+            return u if self.experts[0] >= 0 else u.zero_()
         T, k, r = self.num_tokens, len(self.experts), A.shape[1]
-        u = torch.mm(x, self._side_by_side(A).t()).to(accum_dtype(x.dtype))  # (T, k*r) = (T*k, r) pair-major
         if -1 in self.experts:
             u.view(T, k, r)[:, [j for j, e in enumerate(self.experts) if e < 0]] = 0
         return u.view(T * k, r)
 
     def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        T, k, r = self.num_tokens, len(self.experts), B.shape[2]
         dtype = u.dtype if out is None else out.dtype
-        scaled = (u * coef[:, None]).view(T, k * r).to(dtype)  # empty slots: coef 0
-        Bt = self._side_by_side(B.transpose(1, 2)).to(dtype)  # (k*r, out)
+        scaled = _as(u * coef.unsqueeze(1), dtype)  # (T*k, r); empty slots: coef 0
+        if len(self.experts) > 1:
+            scaled = scaled.view(self.num_tokens, -1)  # (T, k*r)
+        Bt = _as(self._side_by_side(B.transpose(1, 2)), dtype)  # (k*r, out)
         return torch.mm(scaled, Bt) if out is None else out.addmm_(scaled, Bt)
 
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
