@@ -51,6 +51,50 @@ inline void sum16(const f16* v, float* sums) {
   f16 all = sum_units<8>(sum_units<4>(l2[0], l2[1]), sum_units<4>(l2[2], l2[3]));
   std::memcpy(sums, &all, sizeof all);
 }
+
+// One step of a 16 x 8 transpose: two vectors that differ in one bit of their index trade the lanes where lane bit
+// LB differs, swapping that index bit with lane bit LB. Half H = 0 gives the vector with the bit clear, 1 the other.
+constexpr int swap_lane(int LB, int l, int H) {
+  int bit = (l >> LB) & 1;
+  if (H == 0) return bit ? 16 + (l ^ (1 << LB)) : l;
+  return bit ? 16 + l : (l ^ (1 << LB));
+}
+template <int LB, int H, int... L>
+inline f16 swap_bits(f16 a, f16 b, std::integer_sequence<int, L...>) {
+  return __builtin_shufflevector(a, b, swap_lane(LB, L, H)...);
+}
+template <int LB, int H>
+inline f16 swap_bits(f16 a, f16 b) {
+  return swap_bits<LB, H>(a, b, std::make_integer_sequence<int, 16>{});
+}
+// Lane bits (c0 c3 c2 c1) back to column order (c3 c2 c1 c0).
+constexpr int column_lane(int l) { return ((l & 1) << 3) | (l >> 1); }
+template <int... L>
+inline f16 to_columns(f16 a, std::integer_sequence<int, L...>) {
+  return __builtin_shufflevector(a, a, column_lane(L)...);
+}
+// b[j] = rank j of 16 columns c0.. of a weight stored column by column (8 ranks from p + c * sc, sc >= 8):
+// the 8 x 16 block the expand holds in registers, transposed from B's own [out, r] layout by 32 shuffles.
+inline void columns_by_rank(const float* p, int64_t sc, f16* b) {
+  f16 v[8], s[8];
+  for (int m = 0; m < 8; m++) {  // v[m]: columns 2m and 2m + 1, 8 ranks each (lane = 8 * (c & 1) + j)
+    std::memcpy(&v[m], p + 2 * m * sc, 32);
+    std::memcpy(reinterpret_cast<char*>(&v[m]) + 32, p + (2 * m + 1) * sc, 32);
+  }
+  for (int m = 0; m < 4; m++) {
+    s[m] = swap_bits<2, 0>(v[m], v[m + 4]);
+    s[m + 4] = swap_bits<2, 1>(v[m], v[m + 4]);
+  }
+  for (int m : {0, 1, 4, 5}) {
+    v[m] = swap_bits<1, 0>(s[m], s[m + 2]);
+    v[m + 2] = swap_bits<1, 1>(s[m], s[m + 2]);
+  }
+  for (int m : {0, 2, 4, 6}) {
+    s[m] = swap_bits<0, 0>(v[m], v[m + 1]);
+    s[m + 1] = swap_bits<0, 1>(v[m], v[m + 1]);
+  }
+  for (int j = 0; j < 8; j++) b[j] = to_columns(s[j], std::make_integer_sequence<int, 16>{});
+}
 #endif
 
 constexpr int RANK_CHUNK = 8;  // expand, outer: ranks per pass (weight or gradient columns in registers)
@@ -118,6 +162,21 @@ inline typename V<S>::vec load_columns(const S* p, int64_t c, int64_t sc) {
   return v;
 }
 
+// b[j] = the N columns c.. of rank j, j < W, of a weight read as Be[j * sj + c * sc]: 8 ranks of B's own layout
+// (sj = 1) by a transpose in registers where the vectors allow it, else lane by lane.
+template <typename S, int W>
+inline void load_block(const S* Be, int64_t sj, int64_t sc, int64_t c, typename V<S>::vec* b) {
+#ifdef LORAHUB_SUM16
+  if constexpr (std::is_same_v<S, float> && W == 8) {
+    if (sj == 1 && sc >= 8) {
+      columns_by_rank(Be + c * sc, sc, b);
+      return;
+    }
+  }
+#endif
+  for (int j = 0; j < W; j++) b[j] = load_columns(Be + j * sj, c, sc);
+}
+
 // out[token[i], c0:c1] += coef[pair[i]] * sum_j u[pair[i], j0 + j] * Be[j, c0:c1] over the rows of one run, for W
 // ranks of Be (rows j0.. of one expert's B^T; rank j, column c at Be[j * sj + c * sc]): the run's weight columns are
 // held in registers while its output rows are updated in place.
@@ -130,10 +189,8 @@ void expand_run(const S* u, const S* coef, int64_t r, int64_t j0, const S* Be, i
   int64_t c = c0;
   for (; c + BLOCK <= c1; c += BLOCK) {
     typename T::vec b0[W], b1[W];
-    for (int j = 0; j < W; j++) {
-      b0[j] = load_columns(Be + j * sj, c, sc);
-      b1[j] = load_columns(Be + j * sj, c + T::N, sc);
-    }
+    load_block<S, W>(Be, sj, sc, c, b0);
+    load_block<S, W>(Be, sj, sc, c + T::N, b1);
     for (int64_t i = start; i < stop; i++) {
       S* o = out + token[i] * m + c;
       const S* ui = u + pair[i] * r + j0;
