@@ -1,4 +1,4 @@
-"""The built-in cross-task methods, each a plug-in registered by name (see cross_task.register_method).
+"""The built-in cross-task methods, each a plug-in registered by name (see harness.register_method).
 
 Adapter methods attach what they use for the call and detach it after, so the base stays clean between runs.
 Retrieval reads plain prompts (instruction + input), as the zoo's manifest samples are written.
@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 import lorahub_engine as le
-from benchmarks.cross_task import Context, MethodOutput, register_method
+from benchmarks.harness import Context, MethodOutput, register_method
 from benchmarks.training import TrainSpec, mean_losses, train_adapters
 from benchmarks.zoo import ZooRecipe, task_pairs
 from lorahub_engine.compose import assignment, retrieve
