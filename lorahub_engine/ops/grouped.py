@@ -12,7 +12,8 @@ A backend is a module with four functions over one `plan` it builds from `idx`:
     outer(left[T*k,a], right[T,b], plan)   -> g[E,a,b] acc,   g[e] = sum_{p: idx=e} left[p]^T right[t]
 "acc" is the accumulation dtype: fp32 for half inputs, the input's own precision above that.
 The forward and the backward below are written once in terms of these, so every backend trains the same way.
-A `TokenRouting` holds idx and gates and caches the plan: build it once per batch and every layer shares the sort.
+A `TokenRouting` holds idx and gates and caches the plan: build it once per forward and every layer shares it.
+With nothing to differentiate (no grad mode, or no input requiring grad) the forward runs outside autograd.
 """
 
 from __future__ import annotations

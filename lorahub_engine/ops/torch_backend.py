@@ -1,10 +1,14 @@
 """The CPU path of `grouped_lora`, and the reference the Triton kernels are held to.
 
-`plan` sorts a routing's valid (token, slot) pairs by expert once (`SegmentPlan`) and every primitive then picks a
-walk over them; none loops in Python over more than a few dozen experts:
+`plan` looks at how idx was built before it reads it. A routing known to be the same for every token (one token, or
+one row expanded over the tokens: stride 0) gets a `UniformPlan`: one matmul each way over all tokens, the bank's
+factors taken as views, nothing sorted, nothing read back per call; what a layer call costs there is a few torch
+calls. Any other routing gets a `SegmentPlan`, whose primitives each pick a walk and work out its metadata on first
+use (once per routing, shared by every layer that gets it); none loops in Python over more than a few dozen experts:
 - compiled (fp32 / fp64, with a C++ compiler: `native`): the pairs in tiles of NATIVE_TILE consecutive tokens and by
-  expert within a tile; the kernels read and update the tile's activation rows where they lie, in cache, while each
-  expert's weights stay in registers. Any routing, per row or per token.
+  expert within a tile (one stable sort on the device; pairs without an expert stay in the walk and the kernels skip
+  them); the kernels read and update the tile's activation rows where they lie, in cache, while each expert's weights
+  stay in registers. Any routing, per row or per token.
 - runs (`RunPlan`; torch ops), for routings constant over runs of consecutive tokens (a batch routed per row: one
   adapter for every token, an adapter per request, a retrieval mixture, a LoraHub population). The tokens are cut
   into C chunks of L rows (L = the gcd of the run lengths); shrink and expand are one bmm each over the chunks, with
