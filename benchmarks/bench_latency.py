@@ -258,9 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
         if "generate" in args.parts:
             entry["generate"] = generate_table(args.layers, args.repeats)
         _print(threads, entry)
-    result["env"]["load_avg_end"] = os.getloadavg()
-    write_json_atomic(args.out, result, indent=1)
-    print(f"wrote {args.out}")
+        result["env"]["load_avg_end"] = os.getloadavg()
+        write_json_atomic(args.out, result, indent=1)  # after each thread count: a long run keeps what it measured
+        print(f"wrote {args.out}")
     return result
 
 
