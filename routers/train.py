@@ -90,10 +90,10 @@ def summarize(records: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tenso
 
 
 def _log(history: RouterHistory, loss, task, aux, usage) -> None:
-    history.loss.append(float(loss))
-    history.task.append(float(task))
+    history.loss.append(float(loss.detach()))
+    history.task.append(float(task.detach()))
     for name, value in aux.items():
-        history.aux.setdefault(name, []).append(float(value))
+        history.aux.setdefault(name, []).append(float(value.detach()))
     history.usage.append(usage.tolist())
 
 
