@@ -62,6 +62,11 @@ def load_router(hf_model, path, experts):
     return model
 
 
+def saved_experts(path) -> list[str]:
+    """The expert names a saved router was built over, in bank order."""
+    return list(_read_meta(Path(path))["experts"])
+
+
 def _read_meta(folder: Path) -> dict:
     try:
         meta = json.loads((folder / CONFIG).read_text())
