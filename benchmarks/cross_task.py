@@ -107,6 +107,7 @@ class Context:
 
 def _load_methods() -> None:
     import benchmarks.methods  # noqa: F401  (registers the built-in methods)
+    import benchmarks.router_methods  # noqa: F401  (arrow, mole_shots, mole_mixture)
 
 
 def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Sequence[str] | None = None,

@@ -1,0 +1,81 @@
+"""Cross-task rows for the routers (registered like benchmarks/methods.py's): per-token routing over the zoo.
+
+    arrow          Arrow over every zoo adapter, top-3 per token, training-free
+    mole_shots     MoLE gates (dense) over the 20 adapters retrieved for the shots, trained on the 5 shots:
+                   the gradient-trained competitor of retrieval_lorahub at the same examples and modules
+    mole_mixture   MoLE gates (dense) over every zoo adapter, trained once per run on a mixture of the zoo's
+                   training tasks, then run unchanged on every held-out task
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+import lorahub_engine as le
+from benchmarks.cross_task import Context, MethodOutput, register_method
+from benchmarks.methods import LORAHUB_MODULES, answer
+from benchmarks.zoo import task_pairs
+from lorahub_engine.search import retrieved_modules
+from routers import ArrowConfig, MoLEConfig, attach_router, load_router, save_router, train_router
+
+SHOTS_STEPS, SHOTS_LR = 100, 1e-2  # 5 examples: 100 full-batch steps
+MIXTURE_STEPS, MIXTURE_PER_TASK, MIXTURE_LR = 300, 8, 5e-3  # the contract's defaults; 8 train examples per task
+
+
+def routed_answers(ctx: Context, router_of) -> MethodOutput:
+    """Answers to the test inputs with the router `router_of(model)` attaches; the base is clean afterwards."""
+    model = ctx.base.model
+    try:
+        router_of(model)
+        return answer(ctx, [ctx.prompt(x) for x, _ in ctx.test])
+    finally:
+        le.detach(model)
+
+
+@register_method("arrow", uses_shots=False)
+def arrow(ctx: Context) -> MethodOutput:
+    """Arrow (training-free): per token, top-3 of every zoo adapter by |<x, prototype>|."""
+    return routed_answers(ctx, lambda model: attach_router(model, ArrowConfig(top_k=3), list(ctx.zoo)))
+
+
+@register_method("mole_shots")
+def mole_shots(ctx: Context) -> MethodOutput:
+    """MoLE gates over the 20 modules retrieved for the shots, trained on the 5 shots (100 steps)."""
+    names = retrieved_modules(ctx.index, [ctx.query(x) for x, _ in ctx.shots], LORAHUB_MODULES)
+
+    def router(model):
+        attach_router(model, MoLEConfig(), [ctx.zoo[n] for n in names])
+        with torch.enable_grad():
+            train_router(model, ctx.base.tokenizer, ctx.shot_pairs(), steps=SHOTS_STEPS, lr=SHOTS_LR,
+                         batch_size=len(ctx.shots), seed=ctx.seed, progress=False)
+
+    return routed_answers(ctx, router)._replace(info={"adapters": names})
+
+
+@register_method("mole_mixture", uses_shots=False)
+def mole_mixture(ctx: Context) -> MethodOutput:
+    """MoLE gates over every zoo adapter, trained once on a mixture of the zoo's training tasks (300 steps)."""
+    folder = _mixture_router(ctx)
+    return routed_answers(ctx, lambda model: load_router(model, folder, experts=list(ctx.zoo)))
+
+
+def _mixture_router(ctx: Context) -> Path:
+    """The run's mixture router folder, trained on first use (cached for the run)."""
+    key = ("mole_mixture",)
+    if key not in ctx.cache:
+        pairs = [pair for name in ctx.zoo.names
+                 for pair in task_pairs(ctx.base, name, "train", MIXTURE_PER_TASK, seed=1)]
+        model = ctx.base.model
+        folder = Path(tempfile.mkdtemp(prefix="mole_mixture.")) / "router"
+        try:
+            attach_router(model, MoLEConfig(), list(ctx.zoo))
+            with torch.enable_grad():
+                train_router(model, ctx.base.tokenizer, pairs, steps=MIXTURE_STEPS, lr=MIXTURE_LR, seed=0)
+            save_router(model, folder)
+        finally:
+            le.detach(model)
+        ctx.cache[key] = folder
+    return ctx.cache[key]
