@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import lorahub_engine as le
-from benchmarks.cross_task import Context, MethodOutput, register_method
+from benchmarks.harness import Context, MethodOutput, register_method
 from benchmarks.methods import LORAHUB_MODULES, answer
 from benchmarks.zoo import task_pairs
 from lorahub_engine.search import retrieved_modules
@@ -66,16 +66,20 @@ def _mixture_router(ctx: Context) -> Path:
     """The run's mixture router folder, trained on first use (cached for the run)."""
     key = ("mole_mixture",)
     if key not in ctx.cache:
-        pairs = [pair for name in ctx.zoo.names
-                 for pair in task_pairs(ctx.base, name, "train", MIXTURE_PER_TASK, seed=1)]
-        model = ctx.base.model
-        folder = Path(tempfile.mkdtemp(prefix="mole_mixture.")) / "router"
-        try:
-            attach_router(model, MoLEConfig(), list(ctx.zoo))
-            with torch.enable_grad():
-                train_router(model, ctx.base.tokenizer, pairs, steps=MIXTURE_STEPS, lr=MIXTURE_LR, seed=0)
-            save_router(model, folder)
-        finally:
-            le.detach(model)
-        ctx.cache[key] = folder
+        ctx.cache[key] = train_mixture_router(ctx.base, ctx.zoo, Path(tempfile.mkdtemp(prefix="mole_mixture.")))
     return ctx.cache[key]
+
+
+def train_mixture_router(base, zoo, folder: Path, progress: bool = False) -> Path:
+    """MoLE gates over every zoo adapter trained on MIXTURE_PER_TASK train examples of each zoo task (the zoo's
+    adapters are named after their training tasks); saved to folder/router, the base left clean."""
+    pairs = [pair for name in zoo.names for pair in task_pairs(base, name, "train", MIXTURE_PER_TASK, seed=1)]
+    model = base.model
+    try:
+        attach_router(model, MoLEConfig(), list(zoo))
+        with torch.enable_grad():
+            train_router(model, base.tokenizer, pairs, steps=MIXTURE_STEPS, lr=MIXTURE_LR, seed=0, progress=progress)
+        save_router(model, folder / "router")
+    finally:
+        le.detach(model)
+    return folder / "router"

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lorahub_engine.cli import _load_language_model as load_language_model
-from lorahub_engine.cli import _read_examples as read_examples
+from lorahub_engine.cli.options import add_threads, load_language_model, read_examples, set_threads
 from lorahub_engine.fewshot import example_losses, generate_answers
 from lorahub_engine.search.objective import encode_pairs
 from lorahub_engine.zoo import AdapterZoo
@@ -62,11 +61,11 @@ def _add_inputs(p) -> None:
     p.add_argument("--zoo", required=True, help="zoo folder")
     p.add_argument("--model", required=True, help="transformers model folder (causal or seq2seq LM)")
     p.add_argument("--examples", required=True, help='JSON lines file, one {"input": ..., "output": ...} per line')
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    add_threads(p)
 
 
 def run_route_train(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     zoo = AdapterZoo.load(args.zoo, lazy=True)
     experts = [zoo[name] for name in (args.adapters or zoo.names)]
     model, tokenizer = load_language_model(args.model)
@@ -86,7 +85,7 @@ def run_route_train(args: argparse.Namespace) -> int:
 
 
 def _routed(args: argparse.Namespace):
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     zoo = AdapterZoo.load(args.zoo, lazy=True)
     model, tokenizer = load_language_model(args.model)
     model = load_router(model, args.router, experts=[zoo[name] for name in saved_experts(args.router)])
