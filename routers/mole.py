@@ -6,7 +6,8 @@
 
 The paper gates per block and per sequence from its experts' outputs; here the gate reads the wrapped module's
 input (one gate per wrapped module), per token by default or per row from its real tokens' mean
-(granularity="sequence"). top_k = k keeps the k largest G_i per token and renormalizes them. Experts masked at
+(granularity="sequence"; it pools the tokens of the current forward, so in cached decoding each step gates from
+its own token: use it to score or train whole sequences, "token" for generate). top_k = k keeps the k largest G_i per token and renormalizes them. Experts masked at
 inference (`disabled`) get logit -inf: the others renormalize without retraining.
 Index legend: T tokens, E experts, k slots.
 """
