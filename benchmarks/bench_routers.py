@@ -1,6 +1,7 @@
 """Speed of routed forwards (MoLE, Arrow) against the base forward and PEFT's Arrow and X-LoRA, in one run.
 
     HF_HUB_OFFLINE=1 python -m benchmarks.bench_routers [--repeats 3] [--threads 1 2] [--rows 8] [--seq 128]
+        [--layers 30] [--clock wall|process]   (process: CPU seconds of this process, for 1 thread on a busy box)
 
 Model: a SmolLM2-135M-shaped random Llama (30 layers, hidden 576, intermediate 1536, 9 heads, 3 kv heads, vocab
 512), 16 random adapters with r=8 on all 7 projections, a batch of rows x seq tokens, fp32, torch backend. Cases:
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.timing import measure, paired_ratio
+from benchmarks.timing import CLOCKS, measure, paired_ratio
 from lorahub_engine._io import write_json_atomic
 from routers import ArrowConfig, MoLEConfig, attach_router
 
@@ -81,12 +82,13 @@ def routed_models(base, adapters, paths) -> dict:
             "peft_xlora": xlora.eval()}
 
 
-def run(threads: int, models: dict, base, ids, repeats: int) -> dict:
+def run(threads: int, models: dict, base, ids, repeats: int, clock: str) -> dict:
     torch.set_num_threads(threads)
     cases = {"base": lambda: base(ids)}
     cases.update({name: (lambda m=m: m(input_ids=ids)) for name, m in models.items()})
     with torch.inference_mode():
-        timings = measure(cases, torch.device("cpu"), repeats, desc=f"{threads} thread(s)", reference="base")
+        timings = measure(cases, torch.device("cpu"), repeats, desc=f"{threads} thread(s)", reference="base",
+                          clock=CLOCKS[clock])
     return {"threads": threads, "seconds_median": timings["median"],
             "ratio_to_base": {name: paired_ratio(timings, name, "base") for name in models}}
 
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS))
     parser.add_argument("--output", default="benchmarks/results/bench_routers.json")
     args = parser.parse_args(argv)
     base = build_model(args.layers)
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.inference_mode():
         parity = float((models["arrow_top3"](ids).logits - models["peft_arrow"](input_ids=ids).logits).abs().max())
     result = {"config": vars(args), "arrow_vs_peft_max_abs_logit_diff": parity,
-              "runs": [run(t, models, base, ids, args.repeats) for t in args.threads]}
+              "runs": [run(t, models, base, ids, args.repeats, args.clock) for t in args.threads]}
     write_json_atomic(args.output, result)
     _print(result)
     return result
