@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.taskworld import Task, accuracy, examples, format_prompt, get_task, list_tasks
+from benchmarks.timing import run_info
 from lorahub_engine._io import write_json_atomic, write_text_atomic
 
 
@@ -229,7 +230,7 @@ def write_report(results: dict, out: Path, base_name: str, settings: Settings, s
     table = markdown_table(results)
     print(table)
     write_text_atomic(paths["md"], table + "\n")
-    record = {"base": base_name, "settings": asdict(settings), "seeds": seeds,
+    record = {"env": run_info(), "base": base_name, "settings": asdict(settings), "seeds": seeds,
               "methods": {m: METHODS[m].description for m in next(iter(results.values()))},
               "summary": summary(results), "results": results}
     write_json_atomic(paths["json"], record)
