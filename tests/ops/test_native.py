@@ -1,15 +1,13 @@
 """The compiled CPU kernels: each primitive against the torch walk of the same plan and against the einsum reference,
 across the widths where their vector and rank blocking have tails; threads; the build and its fallbacks."""
 
-import os
-
 import pytest
 import torch
 
 from lorahub_engine.ops import grouped_lora, native, torch_backend
+from tests.ci import IN_CI
 from tests.ops.reference import grouped_lora_reference
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true")  # CI must build the kernels: there, no compiler fails
 pytestmark = pytest.mark.skipif(native.library() is None and not IN_CI,
                                 reason="no C++ compiler: the kernels cannot be built (under CI=true this fails)")
 
