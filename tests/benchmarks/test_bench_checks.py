@@ -31,7 +31,8 @@ def routings(T, E, g):
 def test_grouped_baselines_equal_the_op_and_the_reference(baseline, scenario):
     g = torch.Generator().manual_seed(0)
     T, E, r, d_in, d_out = 37, 5, 3, 19, 11
-    x, A, B = torch.randn(T, d_in, generator=g), torch.randn(E, r, d_in, generator=g), torch.randn(E, d_out, r, generator=g)
+    x = torch.randn(T, d_in, generator=g)
+    A, B = torch.randn(E, r, d_in, generator=g), torch.randn(E, d_out, r, generator=g)
     scale = torch.rand(E, generator=g) + 0.5
     idx, gates = routings(T, E, g)[scenario]
     got = baseline(x, A, B, scale, idx, gates)
