@@ -23,8 +23,10 @@ import torch
 from tqdm import tqdm
 
 import benchmarks.methods  # noqa: F401  (registers the built-in methods)
+import benchmarks.router_methods  # noqa: F401  (the routers: arrow, mole_shots, mole_mixture)
 from benchmarks.harness import METHODS, Context, Method, Settings
 from benchmarks.taskworld import Task, accuracy, examples, get_task, list_tasks
+from benchmarks.timing import run_info
 from lorahub_engine._io import write_json_atomic, write_text_atomic
 
 
@@ -153,7 +155,7 @@ def write_report(results: dict, out: Path, base_name: str, settings: Settings, s
     table = markdown_table(results)
     print(table)
     write_text_atomic(paths["md"], table + "\n")
-    record = {"base": base_name, "settings": asdict(settings), "seeds": seeds,
+    record = {"env": run_info(), "base": base_name, "settings": asdict(settings), "seeds": seeds,
               "methods": {m: METHODS[m].description for m in next(iter(results.values()))},
               "summary": summary(results), "results": results}
     write_json_atomic(paths["json"], record)
