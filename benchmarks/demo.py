@@ -21,12 +21,13 @@ DEMO_METHODS = ("uniform_retrieved", "retrieval_lorahub")
 
 
 def run_demo(task: str | None = None, methods: tuple[str, ...] = DEMO_METHODS, k: int = 3, n_test: int = 100,
-             seed: int = 0, progress: bool = True) -> dict:
-    """Print and return the zero-shot and composed accuracies of `task` (held out: no zoo adapter saw it)."""
+             seed: int = 0, progress: bool = True, base: str = "tiny") -> dict:
+    """Print and return the zero-shot and composed accuracies of `task` (held out: no zoo adapter saw it) on
+    `base` ("tiny", or "smollm2" once its zoo is built: `ZooMissingError` otherwise, before anything loads)."""
     from benchmarks import methods as registry
     from benchmarks.bases import load_base
     from benchmarks.cross_task import Context, Settings
-    from benchmarks.zoo import load_zoo
+    from benchmarks.zoo import load_zoo, require_zoo
     from retrieval import AdapterIndex
 
     task = task or DEMO_TASK
@@ -35,10 +36,11 @@ def run_demo(task: str | None = None, methods: tuple[str, ...] = DEMO_METHODS, k
         raise ValueError(f"methods must be among {COMPOSITIONS}, got {list(methods)}")
     if not get_task(task).held_out:
         raise ValueError(f"{task} is a training task; pick a held-out one: {', '.join(list_tasks(held_out=True))}")
+    require_zoo(base)
     start = time.time()
     steps = tqdm(total=4 + len(methods), desc="demo", bar_format="{desc}: {n}/{total} {postfix}", disable=not progress)
-    steps.set_postfix_str("loading the tiny base")
-    base = load_base("tiny")
+    steps.set_postfix_str(f"loading the {base} base")
+    base = load_base(base)
     steps.update()
     steps.set_postfix_str("loading the zoo")
     zoo = load_zoo(base, progress=progress)

@@ -389,8 +389,10 @@ def run_bench(args: argparse.Namespace) -> int:
     from benchmarks import cross_task
     from benchmarks.bases import load_base
     from benchmarks.taskworld import load_extra_tasks
+    from benchmarks.zoo import require_zoo
 
     _threads(args)
+    require_zoo(args.base)
     for module in args.extra_tasks:
         load_extra_tasks(module)
     quick = cross_task.QUICK if args.quick else {}
@@ -408,7 +410,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def add_demo(commands) -> None:
     p = commands.add_parser("demo", help="an unseen task, 5 examples: retrieved + composed adapters vs zero-shot",
-                            description="Runs on the shipped tiny base and tiny zoo; nothing is downloaded.")
+                            description="Runs on the shipped tiny base and tiny zoo (or --base smollm2 with its "
+                                        "built zoo); nothing is downloaded.")
+    p.add_argument("--base", default="tiny", choices=("tiny", "smollm2"))
     p.add_argument("--task", help="a held-out taskworld task (default navigate)")
     p.add_argument("--methods", nargs="+", default=["uniform_retrieved", "retrieval_lorahub"],
                    help="compositions: uniform_retrieved, retrieval_lorahub, lorahub, retrieval_mixture, "
@@ -424,7 +428,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from benchmarks.demo import run_demo as demo
 
     _threads(args)
-    demo(args.task or None, tuple(args.methods), args.k, args.n_test, args.seed)
+    demo(args.task or None, tuple(args.methods), args.k, args.n_test, args.seed, base=args.base)
     return 0
 
 
