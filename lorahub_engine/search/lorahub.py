@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lorahub_engine.adapter import LoraAdapter
-from lorahub_engine.attach import attach, detach
+from lorahub_engine.attach import attached
 from lorahub_engine.search.config import SearchConfig
 from lorahub_engine.search.errors import SearchError
 from lorahub_engine.search.objective import FewShotObjective, encode_pairs, l1_penalty
@@ -50,7 +50,7 @@ def lorahub_search(model, tokenizer, adapters: Sequence[LoraAdapter], examples: 
         raise SearchError(f"cannot encode the examples: {e}") from None
     search = make_optimizer(config, len(adapters))
     try:
-        with _attached(model, adapters), _evaluating(model):
+        with attached(model, adapters), _evaluating(model):
             objective = FewShotObjective(model, batch, config.batch_size)
             history = run_search(search, objective, config, progress)
     finally:
@@ -98,15 +98,6 @@ def _check_examples(examples) -> list[tuple[str, str]]:
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
             raise SearchError(f"examples[{i}] must be an (input, answer) pair of strings, got {pair!r}")
     return [tuple(pair) for pair in examples]
-
-
-@contextlib.contextmanager
-def _attached(model, adapters: list[LoraAdapter]):
-    attach(model, adapters)
-    try:
-        yield
-    finally:
-        detach(model)
 
 
 @contextlib.contextmanager
