@@ -1,6 +1,7 @@
 """Does every zoo adapter learn its task? Base zero-shot, base 5-shot ICL and the task's adapter, per zoo task.
 
     python -m benchmarks.zoo_table --base smollm2            # needs the built zoo; resumable per task
+    python -m benchmarks.zoo_table --base smollm2 --zoo benchmarks/assets/smollm2_zoo_groups/000  # a group so far
 
 Each task is scored on its first `--n` distinct test examples (normalized exact match, as the cross-task
 benchmark); ICL reads the 5 shots `examples(task, "fewshot", 5, seed=0)`. Every finished task is written at once to
@@ -81,13 +82,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", default="smollm2", choices=BASES)
     parser.add_argument("--n", type=int, default=50, help="test examples per task")
     parser.add_argument("--tasks", nargs="+", help="default: every task of the zoo")
+    parser.add_argument("--zoo", help="a zoo folder to score instead of the base's built zoo (e.g. one finished "
+                                      "group of a build); its rows join the same table")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    require_zoo(args.base)
+    if args.zoo is None:
+        require_zoo(args.base)
     base = load_base(args.base)
-    zoo = load_zoo(base)
+    zoo = load_zoo(base) if args.zoo is None else le.AdapterZoo.load(args.zoo)
     path = Path(args.out) / f"zoo_table_{args.base}.json"
     done = json.loads(path.read_text()) if path.is_file() else {}
     rows = {name: row for name, row in done.get("tasks", {}).items() if row.get("n_test") and done.get("n") == args.n}
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         rows[name] = score_task(base, zoo[name], name, args.n)
         rows[name]["seconds"] = round(time.time() - start, 1)
         write_json_atomic(path, {"base": args.base, "n": args.n, "tasks": rows})
-    table = markdown({name: rows[name] for name in (args.tasks or zoo.names)})
+    table = markdown(rows)  # every task scored so far, this zoo's and earlier ones'
     print(table)
     write_text_atomic(path.with_suffix(".md"), table + "\n")
 

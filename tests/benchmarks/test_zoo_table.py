@@ -1,5 +1,7 @@
 """The per-task zoo table: an adapter that changes nothing scores exactly as the zero-shot base, and is flagged."""
 
+import pytest
+
 import lorahub_engine as le
 from benchmarks.zoo_table import markdown, score_task
 
@@ -16,3 +18,17 @@ def test_an_untrained_adapter_scores_as_the_base_and_is_flagged(micro_zoo, one_t
     assert trained["zero_shot"] == row["zero_shot"] and trained["icl"] == row["icl"]  # same prompts, same base
     table = markdown({task: row})
     assert f"| {task} |" in table and "**NO**" in table and "0/1" in table
+
+
+def test_the_script_scores_a_zoo_folder_and_resumes(tmp_path, one_thread, capsys, monkeypatch):
+    from benchmarks import zoo_table
+    from benchmarks.zoo import TINY_ZOO
+
+    args = ["--base", "tiny", "--zoo", str(TINY_ZOO), "--n", "3", "--out", str(tmp_path)]
+    zoo_table.main([*args, "--tasks", "plural"])
+    monkeypatch.setattr(zoo_table, "score_task", lambda base, adapter, name, n: {
+        "zero_shot": 0.0, "icl": 0.0, "adapter": 1.0, "n_test": n, "examples": []} if name == "add" else pytest.fail())
+    zoo_table.main([*args, "--tasks", "plural", "add"])  # plural is not scored again
+    table = (tmp_path / "zoo_table_tiny.md").read_text()
+    assert "| plural | lexicon | 3 |" in table and "| add | arithmetic | 3 | 0.00 | 0.00 | 1.00 | yes |" in table
+    assert table in capsys.readouterr().out
