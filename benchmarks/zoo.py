@@ -106,7 +106,7 @@ def require_zoo(base_name: str) -> None:
 
 def _missing(base_name: str) -> str:
     return (f"no {base_name} zoo is built (none in {SHIPPED.get(base_name)} nor in {cache_dir()}); build it first "
-            f"(about 2.5 h on one core): {build_command(base_name)}")
+            f"(about 1.9 h of one core): {build_command(base_name)}")
 
 
 def base_fingerprint(base) -> str:
