@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lorahub_engine._io import atomic_dir
+from lorahub_engine._io import OutputKind, atomic_dir
 from lorahub_engine.errors import (
     AdapterError,
     AdapterFileError,
@@ -98,8 +98,9 @@ class LoraAdapter:
             metadata=reader.metadata,
         )
 
-    def save(self, path: str | Path) -> None:
-        """Write a PEFT folder (config + safetensors) atomically: it appears whole or not at all."""
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write a PEFT folder (config + safetensors) atomically: it appears whole or not at all. It replaces an
+        adapter folder this engine wrote; anything else at `path` only with `overwrite` (see _io.atomic_dir)."""
         if not self.modules:
             raise AdapterFormatError(f"adapter {self.name!r} has no modules to save")
         tensors, ranks, alphas = {}, {}, {}
@@ -108,7 +109,7 @@ class LoraAdapter:
             tensors[f"{PREFIX}{module}.lora_A.weight"] = lora.A.contiguous()
             tensors[f"{PREFIX}{module}.lora_B.weight"] = lora.B.contiguous()
             ranks[module], alphas[module] = lora.rank, lora.scale * lora.rank
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, kind=ADAPTER_FOLDER, overwrite=overwrite) as tmp:
             (tmp / CONFIG_FILE).write_text(json.dumps(self._peft_config(ranks, alphas), indent=2))
             save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", _METADATA_KEY: json.dumps(self.metadata)})
 
@@ -132,6 +133,20 @@ class LoraAdapter:
             "modules_to_save": None,
             "inference_mode": True,
         }
+
+
+def _is_adapter_output(path: Path) -> bool:
+    """A folder of just a config and weights whose safetensors header carries this engine's metadata key."""
+    if not path.is_dir() or set(p.name for p in path.iterdir()) != {CONFIG_FILE, WEIGHTS_FILE}:
+        return False
+    try:
+        with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
+            return _METADATA_KEY in (f.metadata() or {})
+    except (SafetensorError, OSError):
+        return False
+
+
+ADAPTER_FOLDER = OutputKind("an adapter folder", _is_adapter_output)
 
 
 def pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:

@@ -6,12 +6,26 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lorahub_engine._io import atomic_dir
+from lorahub_engine._io import OutputKind, atomic_dir
 from lorahub_engine.adapter import LoraAdapter
 from lorahub_engine.errors import AdapterError, AdapterFileError, AdapterFormatError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+
+
+def _is_zoo_output(path: Path) -> bool:
+    """A folder whose manifest.json is a zoo manifest (adapter entries are objects with a path)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    entries = manifest.get("adapters") if isinstance(manifest, dict) else None
+    return (isinstance(entries, list) and "format_version" in manifest
+            and all(isinstance(e, dict) and "path" in e for e in entries))
+
+
+ZOO_FOLDER = OutputKind("a zoo folder", _is_zoo_output)
 
 
 class AdapterZoo:
@@ -43,10 +57,11 @@ class AdapterZoo:
     def names(self) -> list[str]:
         return list(self._adapters)
 
-    def save(self, path: str | Path) -> None:
-        """One PEFT folder per adapter plus manifest.json, written atomically as a whole."""
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """One PEFT folder per adapter plus manifest.json, written atomically as a whole. It replaces a zoo folder
+        this engine wrote; anything else at `path` only with `overwrite` (see _io.atomic_dir)."""
         entries = []
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, kind=ZOO_FOLDER, overwrite=overwrite) as tmp:
             for adapter in self:
                 adapter.save(tmp / adapter.name)
                 entries.append({"name": adapter.name, "path": adapter.name, **adapter.metadata})

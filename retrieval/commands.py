@@ -6,13 +6,26 @@ import argparse
 import json
 import sys
 
-from lorahub_engine.cli.options import load_language_model
+from lorahub_engine._io import OutputKind, write_text_atomic
+from lorahub_engine.cli.options import add_overwrite, check_output_path, load_language_model
 from lorahub_engine.compose import retrieve_and_compose
 from lorahub_engine.errors import AdapterError
 from lorahub_engine.zoo import AdapterZoo
 from retrieval.embedder import TASK_PREFIX
 from retrieval.config import IndexConfig
-from retrieval.index import AdapterIndex
+from retrieval.index import INDEX_FOLDER, AdapterIndex
+
+
+def _is_retrieve_output(path) -> bool:
+    """A JSON lines file whose every line is a record this command writes (input and adapters)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return bool(lines) and all({"input", "adapters"} <= set(json.loads(line)) for line in lines)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+RETRIEVE_OUTPUT = OutputKind("a retrieve output (JSON lines)", _is_retrieve_output, folder=False)
 
 
 def add_index(commands) -> None:
@@ -30,6 +43,7 @@ def add_index(commands) -> None:
                             ("--nprobe", "IVF cells visited per query"), ("--hnsw-m", "HNSW links per node"),
                             ("--ef-construction", "HNSW build beam"), ("--ef-search", "HNSW query beam")]:
         build.add_argument(flag, type=int, help=help_text)
+    add_overwrite(build)
     build.set_defaults(run=run_index_build)
     query = sub.add_parser("query", help="the best adapters for each text")
     query.add_argument("index", help="index folder")
@@ -41,12 +55,13 @@ def add_index(commands) -> None:
 
 
 def run_index_build(args: argparse.Namespace) -> int:
+    check_output_path(args.output, INDEX_FOLDER, args.overwrite, [args.zoo])
     tuning = {k: getattr(args, k) for k in ("threshold", "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search")}
     prefix = TASK_PREFIX if args.task_prefix else args.prefix
     config = IndexConfig(kind=args.kind, embedder=args.embedder, prefix=prefix,
                          **{k: v for k, v in tuning.items() if v is not None})
     index = AdapterIndex.build(AdapterZoo.load(args.zoo, lazy=True), config=config, progress=True)
-    index.save(args.output)
+    index.save(args.output, overwrite=args.overwrite)
     print(f"{args.output}: {len(index)} adapters, {index.kind} index, dimension {index.dimension}, "
           f"embedder {index.embedder.name}")
     return 0
@@ -81,6 +96,7 @@ def add_retrieve(commands) -> None:
     p.add_argument("--options", help="comma-separated options to score instead of generating")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=16)
+    add_overwrite(p)
     p.set_defaults(run=run_retrieve)
 
 
@@ -89,6 +105,8 @@ def run_retrieve(args: argparse.Namespace) -> int:
 
     if args.model and not args.zoo:
         raise AdapterError("--model needs --zoo (the adapters to attach)")
+    if args.output:
+        check_output_path(args.output, RETRIEVE_OUTPUT, args.overwrite, [args.index, args.inputs])
     try:
         inputs = [line.rstrip("\n") for line in open(args.inputs, encoding="utf-8") if line.strip()]
     except OSError as e:
@@ -111,8 +129,7 @@ def run_retrieve(args: argparse.Namespace) -> int:
                         for x, row, y in zip(chunk, out.hits, out.outputs)]
     lines = "".join(json.dumps(r) + "\n" for r in records)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(lines)
+        write_text_atomic(args.output, lines, RETRIEVE_OUTPUT, args.overwrite)
     else:
         sys.stdout.write(lines)
     return 0

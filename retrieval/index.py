@@ -17,7 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from lorahub_engine._io import atomic_dir
+from lorahub_engine._io import OutputKind, atomic_dir
 from retrieval import faiss_backend
 from retrieval.config import IndexConfig
 from retrieval.embedder import DEFAULT_NAME, Embedder, EmbedderSpec, resolve_embedder
@@ -28,6 +28,19 @@ INDEX_FILE = "index.faiss"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 Hits = list[list[tuple[str, float]]]
+
+
+def _is_index_output(path: Path) -> bool:
+    """A folder of just index.faiss and an index manifest.json."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return ({p.name for p in path.iterdir()} == {INDEX_FILE, MANIFEST} and isinstance(manifest, dict)
+            and {"format_version", "dimension", "embedder"} <= set(manifest))
+
+
+INDEX_FOLDER = OutputKind("an index folder", _is_index_output)
 
 
 class AdapterIndex:
@@ -165,8 +178,9 @@ class AdapterIndex:
         self._index.add_with_ids(vectors, ids)
 
     # ---- persistence --------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """Write folder `path` (index.faiss + manifest.json) atomically; never pickles."""
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write folder `path` (index.faiss + manifest.json) atomically; never pickles. It replaces an index folder
+        this engine wrote; anything else at `path` only with `overwrite` (see lorahub_engine._io.atomic_dir)."""
         manifest = {
             "format_version": FORMAT_VERSION,
             "config": self.config.to_json(),
@@ -177,7 +191,7 @@ class AdapterIndex:
             "embedder": None if self._spec is None else self._spec.to_json(),
             "adapters": [[i, self._names[i]] for i in sorted(self._names)],
         }
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, kind=INDEX_FOLDER, overwrite=overwrite) as tmp:
             faiss.write_index(self._index, str(tmp / INDEX_FILE))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 

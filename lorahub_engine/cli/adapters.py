@@ -6,8 +6,8 @@ import argparse
 import json
 import math
 
-from lorahub_engine.adapter import LoraAdapter, LoraModule
-from lorahub_engine.cli.options import floats
+from lorahub_engine.adapter import ADAPTER_FOLDER, LoraAdapter, LoraModule
+from lorahub_engine.cli.options import add_overwrite, check_output_path, floats
 from lorahub_engine.merge import METHODS, merge
 from lorahub_engine.merge.methods import KNOTS_INNER
 from lorahub_engine.merge.registry import SPACES
@@ -27,14 +27,16 @@ def add_merge(commands) -> None:
     p.add_argument("--name", help="name of the merged adapter")
     p.add_argument("--majority-sign-method", choices=("total", "frequency"))
     p.add_argument("--knots-method", choices=KNOTS_INNER)
+    add_overwrite(p)
     p.set_defaults(run=run_merge)
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    check_output_path(args.output, ADAPTER_FOLDER, args.overwrite, args.adapters)
     merged = merge(args.adapters, args.weights, args.method, density=args.density, space=args.space,
                    rank=args.rank, seed=args.seed, name=args.name, majority_sign_method=args.majority_sign_method,
                    knots_method=args.knots_method, progress=True)
-    merged.save(args.output)
+    merged.save(args.output, overwrite=args.overwrite)
     ranks = sorted({m.rank for m in merged.modules.values()})
     print(f"{args.output}: {args.method} of {len(args.adapters)} adapters, {len(merged.modules)} modules, "
           f"rank {_span(ranks)}")

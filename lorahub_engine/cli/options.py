@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from lorahub_engine.errors import AdapterError
+from lorahub_engine._io import OutputKind, check_output
+from lorahub_engine.errors import AdapterError, OutputExistsError
 
 
 def floats(text: str) -> list[float]:
@@ -17,6 +18,23 @@ def floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output path even if it holds something this command did not write (in a "
+                        "folder, only the output's own files are replaced)")
+
+
+def check_output_path(output: str, kind: OutputKind, overwrite: bool, inputs: list[str] = ()) -> None:
+    """Before any work: refuse an output that is, holds or lies inside one of the inputs, and one that would replace
+    what is not an earlier output of `kind` without --overwrite."""
+    target = Path(output).resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise OutputExistsError(f"{output}: the output would overwrite the input {source}; choose another path")
+    check_output(output, kind, overwrite)
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:

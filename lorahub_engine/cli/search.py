@@ -11,7 +11,15 @@ import argparse
 import json
 from importlib.metadata import entry_points
 
-from lorahub_engine.cli.options import add_threads, load_language_model, read_examples, set_threads
+from lorahub_engine.adapter import ADAPTER_FOLDER
+from lorahub_engine.cli.options import (
+    add_overwrite,
+    add_threads,
+    check_output_path,
+    load_language_model,
+    read_examples,
+    set_threads,
+)
 from lorahub_engine.errors import AdapterError
 
 INDEXES_GROUP = "lorahub_engine.indexes"
@@ -39,6 +47,7 @@ def add_search(commands) -> None:
     p.add_argument("--batch-size", type=int, help="rows per forward (default: population x examples)")
     p.add_argument("--name", default="lorahub", help="name of the composed adapter")
     p.add_argument("--json", action="store_true", help="print the search result (with its history) as JSON")
+    add_overwrite(p)
     add_threads(p)
     p.set_defaults(run=run_search)
 
@@ -48,6 +57,7 @@ def run_search(args: argparse.Namespace) -> int:
     from lorahub_engine.zoo import AdapterZoo
 
     set_threads(args)
+    check_output_path(args.output, ADAPTER_FOLDER, args.overwrite, [args.zoo, args.model])
     examples = read_examples(args.examples)
     zoo = AdapterZoo.load(args.zoo, lazy=True)
     if args.adapters:
@@ -61,7 +71,7 @@ def run_search(args: argparse.Namespace) -> int:
     result = lorahub_search(model, tokenizer, adapters, examples, budget=args.budget, bound=args.bound, l1=args.l1,
                             optimizer=args.optimizer, population=args.population, seed=args.seed,
                             batch_size=args.batch_size)
-    result.adapter(args.name).save(args.output)
+    result.adapter(args.name).save(args.output, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0

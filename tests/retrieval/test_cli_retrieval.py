@@ -60,3 +60,23 @@ def test_retrieve_with_and_without_a_model(folders, tmp_path, capsys):
     assert "--model needs --zoo" in capsys.readouterr().err
     assert main(["index", "query", str(tmp_path / "missing"), "x"]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_outputs_never_replace_the_zoo_or_a_foreign_file(folders, tmp_path, capsys):
+    root, _, _ = folders
+    zoo_files = sorted(p.name for p in (root / "zoo").iterdir())
+    for extra in ([], ["--overwrite"]):
+        assert main(["index", "build", str(root / "zoo"), "-o", str(root / "zoo"), *extra]) == 2
+        assert "would overwrite the input" in capsys.readouterr().err
+    assert sorted(p.name for p in (root / "zoo").iterdir()) == zoo_files and le.AdapterZoo.load(root / "zoo")
+    assert main(["index", "build", str(root / "zoo"), "-o", str(root / "idx")]) == 0  # its own output: replaced
+    capsys.readouterr()
+    (tmp_path / "in.txt").write_text("add one plus three\n")
+    (tmp_path / "notes.txt").write_text("mine")
+    argv = ["retrieve", str(root / "idx"), str(tmp_path / "in.txt"), "-o", str(tmp_path / "notes.txt")]
+    assert main(argv) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert main(argv[:-1] + [str(tmp_path / "hits.jsonl")]) == 0
+    assert main(argv[:-1] + [str(tmp_path / "hits.jsonl")]) == 0  # a retrieve output: replaced
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads((tmp_path / "notes.txt").read_text())["adapters"][0][0] == "add"
