@@ -112,7 +112,7 @@ def rewrite_weights(folder, edit):
         (lambda f: edit_config(f, modules_to_save=["lm_head"]), le.UnsupportedFeatureError, "modules_to_save"),
         (lambda f: edit_config(f, peft_type="IA3"), le.UnsupportedFeatureError, "not LORA"),
         (lambda f: edit_config(f, r=3), le.AdapterFormatError, "config says r=3"),
-        (lambda f: edit_config(f, r=0), le.AdapterFormatError, "positive number"),
+        (lambda f: edit_config(f, r=0), le.AdapterFormatError, "positive integer"),
         (lambda f: rewrite_weights(f, lambda t: t.update({"base_model.model.embed.lora_embedding_A": torch.ones(2, 2)})),
          le.UnsupportedFeatureError, "embedding LoRA"),
         (lambda f: rewrite_weights(f, lambda t: t.update({"base_model.model.x.weight": torch.ones(2)})),
