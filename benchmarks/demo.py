@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from benchmarks.taskworld import accuracy, examples, get_task, list_tasks
 from lorahub_engine.cli import execute
-from lorahub_engine.cli.options import add_threads, set_threads
+from lorahub_engine.cli.options import CommandParser, add_threads, positive_int, set_threads
 
 DEMO_TASK = "navigate"
 COMPOSITIONS = ("uniform_retrieved", "retrieval_lorahub", "lorahub", "retrieval_mixture", "retrieval_fusion", "ties",
@@ -40,7 +40,7 @@ def run_demo(task: str | None = None, methods: tuple[str, ...] = DEMO_METHODS, k
     if not get_task(task).held_out:
         raise ValueError(f"{task} is a training task; pick a held-out one: {', '.join(list_tasks(held_out=True))}")
     start = time.time()
-    steps = tqdm(total=4 + len(methods), desc="demo", bar_format="{desc}: {n}/{total} {postfix}", disable=not progress)
+    steps = tqdm(total=4 + len(methods), desc="demo", bar_format="{desc}: {n}/{total}{postfix}", disable=not progress)
     steps.set_postfix_str("loading the tiny base")
     base = load_base("tiny")
     steps.update()
@@ -91,10 +91,11 @@ def add_demo(commands) -> None:
 
 
 def demo_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", help=f"a held-out taskworld task (default {DEMO_TASK})")
-    p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), help="compositions: " + ", ".join(COMPOSITIONS))
-    p.add_argument("--k", type=int, default=3, help="adapters retrieved")
-    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--task", default=DEMO_TASK, help="a held-out taskworld task")
+    p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), choices=COMPOSITIONS, metavar="METHOD",
+                   help="compositions: " + ", ".join(COMPOSITIONS))
+    p.add_argument("--k", type=positive_int, default=3, help="adapters retrieved")
+    p.add_argument("--n-test", type=positive_int, default=100, help="test examples")
     p.add_argument("--seed", type=int, default=0, help="which 5 examples")
     add_threads(p)
     p.set_defaults(run=run_demo_command, command="demo")
@@ -102,15 +103,17 @@ def demo_options(p: argparse.ArgumentParser) -> None:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     set_threads(args)
-    run_demo(args.task or None, tuple(args.methods), args.k, args.n_test, args.seed)
+    run_demo(args.task, tuple(args.methods), args.k, args.n_test, args.seed)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m benchmarks.demo`: the `demo` command without the rest of the CLI."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m benchmarks.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     demo_options(parser)
-    return execute(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return execute(args, args.debug)
 
 
 if __name__ == "__main__":
