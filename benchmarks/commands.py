@@ -25,7 +25,7 @@ def add_build_zoo(commands) -> None:
 def run_build_zoo(args: argparse.Namespace) -> int:
     from benchmarks.bases import load_base
     from benchmarks.taskworld import load_extra_tasks
-    from benchmarks.zoo import build_zoo
+    from benchmarks.taskworld_zoo import build_zoo
 
     set_threads(args)
     for module in args.extra_tasks:

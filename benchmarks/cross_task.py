@@ -41,7 +41,7 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
     """Evaluate `methods` on held-out `tasks`; returns {task: {method: stats}} (stats: mean, std, scores over
     seeds, tokens per query, seconds per run, info). With `out`, writes the report files there.
 
-    base: "tiny" / "smollm2" or a loaded `Base`; zoo: default `benchmarks.zoo.load_zoo(base)`; index: default
+    base: "tiny" / "smollm2" or a loaded `Base`; zoo: default `benchmarks.taskworld_zoo.load_zoo(base)`; index: default
     `AdapterIndex.build(zoo)` over the manifest's sample prompts.
     """
     base = _base(base)
@@ -52,7 +52,7 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
     if unknown:
         raise ValueError(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
     if zoo is None:
-        from benchmarks.zoo import load_zoo
+        from benchmarks.taskworld_zoo import load_zoo
 
         zoo = load_zoo(base, progress=progress)
     if index is None:

@@ -1,7 +1,8 @@
 """The README's first command: an unseen task, 5 examples, retrieved and composed adapters vs the zero-shot base.
 
     lorahub-engine demo                      # or: python -m benchmarks.demo [--task ... --methods ...]
-The `demo` command is declared here (entry point `demo` of the group `lorahub_engine.commands`). Runs on the shipped tiny base (benchmarks/assets/tiny) and tiny zoo (benchmarks/assets/tiny_zoo, rebuilt by
+The `demo` command is declared here (entry point `demo` of the group `lorahub_engine.commands`). Runs on the
+shipped tiny base (benchmarks/assets/tiny) and tiny zoo (benchmarks/assets/tiny_zoo, rebuilt by
 `lorahub-engine build-zoo --base tiny --out benchmarks/assets/tiny_zoo`); nothing is downloaded or trained.
 """
 
@@ -30,7 +31,7 @@ def run_demo(task: str | None = None, methods: tuple[str, ...] = DEMO_METHODS, k
     from benchmarks import methods as registry
     from benchmarks.bases import load_base
     from benchmarks.harness import Context, Settings
-    from benchmarks.zoo import load_zoo
+    from benchmarks.taskworld_zoo import load_zoo
     from retrieval import AdapterIndex
 
     task = task or DEMO_TASK

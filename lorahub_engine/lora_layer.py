@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorahub_engine.merge.lorahub import lorahub_factors
+from lorahub_engine.merge.lorahub_factors import lorahub_factors
 from lorahub_engine.ops.grouped import TokenRouting, grouped_lora_routed
 
 MODES = ("mixture", "fusion")

@@ -104,7 +104,8 @@ def test_the_checks_see_a_violation_and_a_cycle():
     graph = {"lorahub_engine.a": {"benchmarks.b"}, "benchmarks.b": {"lorahub_engine.a"}, "retrieval.c": set()}
     assert strongly_connected(graph) == [["benchmarks.b", "lorahub_engine.a"]]
     known = {"lorahub_engine.x", "lorahub_engine.x.y"}
-    source = "from . import y\nfrom .y import z\ndef f():\n    import retrieval.index\n    importlib.import_module('benchmarks.demo')\n"
+    source = ("from . import y\nfrom .y import z\ndef f():\n    import retrieval.index\n"
+              "    importlib.import_module('benchmarks.demo')\n")
     path = ROOT / "tests" / "_layers_probe" / "__init__.py"
     path.parent.mkdir(exist_ok=True)
     try:
