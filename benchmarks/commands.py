@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorahub_engine.cli.options import add_threads, positive_int, set_threads
+from lorahub_engine.cli.options import add_threads, positive_int, set_threads, show_progress
 
 
 def add_build_zoo(commands) -> None:
@@ -30,7 +30,7 @@ def run_build_zoo(args: argparse.Namespace) -> int:
     set_threads(args)
     for module in args.extra_tasks:
         load_extra_tasks(module)
-    folder = build_zoo(load_base(args.base), out=args.out)
+    folder = build_zoo(load_base(args.base), out=args.out, progress=show_progress())
     print(f"zoo: {folder}")
     return 0
 
@@ -77,7 +77,7 @@ def run_bench(args: argparse.Namespace) -> int:
     tasks = args.tasks or quick.get("tasks")
     methods = args.methods or quick.get("methods")
     base = load_base(args.base)
-    results = cross_task.run_cross_task(base, tasks, methods, seeds, settings=settings)
+    results = cross_task.run_cross_task(base, tasks, methods, seeds, settings=settings, progress=show_progress())
     stem = f"cross_task_{args.base}" + ("_quick" if args.quick else "")
     paths = cross_task.write_report(results, Path(args.out), args.base, settings, seeds, stem)
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from benchmarks.taskworld import accuracy, examples, get_task, list_tasks
 from lorahub_engine.cli import execute
-from lorahub_engine.cli.options import CommandParser, add_threads, positive_int, set_threads
+from lorahub_engine.cli.options import CommandParser, add_threads, positive_int, set_threads, show_progress
 
 DEMO_TASK = "navigate"
 COMPOSITIONS = ("uniform_retrieved", "retrieval_lorahub", "lorahub", "retrieval_mixture", "retrieval_fusion", "ties",
@@ -104,7 +104,7 @@ def demo_options(p: argparse.ArgumentParser) -> None:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     set_threads(args)
-    run_demo(args.task, tuple(args.methods), args.k, args.n_test, args.seed)
+    run_demo(args.task, tuple(args.methods), args.k, args.n_test, args.seed, progress=show_progress())
     return 0
 
 

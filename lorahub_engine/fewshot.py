@@ -140,6 +140,17 @@ def _accepts(model, argument: str) -> bool:
     return argument in inspect.signature(model.forward).parameters
 
 
+def _cache_argument(model) -> str:
+    """transformers 5.x renamed past_key_values to cache: the name the first module declaring either uses (a wrapper
+    whose forward takes **kwargs, as PEFT's, passes it on to the model it wraps)."""
+    for module in model.modules():
+        parameters = inspect.signature(module.forward).parameters
+        for name in ("cache", "past_key_values"):
+            if name in parameters:
+                return name
+    return "past_key_values"
+
+
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on each row's first real token, so left padding changes nothing."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [n, l]
@@ -203,7 +214,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
         step_inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask))
     if _accepts(model, "logits_to_keep"):
         forward_kwargs = {"logits_to_keep": 1, **forward_kwargs}
-    cache_argument = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5.x
+    cache_argument = _cache_argument(model)
     new_tokens = torch.empty(len(rows), 0, dtype=torch.long, device=device)
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
     cache = None

@@ -14,6 +14,7 @@ from lorahub_engine.cli.options import (
     load_language_model,
     positive_float,
     positive_int,
+    show_progress,
 )
 from lorahub_engine.compose import retrieve_and_compose
 from lorahub_engine.errors import AdapterError
@@ -91,7 +92,7 @@ def run_index_build(args: argparse.Namespace) -> int:
     prefix = TASK_PREFIX if args.task_prefix else args.prefix
     config = IndexConfig(kind=args.kind, embedder=args.embedder, prefix=prefix,
                          **{k: v for k, v in tuning.items() if v is not None})
-    index = AdapterIndex.build(AdapterZoo.load(args.zoo, lazy=True), config=config, progress=True)
+    index = AdapterIndex.build(AdapterZoo.load(args.zoo, lazy=True), config=config, progress=show_progress())
     index.save(args.output, overwrite=args.overwrite)
     print(f"{args.output}: {len(index)} adapters, {index.kind} index, dimension {index.dimension}, "
           f"embedder {index.embedder.name}")
@@ -147,13 +148,14 @@ def run_retrieve(args: argparse.Namespace) -> int:
     index = AdapterIndex.load(args.index)
     options = args.options.split(",") if args.options else None
     if not args.model:
-        hits = index.search(inputs, k=args.k, exclude=args.exclude, progress=len(inputs) >= 100)
+        hits = index.search(inputs, k=args.k, exclude=args.exclude, progress=show_progress() and len(inputs) >= 100)
         records = [{"input": x, "adapters": [[n, s] for n, s in row]} for x, row in zip(inputs, hits)]
     else:
         model, tokenizer = load_language_model(args.model)
         zoo = AdapterZoo.load(args.zoo)
         records = []
-        for start in tqdm(range(0, len(inputs), args.batch_size), desc="retrieve and compose", unit="batch"):
+        for start in tqdm(range(0, len(inputs), args.batch_size), desc="retrieve and compose", unit="batch",
+                          disable=None):
             chunk = inputs[start : start + args.batch_size]
             out = retrieve_and_compose(model, tokenizer, zoo, index, chunk, k=args.k, mode=args.mode,
                                        gating=args.gating, temperature=args.temperature, options=options,

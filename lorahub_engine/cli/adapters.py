@@ -8,7 +8,7 @@ import math
 import sys
 
 from lorahub_engine.adapter import ADAPTER_FOLDER, LoraAdapter, LoraModule
-from lorahub_engine.cli.options import add_overwrite, check_output_path, floats, fraction, positive_int
+from lorahub_engine.cli.options import add_overwrite, check_output_path, floats, fraction, positive_int, show_progress
 from lorahub_engine.merge import METHODS, merge
 from lorahub_engine.merge.methods import KNOTS_INNER
 from lorahub_engine.merge.registry import SPACES
@@ -42,7 +42,7 @@ def run_merge(args: argparse.Namespace) -> int:
     check_output_path(args.output, ADAPTER_FOLDER, args.overwrite, args.adapters)
     merged = merge(args.adapters, args.weights, args.method, density=args.density, space=args.space,
                    rank=args.rank, seed=args.seed, name=args.name, majority_sign_method=args.majority_sign_method,
-                   knots_method=args.knots_method, progress=True)
+                   knots_method=args.knots_method, progress=show_progress())
     merged.save(args.output, overwrite=args.overwrite)
     ranks = sorted({m.rank for m in merged.modules.values()})
     print(f"{args.output}: {args.method} of {len(args.adapters)} adapters, {len(merged.modules)} modules, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -59,6 +60,11 @@ def floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def show_progress() -> bool:
+    """Progress bars only on a terminal (tqdm's own rule for disable=None): a log gets no pile of redrawn bars."""
+    return sys.stderr.isatty()
 
 
 def add_overwrite(p: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ from lorahub_engine.cli.options import (
     load_language_model,
     read_examples,
     set_threads,
+    show_progress,
 )
 from lorahub_engine.errors import AdapterError
 
@@ -73,7 +74,7 @@ def run_search(args: argparse.Namespace) -> int:
     model, tokenizer = load_language_model(args.model)
     result = lorahub_search(model, tokenizer, adapters, examples, budget=args.budget, bound=args.bound, l1=args.l1,
                             optimizer=args.optimizer, population=args.population, seed=args.seed,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, progress=show_progress())
     result.adapter(args.name).save(args.output, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
