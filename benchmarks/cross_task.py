@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import benchmarks.methods  # noqa: F401  (registers the built-in methods)
+import benchmarks.router_methods  # noqa: F401  (the routers: arrow, mole_shots, mole_mixture)
 from benchmarks.harness import METHODS, Context, Method, Settings
 from benchmarks.taskworld import Task, accuracy, examples, get_task, list_tasks
 from lorahub_engine._io import write_json_atomic, write_text_atomic
