@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import lorahub_engine as le
-from benchmarks.bench_grouped import peft_model, random_adapters
+from benchmarks.grouped.cases import peft_model, random_adapters
 from benchmarks.timing import CLOCKS, measure
 from lorahub_engine._io import write_json_atomic
 

@@ -28,7 +28,7 @@ import lorahub_engine as le
 from benchmarks.bases import load_base
 from benchmarks.router_methods import train_mixture_router
 from benchmarks.taskworld import accuracy, examples, format_prompt, get_task
-from benchmarks.zoo import load_zoo
+from benchmarks.taskworld_zoo import load_zoo
 from lorahub_engine._io import write_json_atomic
 from lorahub_engine.compose import assignment, retrieve
 from lorahub_engine.fewshot import generate_answers

@@ -37,7 +37,7 @@ def setup(base_name: str):
     """(base, the 20 adapters in fp32, the encoded examples)."""
     from benchmarks.bases import load_base
     from benchmarks.taskworld import examples, get_task
-    from benchmarks.zoo import load_zoo
+    from benchmarks.taskworld_zoo import load_zoo
 
     base = load_base(base_name)
     task = get_task(TASK)

@@ -8,14 +8,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorahub_engine.cli.options import add_threads, set_threads
+from lorahub_engine.cli.options import add_threads, positive_int, set_threads, show_progress
 
 
 def add_build_zoo(commands) -> None:
     p = commands.add_parser("build-zoo", help="train one LoRA per taskworld training task (resumable, cached)",
                             description="Train the benchmark zoo through the engine (all adapters of a group "
                                         "jointly); cached in $LORAHUB_CACHE, resumable by group.")
-    p.add_argument("--base", default="tiny", choices=("tiny", "smollm2"))
+    p.add_argument("--base", default="tiny", choices=("tiny", "smollm2"), help="base model the adapters train on")
     p.add_argument("--out", help="also write the finished zoo to this folder (e.g. benchmarks/assets/tiny_zoo)")
     p.add_argument("--extra-tasks", action="append", default=[], help="module that registers more tasks")
     add_threads(p)
@@ -25,12 +25,12 @@ def add_build_zoo(commands) -> None:
 def run_build_zoo(args: argparse.Namespace) -> int:
     from benchmarks.bases import load_base
     from benchmarks.taskworld import load_extra_tasks
-    from benchmarks.zoo import build_zoo
+    from benchmarks.taskworld_zoo import build_zoo
 
     set_threads(args)
     for module in args.extra_tasks:
         load_extra_tasks(module)
-    folder = build_zoo(load_base(args.base), out=args.out)
+    folder = build_zoo(load_base(args.base), out=args.out, progress=show_progress())
     print(f"zoo: {folder}")
     return 0
 
@@ -40,16 +40,16 @@ def add_bench(commands) -> None:
                             description="Run a benchmark; writes markdown, JSON and PNG results.")
     sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     cross = sub.add_parser("cross-task", help="held-out tasks x methods, 5 shots, mean +- std over seeds")
-    cross.add_argument("--base", default="tiny", choices=("tiny", "smollm2"))
+    cross.add_argument("--base", default="tiny", choices=("tiny", "smollm2"), help="base model")
     cross.add_argument("--quick", action="store_true", help="a few tasks, 2 seeds, 30 test examples (CI)")
     cross.add_argument("--methods", nargs="+", help="registered method names (default: all)")
     cross.add_argument("--tasks", nargs="+", help="held-out task names (default: all held-out tasks)")
-    cross.add_argument("--seeds", type=int, help="number of seeds (0..n-1; default 5, smollm2 3)")
-    cross.add_argument("--shots", type=int, default=5)
-    cross.add_argument("--n-test", type=int, help="test examples per task (default 100, smollm2 50)")
+    cross.add_argument("--seeds", type=positive_int, help="number of seeds (0..n-1; default 5, smollm2 3)")
+    cross.add_argument("--shots", type=positive_int, default=5, help="examples of the task per seed")
+    cross.add_argument("--n-test", type=positive_int, help="test examples per task (default 100, smollm2 50)")
     cross.add_argument("--resume", action="store_true",
                        help="reuse the finished (task, method, seed) runs of an interrupted run with the same settings")
-    cross.add_argument("--k", type=int, default=3, help="adapters retrieved")
+    cross.add_argument("--k", type=positive_int, default=3, help="adapters retrieved")
     cross.add_argument("--out", default="benchmarks/results", help="folder for the .md / .json / .png")
     cross.add_argument("--extra-tasks", action="append", default=[], help="module that registers more tasks")
     add_threads(cross)
@@ -60,12 +60,20 @@ def run_bench(args: argparse.Namespace) -> int:
     from benchmarks import cross_task
     from benchmarks.bases import load_base
     from benchmarks.taskworld import load_extra_tasks
-    from benchmarks.zoo import require_zoo
+    from benchmarks.harness import METHODS
+    from benchmarks.taskworld import get_task
+    from benchmarks.taskworld_zoo import require_zoo
 
     set_threads(args)
-    require_zoo(args.base)
     for module in args.extra_tasks:
         load_extra_tasks(module)
+    unknown = [m for m in args.methods or () if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; registered: {', '.join(sorted(METHODS))}")
+    for task in args.tasks or ():
+        if not get_task(task).held_out:
+            raise ValueError(f"{task} is a training task; the benchmark takes held-out tasks")
+    require_zoo(args.base)
     preset = cross_task.QUICK if args.quick else cross_task.PRESETS.get(args.base, {})
     settings = cross_task.Settings(shots=args.shots, n_test=args.n_test or preset.get("n_test", 100), k=args.k)
     seeds = list(range(args.seeds or preset.get("seeds", 5)))
@@ -76,7 +84,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if not args.resume:
         runs.unlink(missing_ok=True)
     base = load_base(args.base)
-    results = cross_task.run_cross_task(base, tasks, methods, seeds, settings=settings, runs=runs)
+    results = cross_task.run_cross_task(base, tasks, methods, seeds, settings=settings, runs=runs,
+                                        progress=show_progress())
     paths = cross_task.write_report(results, Path(args.out), args.base, settings, seeds, stem)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

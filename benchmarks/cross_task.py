@@ -52,8 +52,8 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
     """Evaluate `methods` on held-out `tasks`; returns {task: {method: stats}} (stats: mean, std, scores over
     seeds, tokens per query, seconds per run, info). With `out`, writes the report files there.
 
-    base: "tiny" / "smollm2" or a loaded `Base`; zoo: default `benchmarks.zoo.load_zoo(base)`; index: default
-    `AdapterIndex.build(zoo)` over the manifest's sample prompts. runs: a JSON file where each finished (task,
+    base: "tiny" / "smollm2" or a loaded `Base`; zoo: default `benchmarks.taskworld_zoo.load_zoo(base)`; index:
+    default `AdapterIndex.build(zoo)` over the manifest's sample prompts. runs: a JSON file where each finished (task,
     method, seed) is stored at once and found again by a rerun (benchmarks/runs.py).
     """
     base = _base(base)
@@ -64,7 +64,7 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
     if unknown:
         raise ValueError(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
     if zoo is None:
-        from benchmarks.zoo import load_zoo
+        from benchmarks.taskworld_zoo import load_zoo
 
         zoo = load_zoo(base, progress=progress)
     if index is None:

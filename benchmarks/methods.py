@@ -15,7 +15,7 @@ import torch
 import lorahub_engine as le
 from benchmarks.harness import Context, MethodOutput, register_method
 from benchmarks.training import TrainSpec, mean_losses, train_adapters
-from benchmarks.zoo import default_recipe, task_pairs
+from benchmarks.taskworld_zoo import default_recipe, task_pairs
 from lorahub_engine.compose import assignment, retrieve
 from lorahub_engine.fewshot import generate_answers
 from lorahub_engine.search import lorahub_search, random_modules, retrieved_modules

@@ -18,7 +18,7 @@ import torch
 import lorahub_engine as le
 from benchmarks.harness import Context, MethodOutput, register_method
 from benchmarks.methods import LORAHUB_MODULES, answer
-from benchmarks.zoo import task_pairs
+from benchmarks.taskworld_zoo import task_pairs
 from lorahub_engine.search import retrieved_modules
 from routers import ArrowConfig, MoLEConfig, attach_router, load_router, save_router, train_router
 

@@ -11,7 +11,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lorahub_engine._io import atomic_dir
+from lorahub_engine._io import OutputKind, atomic_dir
 from lorahub_engine.errors import (
     AdapterError,
     AdapterFileError,
@@ -98,8 +98,9 @@ class LoraAdapter:
             metadata=reader.metadata,
         )
 
-    def save(self, path: str | Path) -> None:
-        """Write a PEFT folder (config + safetensors) atomically: it appears whole or not at all."""
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write a PEFT folder (config + safetensors) atomically: it appears whole or not at all. It replaces an
+        adapter folder this engine wrote; anything else at `path` only with `overwrite` (see _io.atomic_dir)."""
         if not self.modules:
             raise AdapterFormatError(f"adapter {self.name!r} has no modules to save")
         tensors, ranks, alphas = {}, {}, {}
@@ -108,7 +109,7 @@ class LoraAdapter:
             tensors[f"{PREFIX}{module}.lora_A.weight"] = lora.A.contiguous()
             tensors[f"{PREFIX}{module}.lora_B.weight"] = lora.B.contiguous()
             ranks[module], alphas[module] = lora.rank, lora.scale * lora.rank
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, kind=ADAPTER_FOLDER, overwrite=overwrite) as tmp:
             (tmp / CONFIG_FILE).write_text(json.dumps(self._peft_config(ranks, alphas), indent=2))
             save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", _METADATA_KEY: json.dumps(self.metadata)})
 
@@ -134,6 +135,20 @@ class LoraAdapter:
         }
 
 
+def _is_adapter_output(path: Path) -> bool:
+    """A folder of just a config and weights whose safetensors header carries this engine's metadata key."""
+    if not path.is_dir() or set(p.name for p in path.iterdir()) != {CONFIG_FILE, WEIGHTS_FILE}:
+        return False
+    try:
+        with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
+            return _METADATA_KEY in (f.metadata() or {})
+    except (SafetensorError, OSError):
+        return False
+
+
+ADAPTER_FOLDER = OutputKind("an adapter folder", _is_adapter_output)
+
+
 def pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
     """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module path."""
     for key in patterns:
@@ -149,11 +164,25 @@ def module_scale(config: Mapping, module: str) -> tuple[int, float]:
     return r, alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
-_UNSUPPORTED = {
+# adapter_config.json, field by field. A field in none of these lists is refused by name when it is set (not null,
+# false or empty): a new PEFT feature may change the math, so it is refused until it is implemented here.
+_MATH_FIELDS = {"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "target_modules"}
+_NO_MATH_FIELDS = {  # what they describe does not change a loaded adapter's dW (training, bookkeeping, selection)
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+    "lora_dropout", "init_lora_weights", "loftq_config", "eva_config", "corda_config", "layers_to_transform",
+    "layers_pattern", "exclude_modules", "runtime_config", "megatron_config", "megatron_core", "ensure_weight_tying",
+    "qalora_group_size",
+}
+_UNSUPPORTED = {  # implemented by PEFT, not here: refused when set
     "use_dora": "DoRA (use_dora)",
     "lora_bias": "LoRA bias (lora_bias)",
     "modules_to_save": "modules_to_save",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QALoRA (use_qalora)",
+    "layer_replication": "layer replication (layer_replication)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "arrow_config": "Arrow routing (arrow_config)",
 }
 
 
@@ -167,6 +196,8 @@ def _read_config(folder: Path) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise AdapterFileError(f"{path}: unreadable ({e.strerror or e})") from None
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
@@ -174,10 +205,64 @@ def _read_config(folder: Path) -> dict:
     for key, feature in _UNSUPPORTED.items():
         if config.get(key):
             raise UnsupportedFeatureError(f"{path}: {feature} is not supported")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise AdapterFormatError(f"{path}: {key!r} must be a positive number, got {config.get(key)!r}")
+    if config.get("bias", "none") not in ("none", None):
+        raise UnsupportedFeatureError(f"{path}: bias {config['bias']!r} (trained base biases) is not supported")
+    unknown = sorted(k for k, v in config.items() if k not in _MATH_FIELDS | _NO_MATH_FIELDS | set(_UNSUPPORTED)
+                     and k != "bias" and v not in (None, False, "", [], {}))
+    if unknown:
+        raise UnsupportedFeatureError(f"{path}: field {unknown[0]!r} is not understood by this engine (it may change "
+                                      "the adapter's math); refusing rather than ignoring it")
+    _check_math_fields(path, config)
     return config
+
+
+def _positive(value, integer: bool) -> bool:
+    number = int if integer else (int, float)
+    return isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_math_fields(path: Path, config: dict) -> None:
+    """Types and values of the fields that set dW, each refused by name."""
+    for key, integer in (("r", True), ("lora_alpha", False)):
+        if not _positive(config.get(key), integer):
+            kind = "a positive integer" if integer else "a positive number"
+            raise AdapterFormatError(f"{path}: {key!r} must be {kind}, got {config.get(key)!r}")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(config.get(key, False), bool):
+            raise AdapterFormatError(f"{path}: {key!r} must be true or false, got {config[key]!r}")
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterFormatError(f"{path}: {key!r} must be an object of pattern -> value, got {patterns!r}")
+        for pattern, value in patterns.items():
+            if not _positive(value, integer):
+                kind = "a positive integer" if integer else "a positive number"
+                raise AdapterFormatError(f"{path}: {key}[{pattern!r}] must be {kind}, got {value!r}")
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except re.error as e:
+                raise AdapterFormatError(f"{path}: {key} key {pattern!r} is not a valid regex ({e})") from None
+    targets = config.get("target_modules")
+    if targets is not None and not (isinstance(targets, str) or (isinstance(targets, list)
+                                                                  and all(isinstance(t, str) for t in targets))):
+        raise AdapterFormatError(f"{path}: 'target_modules' must be a list of names or a regex, got {targets!r}")
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise AdapterFormatError(f"{path}: 'target_modules' {targets!r} is not a valid regex ({e})") from None
+
+
+def _check_targets(weights: Path, config: dict, modules: Collection[str]) -> None:
+    """Every name (or the regex) in target_modules must select a module that has tensors (PEFT's suffix match)."""
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        absent = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+        if absent:
+            raise AdapterFormatError(f"{weights}: 'target_modules' names {absent[:5]}, but the file has no tensors "
+                                     "for them (truncated or mismatched files?)")
+    elif isinstance(targets, str) and targets != "all-linear" and not any(re.fullmatch(targets, m) for m in modules):
+        raise AdapterFormatError(f"{weights}: 'target_modules' regex {targets!r} selects none of the file's modules")
 
 
 class _SafetensorsModules(Mapping):
@@ -191,7 +276,7 @@ class _SafetensorsModules(Mapping):
                 header = f.metadata() or {}
         except (SafetensorError, OSError) as e:
             raise AdapterFileError(f"{weights}: unreadable safetensors file ({e})") from None
-        self.metadata = json.loads(header.get(_METADATA_KEY, "{}"))
+        self.metadata = _header_metadata(weights, header)
         self._keys: dict[str, dict[str, str]] = {}
         for key in keys:
             match = _KEY.match(key)
@@ -203,6 +288,7 @@ class _SafetensorsModules(Mapping):
                 raise AdapterFormatError(f"{weights}: module {module!r} lacks lora_{({'A', 'B'} - set(factors)).pop()}")
         if not self._keys:
             raise AdapterFormatError(f"{weights}: no LoRA weights found")
+        _check_targets(weights, config, self._keys)
 
     def __getitem__(self, module: str) -> LoraModule:
         keys = self._keys[module]
@@ -219,6 +305,9 @@ class _SafetensorsModules(Mapping):
             )
         if A.shape[0] != r:
             raise AdapterFormatError(f"{self.weights}: {module!r} has rank {A.shape[0]} but the config says r={r}")
+        if not (A.is_floating_point() and B.is_floating_point()):
+            raise AdapterFormatError(f"{self.weights}: {module!r} has factors of type {A.dtype} / {B.dtype}; "
+                                     "LoRA factors must be floating point")
         lora = LoraModule(A, B, scale)
         _check_finite(str(self.weights), module, lora)
         return lora
@@ -228,6 +317,17 @@ class _SafetensorsModules(Mapping):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+def _header_metadata(weights: Path, header: dict) -> dict:
+    """The engine's metadata (a JSON object) from the safetensors header; {} when absent."""
+    try:
+        metadata = json.loads(header.get(_METADATA_KEY, "{}"))
+    except json.JSONDecodeError as e:
+        raise AdapterFormatError(f"{weights}: header field {_METADATA_KEY!r} is not valid JSON ({e})") from None
+    if not isinstance(metadata, dict):
+        raise AdapterFormatError(f"{weights}: header field {_METADATA_KEY!r} must be a JSON object")
+    return metadata
 
 
 def _unknown_key(weights: Path, key: str) -> AdapterError:

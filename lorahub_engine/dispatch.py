@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from lorahub_engine.merge.lorahub import lorahub_factors
+from lorahub_engine.merge.lorahub_factors import lorahub_factors
 from lorahub_engine.ops.grouped import TokenRouting
 
 MODES = ("mixture", "fusion")

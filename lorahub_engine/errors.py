@@ -27,3 +27,11 @@ class IncompatibleModelError(AdapterError):
 
 class MergeError(AdapterError):
     """A merge request is invalid: empty list, weights of the wrong length, unknown method or option."""
+
+
+class OutputError(AdapterError):
+    """An output cannot be written: the file system refused (permissions, space, a file where a folder is needed)."""
+
+
+class OutputExistsError(OutputError):
+    """The output path holds something that is not an earlier output of that kind; overwrite=True replaces it."""

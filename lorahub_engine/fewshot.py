@@ -7,6 +7,7 @@ Index legend: n examples, l sequence length, v vocabulary.
 """
 
 import inspect
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -14,6 +15,10 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100  # label of positions without a loss
+
+
+class TruncationWarning(UserWarning):
+    """Inputs longer than the model's context were cut from the left (their first tokens dropped)."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +94,61 @@ def encode_examples(tokenizer, prompts: Sequence[str], answers: Sequence[str], i
                  labels=_left_pad(labels, IGNORE), is_seq2seq=False)
 
 
+def context_length(model) -> int | None:
+    """Positions the model can read (max_position_embeddings, or GPT-2's n_positions); None without a fixed limit
+    (T5's relative positions)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None and not getattr(config, "is_encoder_decoder", False):
+        limit = getattr(config, "n_positions", None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
+def _warn_truncated(n_long: int, n: int, limit: int) -> None:
+    warnings.warn(f"{n_long} of {n} inputs are longer than the {limit} positions the model reads; their first "
+                  "tokens were dropped", TruncationWarning, stacklevel=3)
+
+
+def _keep_last(rows: list[list[int]], limit: int) -> list[list[int]]:
+    """Token rows cut to their last `limit` tokens, with a TruncationWarning if any was longer."""
+    if limit < 1:
+        raise ValueError(f"the model reads {limit} positions here: no room for the prompt")
+    long = sum(len(r) > limit for r in rows)
+    if long:
+        _warn_truncated(long, len(rows), limit)
+    return [r[-limit:] for r in rows]
+
+
+def fit_context(model, batch: Batch) -> Batch:
+    """`batch` cut to the positions `model` reads, each prompt losing tokens from its start (TruncationWarning):
+    a longer input would otherwise run past the positions the model was trained on, or fail."""
+    limit = context_length(model)
+    if limit is None or batch.input_ids.shape[1] <= limit:
+        return batch
+    if not batch.is_seq2seq:  # left-padded, answers end at the last position: keep the last `limit` columns
+        _warn_truncated(int((batch.attention_mask.sum(-1) > limit).sum()), len(batch.input_ids), limit)
+        return replace(batch, input_ids=batch.input_ids[:, -limit:], attention_mask=batch.attention_mask[:, -limit:],
+                       labels=batch.labels[:, -limit:])
+    lengths = batch.attention_mask.sum(-1).tolist()  # right-padded encoder inputs: re-pad each row's last tokens
+    rows = _keep_last([row[:n] for row, n in zip(batch.input_ids.tolist(), lengths)], limit)
+    padding = batch.input_ids[batch.attention_mask == 0]
+    pad = int(padding[0]) if len(padding) else 0
+    return replace(batch, input_ids=_right_pad(rows, pad), attention_mask=_right_pad(_ones(rows), 0))
+
+
 def _accepts(model, argument: str) -> bool:
     return argument in inspect.signature(model.forward).parameters
+
+
+def _cache_argument(model) -> str:
+    """transformers 5.x renamed past_key_values to cache: the name the first module declaring either uses (a wrapper
+    whose forward takes **kwargs, as PEFT's, passes it on to the model it wraps)."""
+    for module in model.modules():
+        parameters = inspect.signature(module.forward).parameters
+        for name in ("cache", "past_key_values"):
+            if name in parameters:
+                return name
+    return "past_key_values"
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -101,8 +159,10 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 def example_losses(model, batch: Batch, **forward_kwargs) -> torch.Tensor:
     """Mean token cross-entropy of each example's answer: [n] float32, differentiable.
 
-    `forward_kwargs` go to every model call unchanged (e.g. per-row adapter ids).
+    `forward_kwargs` go to every model call unchanged (e.g. per-row adapter ids). Inputs longer than the model's
+    context lose their first tokens (see fit_context).
     """
+    batch = fit_context(model, batch)
     if batch.is_seq2seq:
         decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=batch.labels)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -129,13 +189,17 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     """Greedy answers to a batch of prompts, decoded without special tokens and stripped.
 
     One batched decoding loop with a KV cache; causal prompts are left-padded with matching position ids, so
-    each answer equals that prompt's answer decoded alone. `forward_kwargs` go to every model call.
+    each answer equals that prompt's answer decoded alone. `forward_kwargs` go to every model call. Prompts longer
+    than the model's context less `max_new_tokens` lose their first tokens (TruncationWarning).
     """
     if not prompts:
         return []
     is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     pad, eos = _pad_id(tokenizer), tokenizer.eos_token_id
     rows = _prompt_ids(tokenizer, prompts)
+    limit = context_length(model)
+    if limit is not None:
+        rows = _keep_last(rows, limit if is_seq2seq else limit - max_new_tokens)
     device = next(model.parameters()).device
     if is_seq2seq:
         input_ids = _right_pad(rows, pad).to(device)
@@ -150,7 +214,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
         step_inputs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask))
     if _accepts(model, "logits_to_keep"):
         forward_kwargs = {"logits_to_keep": 1, **forward_kwargs}
-    cache_argument = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5.x
+    cache_argument = _cache_argument(model)
     new_tokens = torch.empty(len(rows), 0, dtype=torch.long, device=device)
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
     cache = None

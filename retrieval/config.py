@@ -31,8 +31,12 @@ class IndexConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RetrievalError(f"{name} must be a positive int, got {value!r}")
-        if self.nlist is not None and (not isinstance(self.nlist, int) or self.nlist < 1):
+        if self.nlist is not None and (not isinstance(self.nlist, int) or isinstance(self.nlist, bool)
+                                       or self.nlist < 1):
             raise RetrievalError(f"nlist must be a positive int or None, got {self.nlist!r}")
+        for name in ("embedder", "prefix"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                raise RetrievalError(f"{name} must be a string or None, got {getattr(self, name)!r}")
 
     def resolve_kind(self, n: int) -> str:
         """The concrete kind ("flat", "ivf" or "hnsw") for an index of `n` adapters."""
@@ -45,6 +49,8 @@ class IndexConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> IndexConfig:
+        if not isinstance(data, dict):
+            raise RetrievalError(f"an index config must be a JSON object, got {data!r}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

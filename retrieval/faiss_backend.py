@@ -61,6 +61,15 @@ def remove(index: faiss.Index, kind: str, ids: np.ndarray, config: IndexConfig) 
     return new_index(kind, np.ascontiguousarray(vectors), keep, config)
 
 
+def stored_ids(index: faiss.Index, kind: str) -> np.ndarray:
+    """The ids held by an index of our kinds (IDMap2's table, or every IVF cell's list)."""
+    if kind == "ivf":
+        lists = index.invlists
+        return np.concatenate([np.zeros(0, dtype=np.int64)] + [
+            faiss.rev_swig_ptr(lists.get_ids(c), lists.list_size(c)).copy() for c in range(index.nlist)])
+    return faiss.vector_to_array(index.id_map)
+
+
 def kind_of(index: faiss.Index) -> str:
     """The kind of an index read from disk, or RetrievalError for any other faiss index type."""
     if isinstance(index, faiss.IndexIVFFlat):

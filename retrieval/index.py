@@ -17,7 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from lorahub_engine._io import atomic_dir
+from lorahub_engine._io import OutputKind, atomic_dir
 from retrieval import faiss_backend
 from retrieval.config import IndexConfig
 from retrieval.embedder import DEFAULT_NAME, Embedder, EmbedderSpec, resolve_embedder
@@ -28,6 +28,19 @@ INDEX_FILE = "index.faiss"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 Hits = list[list[tuple[str, float]]]
+
+
+def _is_index_output(path: Path) -> bool:
+    """A folder of just index.faiss and an index manifest.json."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return ({p.name for p in path.iterdir()} == {INDEX_FILE, MANIFEST} and isinstance(manifest, dict)
+            and {"format_version", "dimension", "embedder"} <= set(manifest))
+
+
+INDEX_FOLDER = OutputKind("an index folder", _is_index_output)
 
 
 class AdapterIndex:
@@ -165,8 +178,9 @@ class AdapterIndex:
         self._index.add_with_ids(vectors, ids)
 
     # ---- persistence --------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """Write folder `path` (index.faiss + manifest.json) atomically; never pickles."""
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write folder `path` (index.faiss + manifest.json) atomically; never pickles. It replaces an index folder
+        this engine wrote; anything else at `path` only with `overwrite` (see lorahub_engine._io.atomic_dir)."""
         manifest = {
             "format_version": FORMAT_VERSION,
             "config": self.config.to_json(),
@@ -177,7 +191,7 @@ class AdapterIndex:
             "embedder": None if self._spec is None else self._spec.to_json(),
             "adapters": [[i, self._names[i]] for i in sorted(self._names)],
         }
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, kind=INDEX_FOLDER, overwrite=overwrite) as tmp:
             faiss.write_index(self._index, str(tmp / INDEX_FILE))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
@@ -193,8 +207,10 @@ class AdapterIndex:
         config = IndexConfig.from_json(manifest["config"])
         kind = faiss_backend.kind_of(index)
         names = {int(i): str(name) for i, name in manifest["adapters"]}
-        if kind != manifest["kind"] or index.d != manifest["dimension"] or index.ntotal != len(names):
-            raise RetrievalError(f"{folder}: index file and manifest disagree (kind, dimension or adapter count)")
+        stored = faiss_backend.stored_ids(index, kind)
+        if (kind != manifest["kind"] or index.d != manifest["dimension"] or index.ntotal != len(names)
+                or set(stored.tolist()) != set(names)):
+            raise RetrievalError(f"{folder}: index file and manifest disagree (kind, dimension or adapter ids)")
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise RetrievalError(f"{folder}: the faiss index does not use inner product")
         faiss_backend.set_search_params(index, kind, config)
@@ -257,16 +273,56 @@ def _check_new_names(names: list[str], existing) -> None:
 
 
 def _read_manifest(folder: Path) -> dict:
+    """The manifest, each field checked (a typed error names the first bad one)."""
     for name in (MANIFEST, INDEX_FILE):
         if not (folder / name).is_file():
             raise RetrievalError(f"{folder}: {name} is missing; is this an index folder (AdapterIndex.save)?")
+    path = folder / MANIFEST
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        if manifest["format_version"] != FORMAT_VERSION:
-            version = manifest["format_version"]
-            raise RetrievalError(f"{folder}: index format {version}, this engine reads {FORMAT_VERSION}")
-        for key in ("config", "kind", "dimension", "embedder", "adapters"):
-            manifest[key]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise RetrievalError(f"{folder / MANIFEST}: not a valid index manifest ({e!r})") from None
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RetrievalError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise RetrievalError(f"{path}: unreadable ({e.strerror or e})") from None
+    if not isinstance(manifest, dict):
+        raise RetrievalError(f"{path}: expected a JSON object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise RetrievalError(f"{path}: format_version {manifest.get('format_version')!r}; this engine reads index "
+                             f"manifests of version {FORMAT_VERSION}")
+    missing = [key for key in ("config", "kind", "dimension", "embedder", "adapters") if key not in manifest]
+    if missing:
+        raise RetrievalError(f"{path}: missing field {missing[0]!r}")
+    if not isinstance(manifest["config"], dict):
+        raise RetrievalError(f"{path}: 'config' must be an object")
+    dimension = manifest["dimension"]
+    if not isinstance(dimension, int) or isinstance(dimension, bool) or dimension < 1:
+        raise RetrievalError(f"{path}: 'dimension' must be a positive integer, got {dimension!r}")
+    _check_embedder(path, manifest["embedder"])
+    _check_entries(path, manifest["adapters"])
     return manifest
+
+
+def _check_embedder(path: Path, spec) -> None:
+    if spec is None:
+        return
+    if not isinstance(spec, dict):
+        raise RetrievalError(f"{path}: 'embedder' must be an object or null")
+    for key, types in (("name", str), ("path", str), ("prefix", (str, type(None))), ("dimension", int)):
+        if key not in spec:
+            raise RetrievalError(f"{path}: embedder.{key} is missing")
+        if not isinstance(spec[key], types) or isinstance(spec[key], bool):
+            raise RetrievalError(f"{path}: embedder.{key} has the wrong type ({spec[key]!r})")
+
+
+def _check_entries(path: Path, entries) -> None:
+    """adapters: a list of [id, name] pairs, ids non-negative integers, ids and names unique."""
+    if not isinstance(entries, list):
+        raise RetrievalError(f"{path}: 'adapters' must be a list of [id, name] pairs")
+    for i, entry in enumerate(entries):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
+                and not isinstance(entry[0], bool) and entry[0] >= 0 and isinstance(entry[1], str) and entry[1]):
+            raise RetrievalError(f"{path}: adapters[{i}] must be an [id, name] pair, got {entry!r}")
+    for position, what in ((0, "ids"), (1, "names")):
+        values = [entry[position] for entry in entries]
+        if len(set(values)) != len(values):
+            raise RetrievalError(f"{path}: adapter {what} must be unique")

@@ -32,7 +32,8 @@ def add_route(commands) -> None:
                                         "zoo adapters, through the grouped op.")
     sub = p.add_subparsers(dest="route_command", required=True, metavar="ACTION")
     train = sub.add_parser("train", help="build a router over zoo adapters (MoLE: train its gates) and save it")
-    train.add_argument("--method", required=True, choices=("mole", "arrow"))
+    train.add_argument("--method", required=True, choices=("mole", "arrow"),
+                       help="MoLE gates (trained) or Arrow (no training)")
     _add_inputs(train)
     train.add_argument("-o", "--output", required=True, help="router folder to write")
     train.add_argument("--adapters", nargs="+", metavar="NAME", help="zoo adapters to route over (default: all)")
@@ -40,17 +41,17 @@ def add_route(commands) -> None:
     train.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (MoLE: initial)")
     train.add_argument("--granularity", default="token", choices=("token", "sequence"), help="MoLE gate per")
     train.add_argument("--balance-weight", type=float, default=0.5, help="MoLE balance loss weight (default 0.5)")
-    train.add_argument("--steps", type=int, default=300)
-    train.add_argument("--lr", type=float, default=5e-3)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=int, default=300, help="training steps")
+    train.add_argument("--lr", type=float, default=5e-3, help="learning rate of the gates")
+    train.add_argument("--batch-size", type=int, default=8, help="examples per step")
+    train.add_argument("--seed", type=int, default=0, help="seed of the gates and the batches")
     train.set_defaults(run=run_route_train)
     for name, run, text in (("eval", run_route_eval, "answer loss and exact match of a saved router"),
                             ("stats", run_route_stats, "expert usage per layer, as JSON and a PNG plot")):
         q = sub.add_parser(name, help=text)
         q.add_argument("router", help="router folder (from route train)")
         _add_inputs(q)
-        q.add_argument("--batch-size", type=int, default=8)
+        q.add_argument("--batch-size", type=int, default=8, help="examples per forward")
         if name == "stats":
             q.add_argument("-o", "--output", required=True, help="PNG file of mean gate per layer and expert")
         q.add_argument("--json", action="store_true", help="print JSON")

@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import lorahub_engine as le
-from lorahub_engine._io import atomic_dir
+from lorahub_engine._io import OutputKind, atomic_dir
 from routers.api import attach_router, routers_of
 from routers.config import config_from_json, config_to_json
 from routers.errors import RouterError
@@ -20,8 +20,21 @@ FORMAT_VERSION = 1
 CONFIG, TENSORS = "router.json", "router.safetensors"
 
 
-def save_router(model, path) -> None:
-    """Write the model's router to the folder `path` (replaced atomically as a whole)."""
+def _is_router_output(path: Path) -> bool:
+    """A folder of just router.json (with a format_version) and router.safetensors."""
+    try:
+        meta = json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return {p.name for p in path.iterdir()} == {CONFIG, TENSORS} and isinstance(meta, dict) and "format_version" in meta
+
+
+ROUTER_FOLDER = OutputKind("a router folder", _is_router_output)
+
+
+def save_router(model, path, overwrite: bool = False) -> None:
+    """Write the model's router to the folder `path` atomically. It replaces a router folder this engine wrote;
+    anything else at `path` only with `overwrite` (see lorahub_engine._io.atomic_dir)."""
     routers = routers_of(model)
     bank = le.attached_names(model)
     first = next(iter(routers.values()))
@@ -30,7 +43,7 @@ def save_router(model, path) -> None:
                for path_, router in routers.items() for name, t in router.state_dict().items()}
     meta = {"format_version": FORMAT_VERSION, "config": config_to_json(replace(first.config, disable=tuple(disabled))),
             "experts": bank, "layers": sorted(routers)}
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kind=ROUTER_FOLDER, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / TENSORS))
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 

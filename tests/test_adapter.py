@@ -112,7 +112,7 @@ def rewrite_weights(folder, edit):
         (lambda f: edit_config(f, modules_to_save=["lm_head"]), le.UnsupportedFeatureError, "modules_to_save"),
         (lambda f: edit_config(f, peft_type="IA3"), le.UnsupportedFeatureError, "not LORA"),
         (lambda f: edit_config(f, r=3), le.AdapterFormatError, "config says r=3"),
-        (lambda f: edit_config(f, r=0), le.AdapterFormatError, "positive number"),
+        (lambda f: edit_config(f, r=0), le.AdapterFormatError, "positive integer"),
         (lambda f: rewrite_weights(f, lambda t: t.update({"base_model.model.embed.lora_embedding_A": torch.ones(2, 2)})),
          le.UnsupportedFeatureError, "embedding LoRA"),
         (lambda f: rewrite_weights(f, lambda t: t.update({"base_model.model.x.weight": torch.ones(2)})),
@@ -141,10 +141,13 @@ def test_missing_folder_and_failed_save_leave_nothing(patterned, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_save_replaces_an_existing_folder_whole(patterned, tmp_path):
+def test_save_replaces_its_own_earlier_folder_whole_and_nothing_else(patterned, tmp_path):
     adapter = le.LoraAdapter.load(patterned)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "stale.txt").write_text("old")
+    adapter.with_modules(dict(list(adapter.modules.items())[:1])).save(tmp_path / "out")
     adapter.save(tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert len(le.LoraAdapter.load(tmp_path / "out").modules) == len(adapter.modules)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    (tmp_path / "out" / "stale.txt").write_text("old")  # no longer only an engine output (see tests/test_io.py)
+    with pytest.raises(le.AdapterError, match="pass --overwrite"):
+        adapter.save(tmp_path / "out")

@@ -52,6 +52,9 @@ def test_zoo_round_trips(adapters, tmp_path, lazy):
 def test_zoo_load_errors(tmp_path):
     with pytest.raises(le.AdapterFileError, match="manifest.json is missing"):
         le.AdapterZoo.load(tmp_path)
-    (tmp_path / "manifest.json").write_text("[]")
-    with pytest.raises(le.AdapterFileError, match="not a valid zoo manifest"):
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(le.AdapterFileError, match="not valid JSON"):
+        le.AdapterZoo.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("[]")  # more in tests/test_inputs.py
+    with pytest.raises(le.AdapterFormatError, match="expected an object with an 'adapters' list"):
         le.AdapterZoo.load(tmp_path)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
-from lorahub_engine.adapter import LoraAdapter, LoraModule
-from lorahub_engine.cli.options import floats
+from lorahub_engine.adapter import ADAPTER_FOLDER, LoraAdapter, LoraModule
+from lorahub_engine.cli.options import add_overwrite, check_output_path, floats, fraction, positive_int, show_progress
 from lorahub_engine.merge import METHODS, merge
 from lorahub_engine.merge.methods import KNOTS_INNER
 from lorahub_engine.merge.registry import SPACES
@@ -18,27 +19,51 @@ def add_merge(commands) -> None:
                             description="Merge PEFT LoRA folders with a registered method (see le.merge).")
     p.add_argument("adapters", nargs="+", help="PEFT LoRA folders")
     p.add_argument("-o", "--output", required=True, help="folder to write the merged adapter to")
-    p.add_argument("--method", default="task_arithmetic", choices=sorted(METHODS))
-    p.add_argument("--weights", type=floats, help="one weight per adapter, comma-separated (default all 1)")
-    p.add_argument("--density", type=float, help="fraction kept by ties / dare_* / magnitude_prune / knots")
-    p.add_argument("--space", default="delta", choices=SPACES)
-    p.add_argument("--rank", type=int, help="truncate every module to this rank (default: exact)")
+    p.add_argument("--method", default="task_arithmetic", choices=sorted(METHODS), help="registered merge method")
+    p.add_argument("--weights", type=floats, help="one weight per adapter, comma-separated (None: all 1)")
+    p.add_argument("--density", type=fraction, help="fraction kept by ties / dare_* / magnitude_prune / knots "
+                                                    "(None: the method's default)")
+    p.add_argument("--space", default="delta", choices=SPACES,
+                   help="merge the delta weights (exact semantics) or PEFT's factors")
+    p.add_argument("--rank", type=positive_int,
+                   help="recompress every module to at most this rank (None: exact; methods that prune dW, such as "
+                        "ties, then give full rank, and a note says how much larger the output is)")
     p.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
-    p.add_argument("--name", help="name of the merged adapter")
-    p.add_argument("--majority-sign-method", choices=("total", "frequency"))
-    p.add_argument("--knots-method", choices=KNOTS_INNER)
+    p.add_argument("--name", help="name of the merged adapter (None: the output folder's name)")
+    p.add_argument("--majority-sign-method", choices=("total", "frequency"),
+                   help="TIES sign election (None: the method's default)")
+    p.add_argument("--knots-method", choices=KNOTS_INNER, help="merge KnOTS runs in the aligned space "
+                                                               "(None: the method's default)")
+    add_overwrite(p)
     p.set_defaults(run=run_merge)
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    check_output_path(args.output, ADAPTER_FOLDER, args.overwrite, args.adapters)
     merged = merge(args.adapters, args.weights, args.method, density=args.density, space=args.space,
                    rank=args.rank, seed=args.seed, name=args.name, majority_sign_method=args.majority_sign_method,
-                   knots_method=args.knots_method, progress=True)
-    merged.save(args.output)
+                   knots_method=args.knots_method, progress=show_progress())
+    merged.save(args.output, overwrite=args.overwrite)
     ranks = sorted({m.rank for m in merged.modules.values()})
     print(f"{args.output}: {args.method} of {len(args.adapters)} adapters, {len(merged.modules)} modules, "
           f"rank {_span(ranks)}")
+    _note_size(args, merged)
     return 0
+
+
+def _parameters(adapter: LoraAdapter) -> int:
+    return sum(m.rank * (m.A.shape[1] + m.B.shape[0]) for m in adapter.modules.values())
+
+
+def _note_size(args: argparse.Namespace, merged: LoraAdapter) -> None:
+    """On stderr: how much larger than its inputs together the output is, when that is more than 2x (no --rank)."""
+    inputs = sum(_parameters(LoraAdapter.load(path, lazy=True)) for path in args.adapters)
+    ratio = _parameters(merged) / max(inputs, 1)
+    if args.rank is None and ratio > 2:
+        top = max(m.rank for m in merged.modules.values())
+        print(f"note: {args.method} gives rank up to {top} per module, {ratio:.1f}x the parameters of the "
+              f"{len(args.adapters)} inputs together; --rank R recompresses to rank R (best rank-R approximation)",
+              file=sys.stderr)
 
 
 def add_inspect(commands) -> None:

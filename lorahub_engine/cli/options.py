@@ -4,11 +4,54 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from lorahub_engine.errors import AdapterError
+from lorahub_engine._io import OutputKind, check_output
+from lorahub_engine.errors import AdapterError, OutputExistsError
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse with every option's default in its help, and usage errors as one line on stderr (exit 2)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
 
 
 def floats(text: str) -> list[float]:
@@ -19,10 +62,32 @@ def floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def show_progress() -> bool:
+    """Progress bars only on a terminal (tqdm's own rule for disable=None): a log gets no pile of redrawn bars."""
+    return sys.stderr.isatty()
+
+
+def add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output path even if it holds something this command did not write (in a "
+                        "folder, only the output's own files are replaced)")
+
+
+def check_output_path(output: str, kind: OutputKind, overwrite: bool, inputs: list[str] = ()) -> None:
+    """Before any work: refuse an output that is, holds or lies inside one of the inputs, and one that would replace
+    what is not an earlier output of `kind` without --overwrite."""
+    target = Path(output).resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            raise OutputExistsError(f"{output}: the output would overwrite the input {source}; choose another path")
+    check_output(output, kind, overwrite)
+
+
 def add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: tiny models gain nothing from more, and on a busy machine "
-                        "OpenMP waits make small ops far slower)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch CPU threads (1: tiny models gain nothing from more, and on a busy machine OpenMP waits "
+                        "make small ops far slower)")
 
 
 def set_threads(args: argparse.Namespace) -> None:

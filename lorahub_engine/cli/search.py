@@ -11,7 +11,18 @@ import argparse
 import json
 from importlib.metadata import entry_points
 
-from lorahub_engine.cli.options import add_threads, load_language_model, read_examples, set_threads
+from lorahub_engine.adapter import ADAPTER_FOLDER
+from lorahub_engine.cli.options import (
+    add_overwrite,
+    add_threads,
+    check_output_path,
+    positive_float,
+    positive_int,
+    load_language_model,
+    read_examples,
+    set_threads,
+    show_progress,
+)
 from lorahub_engine.errors import AdapterError
 
 INDEXES_GROUP = "lorahub_engine.indexes"
@@ -27,18 +38,19 @@ def add_search(commands) -> None:
     p.add_argument("-o", "--output", required=True, help="folder to write the composed adapter to")
     pick = p.add_mutually_exclusive_group(required=True)
     pick.add_argument("--adapters", nargs="+", metavar="NAME", help="zoo adapters to compose")
-    pick.add_argument("--random", type=int, metavar="N", help="N adapters drawn at random (seeded by --seed)")
+    pick.add_argument("--random", type=positive_int, metavar="N", help="N adapters drawn at random (seeded by --seed)")
     pick.add_argument("--retrieve", metavar="INDEX", help="index folder: the adapters retrieved for the inputs")
-    p.add_argument("--modules", type=int, default=20, help="adapters retrieved with --retrieve (default 20)")
-    p.add_argument("--budget", type=int, default=40, help="objective evaluations (default 40)")
-    p.add_argument("--bound", type=float, default=1.5, help="weights stay in [-bound, bound] (default 1.5)")
-    p.add_argument("--l1", type=float, default=0.05, help="weight of mean |w| in the objective (default 0.05)")
-    p.add_argument("--optimizer", default="NGOpt", help="nevergrad optimizer name (default NGOpt)")
-    p.add_argument("--population", type=int, default=1, help="candidates per batched forward (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, help="rows per forward (default: population x examples)")
+    p.add_argument("--modules", type=positive_int, default=20, help="adapters retrieved with --retrieve")
+    p.add_argument("--budget", type=positive_int, default=40, help="objective evaluations")
+    p.add_argument("--bound", type=positive_float, default=1.5, help="weights stay in [-bound, bound]")
+    p.add_argument("--l1", type=float, default=0.05, help="weight of mean |w| in the objective")
+    p.add_argument("--optimizer", default="NGOpt", help="nevergrad optimizer name")
+    p.add_argument("--population", type=positive_int, default=1, help="candidates per batched forward")
+    p.add_argument("--seed", type=int, default=0, help="seed of the optimizer and of --random")
+    p.add_argument("--batch-size", type=positive_int, help="rows per forward (None: population x examples)")
     p.add_argument("--name", default="lorahub", help="name of the composed adapter")
     p.add_argument("--json", action="store_true", help="print the search result (with its history) as JSON")
+    add_overwrite(p)
     add_threads(p)
     p.set_defaults(run=run_search)
 
@@ -48,6 +60,7 @@ def run_search(args: argparse.Namespace) -> int:
     from lorahub_engine.zoo import AdapterZoo
 
     set_threads(args)
+    check_output_path(args.output, ADAPTER_FOLDER, args.overwrite, [args.zoo, args.model])
     examples = read_examples(args.examples)
     zoo = AdapterZoo.load(args.zoo, lazy=True)
     if args.adapters:
@@ -57,11 +70,12 @@ def run_search(args: argparse.Namespace) -> int:
     else:
         names = retrieved_modules(load_index(args.retrieve), [x for x, _ in examples], args.modules)
     adapters = [zoo[name] for name in names]
+    _check_search_options(args, len(adapters))
     model, tokenizer = load_language_model(args.model)
     result = lorahub_search(model, tokenizer, adapters, examples, budget=args.budget, bound=args.bound, l1=args.l1,
                             optimizer=args.optimizer, population=args.population, seed=args.seed,
-                            batch_size=args.batch_size)
-    result.adapter(args.name).save(args.output)
+                            batch_size=args.batch_size, progress=show_progress())
+    result.adapter(args.name).save(args.output, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0
@@ -71,6 +85,16 @@ def run_search(args: argparse.Namespace) -> int:
     print(f"loss {result.loss:.4f} (cross-entropy {result.cross_entropy:.4f}) after {len(result.history)} evaluations")
     print(f"wrote {args.output}")
     return 0
+
+
+def _check_search_options(args: argparse.Namespace, n: int) -> None:
+    """The search's options, validated (an optimizer built and dropped) before any model loads."""
+    from lorahub_engine.search.config import SearchConfig
+    from lorahub_engine.search.optimizers import make_optimizer
+
+    config = SearchConfig(budget=args.budget, bound=args.bound, l1=args.l1, optimizer=args.optimizer,
+                          population=args.population, seed=args.seed, batch_size=args.batch_size)
+    make_optimizer(config, n).close()
 
 
 def load_index(folder: str):

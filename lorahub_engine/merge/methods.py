@@ -15,7 +15,7 @@ import torch
 from lorahub_engine.errors import MergeError
 from lorahub_engine.merge.functional import KeepMask, combine, dare_keep, magnitude_keep
 from lorahub_engine.merge.linalg import lowrank_svd, shared_basis
-from lorahub_engine.merge.lorahub import lorahub_factors
+from lorahub_engine.merge.lorahub_factors import lorahub_factors
 from lorahub_engine.merge.registry import METHODS, LowRank, MergeOptions, MethodResult, ModuleTasks, register
 
 

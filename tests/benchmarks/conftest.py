@@ -3,7 +3,7 @@ import pytest
 import lorahub_engine as le
 from benchmarks.bases import load_tiny
 from benchmarks.training import TrainSpec
-from benchmarks.zoo import ZooRecipe, build_zoo
+from benchmarks.taskworld_zoo import ZooRecipe, build_zoo
 from tests.benchmarks.micro import MICRO, ZOO_TASKS
 
 

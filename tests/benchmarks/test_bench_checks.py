@@ -10,7 +10,8 @@ import torch
 import transformers as tf
 
 import lorahub_engine as le
-from benchmarks import bench_grouped, bench_retrieval
+from benchmarks import bench_retrieval
+from benchmarks.grouped import cases as bench_grouped
 from lorahub_engine.ops import grouped_lora
 from tests.ops.reference import grouped_lora_reference
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from benchmarks import bases, zoo
+from benchmarks import bases
+from benchmarks import taskworld_zoo as zoo
 from benchmarks.demo import run_demo
 from lorahub_engine.cli import build_parser
 

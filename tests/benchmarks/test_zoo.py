@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import lorahub_engine as le
-from benchmarks import zoo as zoo_module
+from benchmarks import taskworld_zoo as zoo_module
 from benchmarks.bases import load_tiny
 from benchmarks.taskworld import get_task, list_tasks, split_of
 from benchmarks.training import TrainSpec, mean_losses, train_adapters
-from benchmarks.zoo import TINY_ZOO, ZooRecipe, build_zoo, load_zoo, task_pairs, zoo_hash
+from benchmarks.taskworld_zoo import TINY_ZOO, ZooRecipe, build_zoo, load_zoo, task_pairs, zoo_hash
 from tests.benchmarks.micro import MICRO
 
 TASKS = ["plural", "add", "has_animal"]

@@ -60,3 +60,41 @@ def test_retrieve_with_and_without_a_model(folders, tmp_path, capsys):
     assert "--model needs --zoo" in capsys.readouterr().err
     assert main(["index", "query", str(tmp_path / "missing"), "x"]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_outputs_never_replace_the_zoo_or_a_foreign_file(folders, tmp_path, capsys):
+    root, _, _ = folders
+    zoo_files = sorted(p.name for p in (root / "zoo").iterdir())
+    for extra in ([], ["--overwrite"]):
+        assert main(["index", "build", str(root / "zoo"), "-o", str(root / "zoo"), *extra]) == 2
+        assert "would overwrite the input" in capsys.readouterr().err
+    assert sorted(p.name for p in (root / "zoo").iterdir()) == zoo_files and le.AdapterZoo.load(root / "zoo")
+    assert main(["index", "build", str(root / "zoo"), "-o", str(root / "idx")]) == 0  # its own output: replaced
+    capsys.readouterr()
+    (tmp_path / "in.txt").write_text("add one plus three\n")
+    (tmp_path / "notes.txt").write_text("mine")
+    argv = ["retrieve", str(root / "idx"), str(tmp_path / "in.txt"), "-o", str(tmp_path / "notes.txt")]
+    assert main(argv) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert main(argv[:-1] + [str(tmp_path / "hits.jsonl")]) == 0
+    assert main(argv[:-1] + [str(tmp_path / "hits.jsonl")]) == 0  # a retrieve output: replaced
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads((tmp_path / "notes.txt").read_text())["adapters"][0][0] == "add"
+
+
+def test_retrieve_reads_json_lines_with_multi_line_inputs(folders, tmp_path, capsys):
+    root, _, _ = folders
+    inputs = ["add one plus three\nand then two", "a good film", "translate cat"]
+    (tmp_path / "in.jsonl").write_text(json.dumps(inputs[0]) + "\n\n" + json.dumps({"input": inputs[1]}) + "\n"
+                                       + json.dumps({"input": inputs[2], "id": 7}) + "\n")
+    assert main(["retrieve", str(root / "idx"), str(tmp_path / "in.jsonl"), "-k", "1"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["input"] for r in records] == inputs
+    assert [r["adapters"] for r in records] == [[list(h) for h in row]
+                                                for row in AdapterIndex.load(root / "idx").search(inputs, k=1)]
+    (tmp_path / "lines.txt").write_text('"quoted" stays as written\n')
+    assert main(["retrieve", str(root / "idx"), str(tmp_path / "lines.txt"), "-k", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["input"] == '"quoted" stays as written'
+    (tmp_path / "bad.jsonl").write_text('{"text": "no input field"}\n')
+    assert main(["retrieve", str(root / "idx"), str(tmp_path / "bad.jsonl")]) == 2
+    assert 'bad.jsonl:1: expected a JSON string or an object with an "input" string' in capsys.readouterr().err

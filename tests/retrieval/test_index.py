@@ -169,7 +169,7 @@ def test_load_errors(embedder, tmp_path):
     raw.save(tmp_path / "raw")  # saving over an existing folder replaces it whole
     assert AdapterIndex.load(tmp_path / "raw").names == names_of(10)
     (tmp_path / "raw" / "manifest.json").write_text("{")
-    with pytest.raises(RetrievalError, match="not a valid index manifest"):
+    with pytest.raises(RetrievalError, match="manifest.json: not valid JSON"):
         AdapterIndex.load(tmp_path / "raw")
     (tmp_path / "raw" / "index.faiss").unlink()
     with pytest.raises(RetrievalError, match="index.faiss is missing"):
