@@ -23,7 +23,7 @@ import lorahub_engine as le
 from benchmarks.bases import BASES, load_base
 from benchmarks.cross_task import test_set
 from benchmarks.taskworld import accuracy, examples, get_task
-from benchmarks.zoo import load_zoo, require_zoo
+from benchmarks.taskworld_zoo import load_zoo, require_zoo
 from lorahub_engine._io import write_json_atomic, write_text_atomic
 from lorahub_engine.fewshot import generate_answers
 

@@ -15,7 +15,7 @@ from benchmarks import cross_task
 from benchmarks.cross_task import Settings, run_cross_task
 from benchmarks.taskworld import format_prompt, get_task
 from benchmarks.training import TrainSpec
-from benchmarks.zoo import TINY_ZOO, ZooRecipe
+from benchmarks.taskworld_zoo import TINY_ZOO, ZooRecipe
 from tests.benchmarks.micro import FakeIndex
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,7 @@ import pytest
 
 import lorahub_engine as le
 from benchmarks.training import mean_losses
-from benchmarks.zoo import RECIPES, SMOLLM2_TASKS, task_pairs, train_task_adapters
+from benchmarks.taskworld_zoo import RECIPES, SMOLLM2_TASKS, task_pairs, train_task_adapters
 
 pytestmark = [
     pytest.mark.slow,

@@ -22,7 +22,7 @@ def test_an_untrained_adapter_scores_as_the_base_and_is_flagged(micro_zoo, one_t
 
 def test_the_script_scores_a_zoo_folder_and_resumes(tmp_path, one_thread, capsys, monkeypatch):
     from benchmarks import zoo_table
-    from benchmarks.zoo import TINY_ZOO
+    from benchmarks.taskworld_zoo import TINY_ZOO
 
     args = ["--base", "tiny", "--zoo", str(TINY_ZOO), "--n", "3", "--out", str(tmp_path)]
     zoo_table.main([*args, "--tasks", "plural"])
