@@ -257,6 +257,8 @@ def _load_language_model(path: str):
 
 
 def add_search(commands) -> None:
+    from lorahub_engine.search.config import DEFAULTS, MODES, STARTS
+
     p = commands.add_parser("search", help="LoraHub: search weights for N zoo adapters on a few examples",
                             description="Gradient-free search (nevergrad) of LoraHub weights for N adapters of a zoo "
                                         "on few-shot examples; writes the composed adapter as a PEFT folder.")
@@ -269,12 +271,22 @@ def add_search(commands) -> None:
     pick.add_argument("--random", type=int, metavar="N", help="N adapters drawn at random (seeded by --seed)")
     pick.add_argument("--retrieve", metavar="INDEX", help="index folder: the adapters retrieved for the inputs")
     p.add_argument("--modules", type=int, default=20, help="adapters retrieved with --retrieve (default 20)")
-    p.add_argument("--budget", type=int, default=40, help="objective evaluations (default 40)")
-    p.add_argument("--bound", type=float, default=1.5, help="weights stay in [-bound, bound] (default 1.5)")
-    p.add_argument("--l1", type=float, default=0.05, help="weight of mean |w| in the objective (default 0.05)")
-    p.add_argument("--optimizer", default="NGOpt", help="nevergrad optimizer name (default NGOpt)")
-    p.add_argument("--population", type=int, default=1, help="candidates per batched forward (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    d = DEFAULTS
+    p.add_argument("--budget", type=int, default=d.budget, help=f"objective evaluations (default {d.budget})")
+    p.add_argument("--bound", type=float, default=d.bound, help=f"weights stay in [-bound, bound] (default {d.bound})")
+    p.add_argument("--l1", type=float, default=d.l1, help=f"weight of mean |w| in the objective (default {d.l1})")
+    p.add_argument("--optimizer", default=d.optimizer,
+                   help=f"'cma' or a nevergrad optimizer name (default {d.optimizer}; LoraHub's: NGOpt --start zero "
+                        "--population 1)")
+    p.add_argument("--population", type=int, default=d.population,
+                   help="candidates per batched forward (default: the optimizer's own)")
+    p.add_argument("--start", choices=STARTS, default=d.start, help=f"start point (default {d.start})")
+    p.add_argument("--step", type=float, default=d.step, help=f"cma's initial step size (default {d.step})")
+    p.add_argument("--mode", choices=MODES, default=d.mode,
+                   help=f"fusion: LoraHub's factor mix; mixture: the exact sum of weighted deltas (default {d.mode})")
+    p.add_argument("--folds", type=int, default=d.folds,
+                   help=f"k-fold validation on the examples picking l1, budget or a fallback; 0 = off (default {d.folds})")
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, help="rows per forward (default: population x examples)")
     p.add_argument("--name", default="lorahub", help="name of the composed adapter")
     p.add_argument("--json", action="store_true", help="print the search result (with its history) as JSON")
@@ -300,8 +312,8 @@ def run_search(args: argparse.Namespace) -> int:
     adapters = [zoo[name] for name in names]
     model, tokenizer = _load_language_model(args.model)
     result = lorahub_search(model, tokenizer, adapters, examples, budget=args.budget, bound=args.bound, l1=args.l1,
-                            optimizer=args.optimizer, population=args.population, seed=args.seed,
-                            batch_size=args.batch_size)
+                            optimizer=args.optimizer, population=args.population, start=args.start, step=args.step,
+                            mode=args.mode, folds=args.folds, seed=args.seed, batch_size=args.batch_size)
     result.adapter(args.name).save(args.output)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
