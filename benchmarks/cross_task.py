@@ -107,6 +107,7 @@ class Context:
 
 def _load_methods() -> None:
     import benchmarks.methods  # noqa: F401  (registers the built-in methods)
+    import benchmarks.search_methods  # noqa: F401  (issue 12's search and fit rows)
 
 
 def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Sequence[str] | None = None,

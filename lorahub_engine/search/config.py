@@ -1,9 +1,11 @@
 """SearchConfig: how a LoraHub search runs. Typed, validated on entry, serialized as JSON.
 
-The defaults are written here once; `lorahub_search` and the CLI read them (`DEFAULTS`). They were chosen on
-planted problems (benchmarks/search_quality.py, see RESULTS.md): CMA-ES started at a random point of the box with
-step 0.5 and its own population, the sign symmetry of the factor merge folded away. LoraHub's original setting is
-`SearchConfig.lorahub()`: nevergrad's NGOpt (COBYLA here), one candidate at a time, started at w = 0.
+The defaults are written here once; `lorahub_search` and the CLI read them (`DEFAULTS`). They were compared on
+planted problems (benchmarks/search_quality.py, RESULTS.md): LoraHub's own setting, nevergrad's NGOpt (COBYLA here)
+from w = 0, one candidate per forward, closed as much of the gap as any CMA-ES setting tried (random or zero
+start, steps 0.25-1, populations 4-12, sign symmetry folded or not, the best single adapter first) and more at
+N = 20 and budget 200, so it stays the default; `SearchConfig.lorahub()` names it. optimizer="cma" runs CMA-ES
+with a population per batched forward (the cheaper wall clock where a forward of many rows costs about one).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from lorahub_engine.search.errors import SearchError
 
 MODES = ("fusion", "mixture")  # fusion: LoraHub's factor mix; mixture: the exact sum of the weighted deltas
-STARTS = ("zero", "random")
+STARTS = ("zero", "random", "single")
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,13 @@ class SearchConfig:
     budget: int = 40  # objective evaluations in all (LoraHub: 40)
     bound: float = 1.5  # every weight stays in [-bound, bound] (LoraHub: 1.5)
     l1: float = 0.05  # objective = mean answer cross-entropy + l1 * mean |w| (LoraHub: 0.05)
-    optimizer: str = "cma"  # "cma" (pycma) or a nevergrad optimizer name (LoraHub's code: NGOpt = COBYLA here)
-    population: int | None = None  # candidates per batched forward; None = the optimizer's own (cma: 4 + 3 ln N)
-    start: str = "random"  # "zero" (LoraHub) or "random": w = 0 is a stationary point of the factor merge
+    optimizer: str = "NGOpt"  # a nevergrad optimizer name (LoraHub's code: NGOpt = COBYLA here) or "cma" (pycma)
+    population: int | None = None  # candidates per batched forward; None = the optimizer's own (cma: 4 + 3 ln N,
+    #                                nevergrad: 1)
+    start: str = "zero"  # "zero" (LoraHub), "random" (w = 0 is a stationary point of the factor merge), or
+    #                      "single": the N one-hot weights first (one forward), then from the best of them
     step: float = 0.5  # initial step size of cma (its sigma0); nevergrad optimizers use their own
+    fold: bool = True  # cma in mode "fusion": w and -w are one composition, each candidate taken nearer the mean
     seed: int = 0  # seeds the optimizer's random state (and a random start)
     mode: str = "fusion"  # "fusion" (LoraHub's factor mix) or "mixture" (exact sum of w_i dW_i)
     folds: int = 0  # 0: no validation; k >= 2: k-fold over the examples (>= n: leave-one-out) picks l1, the
@@ -35,7 +40,8 @@ class SearchConfig:
 
     @classmethod
     def lorahub(cls, **overrides) -> SearchConfig:
-        """LoraHub's released setting, the reference: NGOpt from w = 0, one candidate per forward."""
+        """LoraHub's released setting, the reference (today also the default): NGOpt from w = 0, one candidate per
+        forward."""
         return cls(**{"optimizer": "NGOpt", "start": "zero", "population": 1, **overrides})
 
     def __post_init__(self):
@@ -56,6 +62,8 @@ class SearchConfig:
             raise SearchError(f"optimizer must be a non-empty name, got {self.optimizer!r}")
         if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 0 or self.folds == 1:
             raise SearchError(f"folds must be 0 (no validation) or an int >= 2, got {self.folds!r}")
+        if not isinstance(self.fold, bool):
+            raise SearchError(f"fold must be a bool, got {self.fold!r}")
         if self.start not in STARTS:
             raise SearchError(f"start must be one of {STARTS}, got {self.start!r}")
         if self.mode not in MODES:

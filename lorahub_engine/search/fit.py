@@ -113,6 +113,7 @@ def fit_weights(model, tokenizer, adapters: Sequence[LoraAdapter], examples, *, 
                         validation=None if choice is None else choice.to_json())
 
 
+@torch.enable_grad()  # also under a caller's no_grad
 def descend(objective, config: FitConfig, progress: bool = True) -> list[Evaluation]:
     """`config.steps` Adam steps on the weights; each step's point (before the update) and its objective.
     objective: anything with num_adapters and cross_entropy(weights [1, N], grad=True) -> [1]."""

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -17,10 +18,19 @@ from lorahub_engine.search.result import Evaluation
 
 
 def search_history(objective, config: SearchConfig, progress: bool = True) -> list[Evaluation]:
-    """Every evaluation of one search of `config` on `objective` (the optimizer built and released here)."""
-    search = make_optimizer(config, objective.num_adapters)
+    """Every evaluation of one search of `config` on `objective` (the optimizer built and released here).
+    start="single" spends the first N evaluations on the one-hot weights (each adapter alone, one batched
+    forward) and starts the optimizer at the best of them."""
+    N, start, history = objective.num_adapters, None, []
+    if config.start == "single":
+        history = evaluate(objective, torch.eye(N, dtype=torch.float64)[:config.budget], config.l1)
+        if len(history) == config.budget:
+            return history
+        start = np.array(min(history, key=lambda e: e.loss).weights)
+        config = config.replace(budget=config.budget - len(history))
+    search = make_optimizer(config, N, start)
     try:
-        return run_search(search, objective, config, progress)
+        return history + run_search(search, objective, config, progress)
     finally:
         search.close()
 

@@ -40,16 +40,17 @@ class AskTellOptimizer(Protocol):
         """Release the optimizer; it is not used afterwards."""
 
 
-def make_optimizer(config: SearchConfig, dimension: int) -> AskTellOptimizer:
-    """The optimizer `config.optimizer` names, for `dimension` weights."""
+def make_optimizer(config: SearchConfig, dimension: int, start: np.ndarray | None = None) -> AskTellOptimizer:
+    """The optimizer `config.optimizer` names, for `dimension` weights, started at `start` (default: as
+    `config.start` says; the search loop passes the best single adapter for start="single")."""
     if config.optimizer == "cma":
-        return CMAOptimizer(config, dimension)
-    return NevergradOptimizer(config, dimension)
+        return CMAOptimizer(config, dimension, start)
+    return NevergradOptimizer(config, dimension, start)
 
 
 def start_point(config: SearchConfig, dimension: int, rng: np.random.Generator) -> np.ndarray:
-    """w = 0 (LoraHub) or a random point uniform in [-step, step]^d (within the box)."""
-    if config.start == "zero":
+    """w = 0 (LoraHub; also the placeholder of start="single") or a random point uniform in [-step, step]^d."""
+    if config.start != "random":
         return np.zeros(dimension)
     width = min(config.step, config.bound)
     return rng.uniform(-width, width, dimension)
@@ -58,17 +59,18 @@ def start_point(config: SearchConfig, dimension: int, rng: np.random.Generator) 
 class CMAOptimizer:
     """pycma's CMA-ES in the box (BoundTransform), its random numbers from a seeded numpy Generator."""
 
-    def __init__(self, config: SearchConfig, dimension: int):
+    def __init__(self, config: SearchConfig, dimension: int, start: np.ndarray | None = None):
         import cma
 
         rng = np.random.default_rng(config.seed)
         default = 4 + int(3 * math.log(dimension))  # pycma's own population size
         self.population = min(config.population or default, config.budget)
-        self.fold = config.mode == "fusion"
+        self.fold = config.fold and config.mode == "fusion"
         options = {"bounds": [-config.bound, config.bound], "popsize": max(self.population, 2), "seed": np.nan,
                    "randn": lambda *shape: rng.standard_normal(shape), "verbose": -9, "tolfun": 0, "tolx": 1e-8,
                    "CMA_mirrors": 0}
-        self._es = cma.CMAEvolutionStrategy(start_point(config, dimension, rng), config.step, options)
+        x0 = start_point(config, dimension, rng) if start is None else start
+        self._es = cma.CMAEvolutionStrategy(x0, config.step, options)
         self._asked: np.ndarray | None = None
 
     def ask(self, n: int) -> np.ndarray:
@@ -96,7 +98,7 @@ class NevergradOptimizer:
     """A nevergrad optimizer on ng.p.Array(init=start, lower=-bound, upper=bound), budget and population from the
     config (population None = 1). NGOpt with population 1 and 20 weights selects COBYLA (as in LoraHub's code)."""
 
-    def __init__(self, config: SearchConfig, dimension: int):
+    def __init__(self, config: SearchConfig, dimension: int, start: np.ndarray | None = None):
         import nevergrad as ng  # ~1.5 s to import: only when a search runs
 
         # nevergrad hands scipy's COBYLA an end radius above its start radius for short budgets; scipy resets it
@@ -111,7 +113,7 @@ class NevergradOptimizer:
         if self.population > 1 and getattr(factory, "no_parallelization", False):  # checked before building
             raise SearchError(f"optimizer {config.optimizer!r} is sequential: it needs population=1, "
                               f"got {self.population}")
-        init = start_point(config, dimension, np.random.default_rng(config.seed))
+        init = start_point(config, dimension, np.random.default_rng(config.seed)) if start is None else start
         parametrization = ng.p.Array(init=init, lower=-config.bound, upper=config.bound)
         parametrization.random_state = np.random.RandomState(config.seed)
         self._optimizer = factory(parametrization=parametrization, budget=config.budget,

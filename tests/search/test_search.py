@@ -48,12 +48,15 @@ def objective_of(base, tokenizer, adapters, weights) -> float:
     return ce + 0.05 * sum(abs(w) for w in weights) / len(weights)
 
 
-@pytest.mark.parametrize("options", [{}, LORAHUB], ids=["default", "lorahub"])
+CMA = dict(optimizer="cma", start="random")
+
+
+@pytest.mark.parametrize("options", [{}, CMA], ids=["default", "cma"])
 def test_every_evaluation_is_the_merged_base_loss_plus_the_l1_term(base, tokenizer, zoo, options):
     result = search(base, tokenizer, zoo, budget=8, l1=0.05, **options)
     assert len(result.history) == 8
-    if options:
-        assert result.history[0].weights == (0.0,) * 4  # LoraHub starts at w = 0
+    if not options:
+        assert result.history[0].weights == (0.0,) * 4 and result.config.optimizer == "NGOpt"  # LoraHub: from 0
     else:  # cma's first population is spread around a random start, one candidate per row of a batched forward
         assert len({e.weights for e in result.history}) == 8 and all(any(e.weights) for e in result.history)
     for e in result.history:
@@ -88,8 +91,8 @@ def test_same_seed_same_search_other_seed_other_search(base, tokenizer, zoo):
     assert runs[2].history != runs[0].history
     cobyla = [search(base, tokenizer, zoo, budget=10, seed=s, **LORAHUB).history for s in (0, 0)]
     assert cobyla[0] == cobyla[1]
-    default = [search(base, tokenizer, zoo, budget=10, seed=s).history for s in (0, 0, 1)]
-    assert default[0] == default[1] and default[2] != default[0]
+    cma = [search(base, tokenizer, zoo, budget=10, seed=s, **CMA).history for s in (0, 0, 1)]
+    assert cma[0] == cma[1] and cma[2] != cma[0]
 
 
 def test_population_evaluations_equal_separate_evaluations(base, tokenizer, zoo):
@@ -256,3 +259,11 @@ def test_validation_compares_held_out_shots_and_runs_what_wins(base, tokenizer, 
     fallback = search(base, tokenizer, noise, budget=12, folds=5)
     if fallback.validation["kind"] == "zero":
         assert set(fallback.weights.values()) == {0.0} and len(fallback.history) == 1
+
+
+def test_start_single_scans_the_adapters_then_searches_from_the_best(base, tokenizer, zoo):
+    result = search(base, tokenizer, zoo, budget=12, optimizer="cma", start="single")
+    assert [e.weights for e in result.history[:4]] == [tuple(float(i == j) for j in range(4)) for i in range(4)]
+    assert min(result.history[:4], key=lambda e: e.loss).weights == (0.0, 1.0, 0.0, 0.0)  # the trained adapter
+    assert len(result.history) == 12 and result.loss <= result.history[1].loss
+    assert search(base, tokenizer, zoo, budget=3, optimizer="cma", start="single").history[-1].weights[2] == 1.0
