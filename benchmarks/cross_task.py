@@ -4,11 +4,10 @@
     results = run_cross_task(base="tiny", tasks=["count_birds"], methods=["zero_shot", "icl"], seeds=[0, 1, 2])
     results["count_birds"]["icl"]     # {"mean", "std", "scores", "tokens", "seconds", ...}
 
-A method is a function registered by name (`@register_method("zero_shot")`) that takes a `Context` and returns
-a `MethodOutput` (one prediction per test input, prompt tokens per query). The harness times it, scores it
-(normalized exact match), and aggregates mean +- std over seeds. The test set is the task's first `n_test` test
-examples (the same for every seed; fewer where a task has fewer distinct test inputs); seed s draws the shots `examples(task, "fewshot", shots, seed=s)`. A method
-registered with `uses_shots=False` runs once per task and counts for every seed.
+The methods are those registered in benchmarks/harness.py (the built-in ones by benchmarks/methods.py, imported
+here). The harness times each, scores it (normalized exact match), and aggregates mean +- std over seeds. The test
+set is the task's first `n_test` test examples (the same for every seed; fewer where a task has fewer distinct test
+inputs); seed s draws the shots `examples(task, "fewshot", shots, seed=s)`.
 Outputs: a markdown table (stdout + file), JSON and a PNG plot (see `write_report`).
 """
 
@@ -16,98 +15,24 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
-from benchmarks.taskworld import Task, accuracy, examples, format_prompt, get_task, list_tasks
+import benchmarks.methods  # noqa: F401  (registers the built-in methods)
+import benchmarks.search_methods  # noqa: F401  (issue 12's search and fit rows)
+from benchmarks.harness import METHODS, Context, Method, Settings
+from benchmarks.taskworld import Task, accuracy, examples, get_task, list_tasks
 from lorahub_engine._io import write_json_atomic, write_text_atomic
-
-
-class MethodOutput(NamedTuple):
-    predictions: list[str]  # one answer per test input, in order
-    prompt_tokens: float  # mean prompt tokens the model reads per test query
-    info: dict = {}  # anything worth recording (adapters chosen, ...), JSON-serializable
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    run: Callable[["Context"], MethodOutput]
-    uses_shots: bool = True  # False: independent of the seed's shots, run once per task
-    description: str = ""
-
-
-METHODS: dict[str, Method] = {}
-
-
-def register_method(name: str, uses_shots: bool = True):
-    """Decorator: register `fn(ctx) -> MethodOutput` under `name` (its docstring's first line describes it)."""
-
-    def register(fn: Callable[[Context], MethodOutput]):
-        if name in METHODS:
-            raise ValueError(f"a method named {name!r} is already registered")
-        METHODS[name] = Method(name, fn, uses_shots, (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
-        return fn
-
-    return register
 
 
 # `bench cross-task --quick` (CI): a few held-out tasks near the zoo's skills, 2 seeds, 30 test examples.
 QUICK = {"tasks": ["count_birds", "has_vehicle", "last_alphabetically", "sentiment_negated"], "seeds": 2,
          "n_test": 30, "methods": ["zero_shot", "icl", "best_single", "uniform_retrieved", "retrieval_mixture",
                                    "ties", "retrieval_lorahub", "upper_shots_lora"]}
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Knobs shared by the methods (kept in the JSON output)."""
-
-    shots: int = 5
-    n_test: int = 100
-    k: int = 3  # adapters retrieved per input / per task
-    batch_size: int = 50  # rows per generation batch
-    max_new_tokens: int = 24
-
-
-@dataclass
-class Context:
-    """What a method sees for one (task, seed). `cache` is shared by all calls of one run (memoize there)."""
-
-    base: object  # benchmarks.bases.Base
-    zoo: object  # lorahub_engine.AdapterZoo
-    index: object  # anything with search(texts, k)
-    task: Task
-    shots: list[tuple[str, str]]  # (input, answer) of this seed
-    test: list[tuple[str, str]]  # (input, answer), the same for every seed
-    seed: int
-    seeds: list[int]
-    settings: Settings
-    cache: dict = field(default_factory=dict)
-
-    def query(self, input_text: str, shots: Sequence[tuple[str, str]] = ()) -> str:
-        """The plain-text prompt (instruction + shots + input): what retrieval embeds."""
-        return format_prompt(self.task.instruction, input_text, shots)
-
-    def prompt(self, input_text: str, shots: Sequence[tuple[str, str]] = ()) -> str:
-        """The prompt as the base reads it (chat bases: chat template, each shot a user/assistant turn pair)."""
-        return self.base.prompt(self.task.instruction, input_text, shots)
-
-    def shots_of(self, seed: int) -> list[tuple[str, str]]:
-        return [tuple(e) for e in examples(self.task, "fewshot", self.settings.shots, seed=seed)]
-
-    def shot_pairs(self, shots: Sequence[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
-        """(prompt, answer) training pairs of the shots (default: this seed's)."""
-        return [(self.prompt(x), y) for x, y in (self.shots if shots is None else shots)]
-
-
-def _load_methods() -> None:
-    import benchmarks.methods  # noqa: F401  (registers the built-in methods)
-    import benchmarks.search_methods  # noqa: F401  (issue 12's search and fit rows)
 
 
 def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Sequence[str] | None = None,
@@ -120,7 +45,6 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
     base: "tiny" / "smollm2" or a loaded `Base`; zoo: default `benchmarks.zoo.load_zoo(base)`; index: default
     `AdapterIndex.build(zoo)` over the manifest's sample prompts.
     """
-    _load_methods()
     base = _base(base)
     settings = settings or Settings(shots=shots, n_test=n_test)
     tasks = list(tasks or list_tasks(held_out=True))

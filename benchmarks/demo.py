@@ -1,18 +1,22 @@
 """The README's first command: an unseen task, 5 examples, retrieved and composed adapters vs the zero-shot base.
 
-    lorahub-engine demo                      # or: python -m benchmarks.demo [--task ... --method ...]
-Runs on the shipped tiny base (benchmarks/assets/tiny) and tiny zoo (benchmarks/assets/tiny_zoo, rebuilt by
+    lorahub-engine demo                      # or: python -m benchmarks.demo [--task ... --methods ...]
+The `demo` command is declared here (entry point `demo` of the group `lorahub_engine.commands`). Runs on the shipped tiny base (benchmarks/assets/tiny) and tiny zoo (benchmarks/assets/tiny_zoo, rebuilt by
 `lorahub-engine build-zoo --base tiny --out benchmarks/assets/tiny_zoo`); nothing is downloaded or trained.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
+from collections.abc import Sequence
 
 from tqdm import tqdm
 
 from benchmarks.taskworld import accuracy, examples, get_task, list_tasks
+from lorahub_engine.cli import execute
+from lorahub_engine.cli.options import add_threads, set_threads
 
 DEMO_TASK = "navigate"
 COMPOSITIONS = ("uniform_retrieved", "retrieval_lorahub", "lorahub", "retrieval_mixture", "retrieval_fusion", "ties",
@@ -25,7 +29,7 @@ def run_demo(task: str | None = None, methods: tuple[str, ...] = DEMO_METHODS, k
     """Print and return the zero-shot and composed accuracies of `task` (held out: no zoo adapter saw it)."""
     from benchmarks import methods as registry
     from benchmarks.bases import load_base
-    from benchmarks.cross_task import Context, Settings
+    from benchmarks.harness import Context, Settings
     from benchmarks.zoo import load_zoo
     from retrieval import AdapterIndex
 
@@ -79,7 +83,35 @@ def _print(result: dict, ctx, zoo_size: int) -> None:
         print(f"{method + ':':36s} {score:.2f}{used}")
     print(f"({result['seconds']} s)")
 
-if __name__ == "__main__":
-    from lorahub_engine.cli import main
 
-    raise SystemExit(main(["demo", *sys.argv[1:]]))
+def add_demo(commands) -> None:
+    p = commands.add_parser("demo", help="an unseen task, 5 examples: retrieved + composed adapters vs zero-shot",
+                            description="Runs on the shipped tiny base and tiny zoo; nothing is downloaded.")
+    demo_options(p)
+
+
+def demo_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", help=f"a held-out taskworld task (default {DEMO_TASK})")
+    p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), help="compositions: " + ", ".join(COMPOSITIONS))
+    p.add_argument("--k", type=int, default=3, help="adapters retrieved")
+    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="which 5 examples")
+    add_threads(p)
+    p.set_defaults(run=run_demo_command, command="demo")
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    set_threads(args)
+    run_demo(args.task or None, tuple(args.methods), args.k, args.n_test, args.seed)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m benchmarks.demo`: the `demo` command without the rest of the CLI."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo", description=__doc__.splitlines()[0])
+    demo_options(parser)
+    return execute(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The built-in cross-task methods, each a plug-in registered by name (see cross_task.register_method).
+"""The built-in cross-task methods, each a plug-in registered by name (see harness.register_method).
 
 Adapter methods attach what they use for the call and detach it after, so the base stays clean between runs.
 Retrieval reads plain prompts (instruction + input), as the zoo's manifest samples are written.
@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 import lorahub_engine as le
-from benchmarks.cross_task import Context, MethodOutput, register_method
+from benchmarks.harness import Context, MethodOutput, register_method
 from benchmarks.training import TrainSpec, mean_losses, train_adapters
 from benchmarks.zoo import ZooRecipe, task_pairs
 from lorahub_engine.compose import assignment, retrieve
@@ -38,20 +38,10 @@ def answer(ctx: Context, prompts: list[str], idx: torch.Tensor | None = None, ga
     return MethodOutput(predictions, tokens)
 
 
-@contextlib.contextmanager
-def attached(ctx: Context, adapters: list[le.LoraAdapter]):
-    """The adapters attached to the base for the block (bank order = list order)."""
-    le.attach(ctx.base.model, adapters)
-    try:
-        yield
-    finally:
-        le.detach(ctx.base.model)
-
-
 def answer_with(ctx: Context, adapter: le.LoraAdapter, info: dict | None = None) -> MethodOutput:
     """Every test input answered with one adapter."""
     prompts = [ctx.prompt(x) for x, _ in ctx.test]
-    with attached(ctx, [adapter]):
+    with le.attached(ctx.base.model, [adapter]):
         output = answer(ctx, prompts, idx=torch.zeros(len(prompts), 1, dtype=torch.long))
     return output._replace(info=info or {})
 
@@ -131,7 +121,7 @@ def dare_ties(ctx: Context) -> MethodOutput:
 def _per_input(ctx: Context, mode: str) -> MethodOutput:
     hits = retrieve(ctx.index, [ctx.query(x) for x, _ in ctx.test], ctx.settings.k)
     idx, gates = assignment(hits, ctx.zoo.names, ctx.settings.k)
-    with attached(ctx, list(ctx.zoo)):
+    with le.attached(ctx.base.model, list(ctx.zoo)):
         output = answer(ctx, [ctx.prompt(x) for x, _ in ctx.test], idx, gates, mode)
     return output
 

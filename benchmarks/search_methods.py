@@ -8,7 +8,7 @@ picks l1 and the number of evaluations (or steps), or falls back to w = 0 / the 
 
 from __future__ import annotations
 
-from benchmarks.cross_task import Context, MethodOutput, register_method
+from benchmarks.harness import Context, MethodOutput, register_method
 from benchmarks.methods import LORAHUB_MODULES, answer_with
 from lorahub_engine.search import fit_weights, lorahub_search, retrieved_modules
 

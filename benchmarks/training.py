@@ -51,27 +51,26 @@ def train_adapters(base, datasets: Mapping[str, Pairs], spec: TrainSpec, progres
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in frozen:
         p.requires_grad_(False)
-    le.attach(model, fresh, trainable=True)
     try:
-        bank = [p for p in model.parameters() if p.requires_grad]  # lora_A / lora_B of every LoRA layer
-        optimizer = torch.optim.AdamW(bank, lr=spec.lr, weight_decay=0.0)
-        losses = []
-        bar = tqdm(range(spec.steps), desc=desc, disable=not progress, leave=False)
-        for _ in bar:
-            rows = [(e, pair) for e, name in enumerate(names)
-                    for pair in _draw(rng, datasets[name], spec.rows_per_adapter)]
-            ids = torch.tensor([e for e, _ in rows])
-            batch = encode_examples(tokenizer, [p for _, (p, _) in rows], [a for _, (_, a) in rows],
-                                    is_seq2seq=base.is_seq2seq, max_length=spec.max_length)
-            loss = example_losses(model, batch, adapter_ids=ids).mean() * len(names)  # each adapter: its mean
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item() / len(names))
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
-        return le.read_adapters(model), losses
+        with le.attached(model, fresh, trainable=True):
+            bank = [p for p in model.parameters() if p.requires_grad]  # lora_A / lora_B of every LoRA layer
+            optimizer = torch.optim.AdamW(bank, lr=spec.lr, weight_decay=0.0)
+            losses = []
+            bar = tqdm(range(spec.steps), desc=desc, disable=not progress, leave=False)
+            for _ in bar:
+                rows = [(e, pair) for e, name in enumerate(names)
+                        for pair in _draw(rng, datasets[name], spec.rows_per_adapter)]
+                ids = torch.tensor([e for e, _ in rows])
+                batch = encode_examples(tokenizer, [p for _, (p, _) in rows], [a for _, (_, a) in rows],
+                                        is_seq2seq=base.is_seq2seq, max_length=spec.max_length)
+                loss = example_losses(model, batch, adapter_ids=ids).mean() * len(names)  # each adapter: its mean
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item() / len(names))
+                bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+            return le.read_adapters(model), losses
     finally:
-        le.detach(model)
         for p, flag in frozen.items():
             p.requires_grad_(flag)
 
@@ -88,13 +87,10 @@ def _draw(rng: random.Random, pairs: Pairs, n: int) -> list[tuple[str, str]]:
 def mean_losses(base, adapters: Sequence[le.LoraAdapter], pairs: Pairs) -> list[float]:
     """Mean answer loss of every adapter on the same pairs, one batched forward (rows = adapters x pairs)."""
     model = base.model
-    le.attach(model, adapters)
-    try:
-        prompts = [p for _ in adapters for p, _ in pairs]
-        answers = [a for _ in adapters for _, a in pairs]
-        ids = torch.arange(len(adapters)).repeat_interleave(len(pairs))
-        batch = encode_examples(base.tokenizer, prompts, answers, is_seq2seq=base.is_seq2seq)
+    prompts = [p for _ in adapters for p, _ in pairs]
+    answers = [a for _ in adapters for _, a in pairs]
+    ids = torch.arange(len(adapters)).repeat_interleave(len(pairs))
+    batch = encode_examples(base.tokenizer, prompts, answers, is_seq2seq=base.is_seq2seq)
+    with le.attached(model, adapters):
         losses = example_losses(model, batch, adapter_ids=ids)  # [adapters * pairs]
-        return losses.reshape(len(adapters), len(pairs)).mean(-1).tolist()
-    finally:
-        le.detach(model)
+    return losses.reshape(len(adapters), len(pairs)).mean(-1).tolist()

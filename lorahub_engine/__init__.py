@@ -3,6 +3,7 @@
 from lorahub_engine.adapter import LoraAdapter, LoraModule
 from lorahub_engine.attach import (
     attach,
+    attached,
     attached_names,
     detach,
     init_adapter,
@@ -39,6 +40,7 @@ __all__ = [
     "SearchResult",
     "UnsupportedFeatureError",
     "attach",
+    "attached",
     "attached_names",
     "detach",
     "fit_weights",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import PurePath
 
 import torch
@@ -252,3 +252,13 @@ def _check_base_model(model: nn.Module, adapters: list[LoraAdapter]) -> None:
             raise IncompatibleModelError(
                 f"adapter {adapter.name!r} was trained on {adapter.base_model!r}, the model is {_model_id(model)!r}"
             )
+
+
+@contextlib.contextmanager
+def attached(model: nn.Module, adapters: Iterable[LoraAdapter], trainable: bool = False) -> Iterator[nn.Module]:
+    """`attach` for the block: `with attached(model, adapters): ...`; the adapters are detached on exit, errors too."""
+    attach(model, adapters, trainable=trainable)
+    try:
+        yield model
+    finally:
+        detach(model)

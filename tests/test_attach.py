@@ -119,6 +119,19 @@ def test_detach_restores_the_plain_model():
         le.set_weights(model, [1.0])
 
 
+def test_attached_detaches_after_the_block_even_on_error():
+    base = tiny_llama()
+    model, adapter = copy.deepcopy(base), le.init_adapter(base, "a", ["q_proj"])
+    with le.attached(model, [adapter]) as inside:
+        assert inside is model and le.attached_names(model) == ["a"]
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    with pytest.raises(RuntimeError, match="boom"), le.attached(model, [adapter]):
+        raise RuntimeError("boom")
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    with le.attached(model, [adapter], trainable=True):  # attachable again: nothing was left behind
+        assert model.model.layers[0].self_attn.q_proj.lora_A.requires_grad
+
+
 def test_training_reaches_only_routed_adapters_and_reads_back():
     base = tiny_llama()
     adapters = [le.init_adapter(base, n, ["q_proj", "v_proj"], r=2, seed=i) for i, n in enumerate("abc")]

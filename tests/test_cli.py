@@ -99,7 +99,7 @@ def search_argv(root, *options):
 
 @pytest.mark.filterwarnings("ignore:COBYLA")
 def test_search_writes_what_lorahub_search_finds(search_folders, tmp_path, capsys):
-    from lorahub_engine.cli import _load_language_model
+    from lorahub_engine.cli.options import load_language_model
 
     root = search_folders
     code = main(search_argv(root, "--adapters", "add", "plural", "--budget", "6", "--seed", "3", "--json",
@@ -107,7 +107,7 @@ def test_search_writes_what_lorahub_search_finds(search_folders, tmp_path, capsy
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     zoo = le.AdapterZoo.load(root / "zoo")
-    model, tokenizer = _load_language_model(str(root / "model"))
+    model, tokenizer = load_language_model(str(root / "model"))
     direct = le.lorahub_search(model, tokenizer, [zoo["add"], zoo["plural"]], SEARCH_EXAMPLES, budget=6, seed=3,
                                progress=False)
     assert printed["names"] == ["add", "plural"] and printed["weights"] == direct.weights

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 from lorahub_engine.adapter import LoraAdapter
-from lorahub_engine.attach import attach, detach
+from lorahub_engine.attach import attached
 from lorahub_engine.search.errors import SearchError
 
 
@@ -39,13 +39,12 @@ def composing(model, adapters: list[LoraAdapter]):
     frozen. Afterwards the model is as it was (detached, its mode and requires_grad flags back), on error too."""
     training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    attach(model, adapters)
     try:
-        model.eval()
-        model.requires_grad_(False)
-        yield model
+        with attached(model, adapters):
+            model.eval()
+            model.requires_grad_(False)
+            yield model
     finally:
-        detach(model)
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
         model.train(training)

@@ -6,15 +6,8 @@ import pytest
 
 import lorahub_engine as le
 from benchmarks import cross_task
-from benchmarks.cross_task import (
-    METHODS,
-    Context,
-    MethodOutput,
-    Settings,
-    markdown_table,
-    register_method,
-    run_cross_task,
-)
+from benchmarks.cross_task import markdown_table, run_cross_task
+from benchmarks.harness import METHODS, Context, MethodOutput, Settings, register_method
 from benchmarks.taskworld import get_task
 from benchmarks.training import mean_losses
 from tests.benchmarks.micro import FakeIndex

@@ -3,7 +3,8 @@
 import pytest
 
 import lorahub_engine as le
-from benchmarks.cross_task import Settings, run_cross_task
+from benchmarks.cross_task import run_cross_task
+from benchmarks.harness import Settings
 from lorahub_engine.search import random_modules
 from tests.benchmarks.micro import FakeIndex
 
