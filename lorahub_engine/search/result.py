@@ -29,7 +29,7 @@ class SearchResult:
     loss: float  # best objective
     cross_entropy: float  # its cross-entropy part
     history: list[Evaluation]
-    config: SearchConfig
+    config: SearchConfig  # (a FitConfig for le.fit_weights): the settings of the final run
     adapters: list[LoraAdapter] = field(repr=False)
     validation: dict | None = None  # with config.folds: what validation compared and picked (validate.Choice)
 

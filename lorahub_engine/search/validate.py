@@ -51,7 +51,7 @@ def folds_of(n: int, k: int | None) -> list[np.ndarray]:
         raise SearchError(f"validation needs at least 2 folds, got {k!r}")
     if n < 2:
         raise SearchError(f"validation needs at least 2 examples, got {n}")
-    return [f for f in np.array_split(np.arange(n), min(k, n))]
+    return list(np.array_split(np.arange(n), min(k, n)))
 
 
 class _FoldObjective:
