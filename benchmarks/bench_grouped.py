@@ -29,14 +29,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import lorahub_engine as le
-from benchmarks.timing import CLOCKS, measure, paired_ratio, pairs
+from benchmarks.timing import CLOCKS, measure, paired_ratio, pairs, run_info
 from lorahub_engine._io import write_json_atomic
 from lorahub_engine.ops import grouped_lora
 from lorahub_engine.ops.grouped import resolve_backend
@@ -439,12 +438,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def _env(device, dtype, args) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype), "commit": commit,
-            "clock": args.clock, "layers": args.layers, "repeats": args.repeats, "batch": [ROWS, SEQ], "rank": RANK,
-            "experts": EXPERTS,
-            "load_avg_start": os.getloadavg()}  # other processes on the CPUs distort small ops badly: check these
+    # run_info's load average: other processes on the CPUs distort small ops badly, check it
+    return {**run_info(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            platform.processor() or "cpu", "dtype": str(dtype), "clock": args.clock, "layers": args.layers,
+            "repeats": args.repeats, "batch": [ROWS, SEQ], "rank": RANK, "experts": EXPERTS}
 
 
 def _print(result: dict) -> None:

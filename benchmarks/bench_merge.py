@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmarks.timing import run_info
 from lorahub_engine.adapter import LoraAdapter, LoraModule
 from lorahub_engine._io import write_json_atomic
 
@@ -166,15 +166,48 @@ def cases(full: list[Path], ties: list[Path], peft: list[Path], args, out: Path)
 
 
 def ratios(results: dict, args) -> dict:
+    return {label: {"time_speedup": results[b]["seconds"] / results[a]["seconds"],
+                    "peak_rss_ratio": results[b]["peak_rss_mb"] / results[a]["peak_rss_mb"]}
+            for label, (a, b) in _pairs(args).items()}
+
+
+PARITY_TOL = 1e-4  # max |dW ours - dW PEFT| relative to PEFT's largest entry: fp32 rounding, not a different merge
+
+
+def merged_folder(output: str | Path) -> Path:
+    """The PEFT folder a case wrote: PEFT saves an adapter not named "default" in a subfolder of its name."""
+    output = Path(output)
+    return output if (output / "adapter_config.json").is_file() else output / "merged"
+
+
+def parity(ours: str | Path, peft: str | Path) -> float:
+    """max |dW_ours - dW_PEFT| / max |dW_PEFT| over every module of two merged adapters (same module set)."""
+    a, b = LoraAdapter.load(merged_folder(ours), lazy=True), LoraAdapter.load(merged_folder(peft), lazy=True)
+    if sorted(a.modules) != sorted(b.modules):
+        raise RuntimeError(f"merged modules differ: {sorted(set(a.modules) ^ set(b.modules))[:4]}")
+    diff = max(float((a.delta_weight(p) - b.delta_weight(p)).abs().max()) for p in b.modules)
+    return diff / max(float(b.delta_weight(p).abs().max()) for p in b.modules)
+
+
+def check_parity(specs: list[dict], args) -> dict:
+    """Ours vs PEFT on the same work (task_arithmetic r16 vs svd r16, cat vs cat): relative dW difference per pair;
+    raises when a pair is off by more than PARITY_TOL (the timings would compare different merges)."""
+    output = {spec["name"]: spec["output"] for spec in specs}
+    result = {}
+    for label, (ours, peft) in _pairs(args).items():
+        result[label] = parity(output[ours], output[peft])
+        if result[label] > PARITY_TOL:
+            raise RuntimeError(f"{label}: ours and PEFT's merged dW differ by {result[label]:.2e} of its max")
+    return result
+
+
+def _pairs(args) -> dict[str, tuple[str, str]]:
     L = args.peft_layers
-    pairs = {
+    return {
         f"task_arithmetic r16 vs PEFT svd r16 ({L} layers)": (f"ours task_arithmetic r16 ({L} layers)",
                                                               f"PEFT svd r16 ({L} layers)"),
         f"cat vs PEFT cat ({L} layers)": (f"ours cat exact ({L} layers)", f"PEFT cat ({L} layers)"),
     }
-    return {label: {"time_speedup": results[b]["seconds"] / results[a]["seconds"],
-                    "peak_rss_ratio": results[b]["peak_rss_mb"] / results[a]["peak_rss_mb"]}
-            for label, (a, b) in pairs.items()}
 
 
 def report(results: dict, derived: dict) -> None:
@@ -185,6 +218,8 @@ def report(results: dict, derived: dict) -> None:
     print()
     for label, r in derived["ratios"].items():
         print(f"{label:<52} ours is {r['time_speedup']:.1f}x faster, PEFT peak RSS {r['peak_rss_ratio']:.1f}x ours")
+    for label, diff in derived["parity_vs_peft"].items():
+        print(f"{label:<52} dW max |diff| / max |dW| = {diff:.1e}")
     print(f"ties delta r16, extrapolated to all {derived['all_modules']} modules: "
           f"{derived['ties_all_layers_seconds_estimate']:.0f} s")
 
@@ -203,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.child:
         return child_main(json.loads(args.child))
-    load_start = os.getloadavg()
+    info = run_info(args.threads)  # the cases' threads: each runs in its own process
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_merge."))
     full = generate(workdir, args.adapters, args.layers, args.hidden)
     specs = cases(full, subset(full, args.ties_layers), subset(full, args.peft_layers), args, workdir / "merged")
@@ -212,14 +247,11 @@ def main(argv: list[str] | None = None) -> dict:
         results[spec["name"]] = {**run_child(spec), "method": spec["method"], "rank": spec["rank"]}
     ties = results[specs[2]["name"]]
     all_modules = args.layers * len(TARGETS)
-    derived = {"ratios": ratios(results, args), "all_modules": all_modules,
+    derived = {"ratios": ratios(results, args), "parity_vs_peft": check_parity(specs, args),
+               "all_modules": all_modules,
                "ties_all_layers_seconds_estimate": ties["seconds"] / ties["modules"] * all_modules}
     report(results, derived)
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "threads": args.threads or torch.get_num_threads(), "cpus": os.cpu_count(),
-           "load_avg_start": load_start, "load_avg_end": os.getloadavg(), "argv": sys.argv[1:],
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip()}
+    env = {**info, "load_avg_end": list(os.getloadavg()), "argv": sys.argv[1:]}
     result = {"env": env, "config": {"hidden": args.hidden, "rank": RANK, "alpha": ALPHA, "targets": TARGETS,
                                      "layers": args.layers, "adapters": args.adapters}, "cases": results, **derived}
     out = args.out or Path(__file__).parent / "results" / "bench_merge.json"

@@ -19,14 +19,16 @@ scale: n synthetic unit vectors (d=384) of two kinds (see `synthetic`), queries 
 from __future__ import annotations
 
 import argparse
-import platform
+import os
 import time
+from collections import Counter
 
 import faiss
 import numpy as np
 from tqdm import tqdm
 
 from benchmarks.taskworld import examples, format_prompt, get_task, list_tasks
+from benchmarks.timing import run_info
 from retrieval import TASK_PREFIX, AdapterIndex, Embedder, IndexConfig, LearnedRetriever
 from retrieval.samples import centroids
 from lorahub_engine._io import write_json_atomic
@@ -66,8 +68,10 @@ def taskworld(n_queries: int) -> dict:
             ood = [index.search_embeddings(queries[i:i + 1], k=3, exclude=[t])[0] for i, t in enumerate(truth)]
             held_truth = [t for t in held_out for _ in range(n_queries)]
             held_queries = embedder.encode([x for t in held_out for x in task_texts(t, "test", n_queries, form)])
+            centroid_hits = index.search_embeddings(queries, k=1)
             results[f"{form}, prefix={'yes' if prefix else 'no'}"] = {
-                "centroid_top1": top1(index.search_embeddings(queries, k=1), truth),
+                "centroid_top1": top1(centroid_hits, truth),
+                "centroid_top1_errors": confusions(centroid_hits, truth),
                 "logreg_top1": top1(learned.search_embeddings(queries, k=1), truth),
                 "ood_top3_family_share": family_share(ood, family_of, [family_of[t] for t in truth]),
                 "held_out_top3_family_share": family_share(index.search_embeddings(held_queries, k=3), family_of,
@@ -79,6 +83,12 @@ def taskworld(n_queries: int) -> dict:
 
 def top1(hits, truth) -> float:
     return float(np.mean([row[0][0] == t for row, t in zip(hits, truth)]))
+
+
+def confusions(hits, truth) -> list[tuple[str, str, int]]:
+    """The top-1 errors as (query task, retrieved task, count), most frequent first."""
+    wrong = Counter((t, row[0][0]) for row, t in zip(hits, truth) if row[0][0] != t)
+    return [(t, p, n) for (t, p), n in wrong.most_common()]
 
 
 # ---------------------------------------------------------------- scale
@@ -196,13 +206,16 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=str, default="1,2", help="faiss OpenMP threads to time, comma-separated")
     parser.add_argument("--out", type=str, default=None)
     args = parser.parse_args(argv)
-    report = {"machine": platform.processor() or platform.machine()}
+    report = {"env": run_info(faiss.omp_get_max_threads())}  # threads: faiss's; --scale times its own list
     if args.taskworld:
         report["taskworld"] = taskworld(args.queries)
         for name, r in report["taskworld"]["results"].items():
             print(f"{name:22s} top1 centroid {r['centroid_top1']:.3f}  logreg {r['logreg_top1']:.3f}  "
                   f"OOD family@3 {r['ood_top3_family_share']:.3f}  held-out family@3 "
                   f"{r['held_out_top3_family_share']:.3f}")
+            errors = r["centroid_top1_errors"]
+            print(f"{'':22s} {sum(n for *_, n in errors)} centroid top-1 errors: "
+                  + ", ".join(f"{t} -> {p} {n}" for t, p, n in errors[:6]))
     if args.scale:
         threads = [int(t) for t in args.threads.split(",")]
         report["scale"] = [scale(args.n, 384, args.scale_queries, 10, threads, data)
@@ -222,6 +235,7 @@ def main(argv=None) -> None:
               f"base {t['base'] * 1e3:.1f} ms, k slots {t['k slots'] * 1e3:.1f} ms, union {t['union'] * 1e3:.1f} ms "
               f"(x{t['union'] / t['k slots']:.2f} total, x{lora['union'] / max(lora['k slots'], 1e-9):.1f} LoRA part)")
     if args.out:
+        report["env"]["load_avg_end"] = list(os.getloadavg())
         write_json_atomic(args.out, report)
 
 

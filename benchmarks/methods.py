@@ -14,12 +14,17 @@ import torch
 import lorahub_engine as le
 from benchmarks.harness import Context, MethodOutput, register_method
 from benchmarks.training import TrainSpec, mean_losses, train_adapters
-from benchmarks.zoo import ZooRecipe, task_pairs
+from benchmarks.zoo import default_recipe, task_pairs
 from lorahub_engine.compose import assignment, retrieve
 from lorahub_engine.fewshot import generate_answers
 from lorahub_engine.search import lorahub_search, random_modules, retrieved_modules
 
-SHOTS_SPEC = TrainSpec(steps=40, rows_per_adapter=5)  # a LoRA on the 5 shots alone: every step sees all of them
+SHOTS_STEPS, SHOTS_ROWS = 40, 5  # a LoRA on the 5 shots alone: every step sees all of them
+
+
+def shots_spec(base) -> TrainSpec:
+    """The base's zoo adapter shape (rank, targets, lr), trained 40 steps on the 5 shots."""
+    return replace(default_recipe(base).train, steps=SHOTS_STEPS, rows_per_adapter=SHOTS_ROWS)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -142,7 +147,7 @@ def retrieval_fusion(ctx: Context) -> MethodOutput:
 @register_method("upper_task_lora", uses_shots=False)
 def upper_task_lora(ctx: Context) -> MethodOutput:
     """Upper bound: a LoRA trained on the held-out task's own train split (the zoo's recipe)."""
-    spec = ZooRecipe().train
+    spec = default_recipe(ctx.base).train
     pairs = task_pairs(ctx.base, ctx.task.name, "train", spec.steps * spec.rows_per_adapter, seed=spec.seed)
     with torch.enable_grad():
         (adapter,), _ = train_adapters(ctx.base, {ctx.task.name: pairs}, spec, progress=False)
@@ -156,7 +161,7 @@ def upper_shots_lora(ctx: Context) -> MethodOutput:
     if key not in ctx.cache:
         datasets = {f"seed{s}": ctx.shot_pairs(ctx.shots_of(s)) for s in ctx.seeds}
         with torch.enable_grad():
-            adapters, _ = train_adapters(ctx.base, datasets, replace(SHOTS_SPEC, seed=ctx.seeds[0]), progress=False)
+            adapters, _ = train_adapters(ctx.base, datasets, replace(shots_spec(ctx.base), seed=ctx.seeds[0]), progress=False)
         ctx.cache[key] = dict(zip(datasets, adapters))
     return answer_with(ctx, ctx.cache[key][f"seed{ctx.seed}"])
 

@@ -1,10 +1,15 @@
-"""Timing for the benchmark scripts: one warm-up per case, then round-robin repeats, minimum and median."""
+"""Timing for the benchmark scripts: one warm-up per case, then round-robin repeats, minimum and median; and
+`run_info`, the record of a run (commit, threads, load) every benchmark JSON carries."""
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -64,3 +69,18 @@ def pairs(timings: dict, case: str, reference: str) -> list[tuple[float, float]]
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def run_info(threads: int | None = None) -> dict:
+    """What every benchmark JSON records about its run: the commit (with "-dirty" when tracked files differ from it),
+    torch's thread count (or `threads`, where a script runs its work elsewhere), CPUs and the load average now."""
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
+        return run.stdout.strip() if run.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"commit": commit + ("-dirty" if dirty else ""), "threads": threads or torch.get_num_threads(),
+            "cpus": os.cpu_count(), "load_avg_start": list(os.getloadavg()),
+            "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__}

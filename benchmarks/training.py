@@ -11,7 +11,7 @@ rows, so joint training equals separate runs over the same batches, at the cost 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +38,12 @@ class TrainSpec:
 
 
 def train_adapters(base, datasets: Mapping[str, Pairs], spec: TrainSpec, progress: bool = True,
-                   desc: str = "training adapters") -> tuple[list[le.LoraAdapter], list[float]]:
+                   desc: str = "training adapters", on_step: Callable[[float], None] | None = None,
+                   ) -> tuple[list[le.LoraAdapter], list[float]]:
     """Train one fresh adapter per dataset (name -> pairs) jointly; returns the adapters and the loss per step.
 
-    The base model is left as it was (adapters detached, parameters' requires_grad restored).
+    `on_step(loss)` is called after every step (e.g. to drive a progress bar over several trainings). The base
+    model is left as it was (adapters detached, parameters' requires_grad restored).
     """
     model, tokenizer = base.model, base.tokenizer
     names = list(datasets)
@@ -69,6 +71,8 @@ def train_adapters(base, datasets: Mapping[str, Pairs], spec: TrainSpec, progres
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item() / len(names))
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+                if on_step is not None:
+                    on_step(losses[-1])
             return le.read_adapters(model), losses
     finally:
         for p, flag in frozen.items():

@@ -1,18 +1,23 @@
 """The LoRA zoo: one adapter per taskworld training task, trained through our engine, cached and resumable.
 
-    zoo = load_zoo(base)                              # shipped, cached, or built now (progress bars)
-    build_zoo(base, tasks, ZooRecipe(), out=folder)   # the same build, written to a folder of your choice
+    zoo = load_zoo(base)                              # shipped, cached, or (tiny only) built now
+    build_zoo(base, out="benchmarks/assets/smollm2_zoo")   # build or finish a base's zoo into a folder
 
-Adapters are trained in groups (`group_size` at once, jointly, see training.py); each finished group is saved
-under $LORAHUB_CACHE/zoo-<hash>/groups/, so an interrupted build resumes at the first unfinished group. The hash
-covers the base's weights, the recipe and the task list. The manifest holds per adapter its family, its
-instruction as description, and 20 train-split inputs as full prompts (instruction + input), as retrieval reads.
+Each base has its recipe and task list (`RECIPES`, `TASKS`): tiny trains every training task; smollm2, whose step
+is ~250x dearer, a subset covering every family with a recipe sized for ~2.5 h of one core. Adapters are trained
+in groups (`group_size` at once, jointly, see training.py); each finished group is saved at once (under
+$LORAHUB_CACHE/zoo-<hash>/groups/, or next to `out` in `<out>_groups/`), so an interrupted build resumes at the
+first unfinished group. The hash covers the base's weights, the recipe and the task list. The manifest holds per
+adapter its family, its instruction as description, and 20 train-split inputs as full prompts (instruction +
+input), as retrieval reads.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,9 +30,14 @@ from benchmarks.bases import cache_dir
 from benchmarks.taskworld import examples, format_prompt, get_task, list_tasks
 from benchmarks.training import TrainSpec, train_adapters
 from lorahub_engine._io import write_json_atomic
+from lorahub_engine.errors import AdapterFileError
 
-TINY_ZOO = Path(__file__).parent / "assets" / "tiny_zoo"
+ASSETS = Path(__file__).parent / "assets"
+TINY_ZOO = ASSETS / "tiny_zoo"
+SHIPPED = {"tiny": TINY_ZOO, "smollm2": ASSETS / "smollm2_zoo"}
+BUILT_ON_DEMAND = ("tiny",)  # bases whose zoo builds in minutes; others must be built on purpose
 BUILD_RECORD = "build.json"
+GROUP_RECORD = "group.json"
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,65 @@ class ZooRecipe:
     group_size: int = 15  # adapters trained jointly and saved together (the unit of resumption)
     n_samples: int = 20  # train-split prompts per adapter in the manifest (retrieval)
     dtype: str = "float16"  # saved factors
+
+
+def layer_targets(modules: tuple[str, ...], layers: range) -> tuple[str, ...]:
+    """LoRA targets (path suffixes) on the given decoder layers only."""
+    return tuple(f"layers.{i}.{m}" for i in layers for m in modules)
+
+
+# SmolLM2: 28 of the 60 training tasks, all 11 families, the held-out tasks' neighbours first (has_vehicle <-
+# has_animal, count_birds <- count_animal, zorbish_* <- phrase_from_zorbish, spell_plural <- spell_word + plural,
+# sum_of_extremes <- max/min_of_list + add, navigate <- position, ...). Ordered by prompt length (23-51 tokens
+# without the default system turn) so that each jointly trained group pads little.
+SMOLLM2_TASKS = (
+    "opposite", "plural", "last_letter", "topic_words", "first_letter", "close_last_bracket", "positive_word",
+    "first_alphabetically", "sentiment_review", "add", "count_animal", "sort_words", "reverse_list", "count_words",
+    "larger", "spell_word", "has_animal", "word_category", "subtract", "topic_sentence", "logic_not",
+    "phrase_from_zorbish", "any_true", "logic_and", "min_of_list", "max_of_list", "counter", "position",
+)
+RECIPES = {
+    "tiny": ZooRecipe(),
+    # LoRA on the upper 16 of 30 layers only: the backward stops at layer 14 (~0.7x the cost of a full-depth
+    # step). r=4 on q/v/down there: 0.52 MB per adapter in fp16, 28 adapters in 14.5 MB.
+    "smollm2": ZooRecipe(train=TrainSpec(r=4, alpha=8.0, steps=80, rows_per_adapter=8, lr=2e-3, max_length=96,
+                                         targets=layer_targets(("self_attn.q_proj", "self_attn.v_proj",
+                                                                "mlp.down_proj"), range(14, 30))),
+                         group_size=4),
+}
+TASKS = {"smollm2": SMOLLM2_TASKS}  # default: every training task
+
+
+class ZooMissingError(AdapterFileError):
+    """A base's zoo is neither shipped nor cached, and too costly to build without being asked."""
+
+
+def default_tasks(base) -> list[str]:
+    return list(TASKS.get(base.name) or list_tasks(held_out=False))
+
+
+def default_recipe(base) -> ZooRecipe:
+    return RECIPES.get(base.name, ZooRecipe())
+
+
+def build_command(base_name: str) -> str:
+    return f"lorahub-engine build-zoo --base {base_name} --out {SHIPPED.get(base_name, '<folder>')}"
+
+
+def require_zoo(base_name: str) -> None:
+    """Fail fast (before loading the base) when no zoo of `base_name` was ever finished, shipped or cached, and
+    it is not built on demand. `load_zoo` still checks that a found zoo matches the base and recipe."""
+    if base_name in BUILT_ON_DEMAND:
+        return
+    folders = [SHIPPED[base_name]] if base_name in SHIPPED else []
+    folders += [f / "zoo" for f in cache_dir().glob("zoo-*")]
+    if not any(_read_json(f / BUILD_RECORD).get("base") == base_name for f in folders):
+        raise ZooMissingError(_missing(base_name))
+
+
+def _missing(base_name: str) -> str:
+    return (f"no {base_name} zoo is built (none in {SHIPPED.get(base_name)} nor in {cache_dir()}); build it first "
+            f"(about 1.9 h of one core): {build_command(base_name)}")
 
 
 def base_fingerprint(base) -> str:
@@ -52,6 +121,8 @@ def base_fingerprint(base) -> str:
 def zoo_hash(base, tasks: list[str], recipe: ZooRecipe) -> str:
     payload = {"base": base_fingerprint(base), "chat": base.chat, "recipe": asdict(recipe), "tasks": tasks,
                "data": [metadata(t, 3) for t in tasks]}  # instruction, family and first inputs of every task
+    if base.chat:  # how a prompt becomes the chat text the adapters train on (template, system turn)
+        payload["render"] = base.render("{prompt}")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -69,52 +140,102 @@ def metadata(task: str, n_samples: int) -> dict:
 
 
 def train_task_adapters(base, tasks: list[str], spec: TrainSpec, split: str = "train", progress: bool = True,
-                        desc: str = "training") -> list[le.LoraAdapter]:
-    """One adapter per task on its `split` data (steps x rows_per_adapter draws), trained jointly."""
+                        desc: str = "training", on_step=None) -> tuple[list[le.LoraAdapter], list[float]]:
+    """One adapter per task on its `split` data (steps x rows_per_adapter draws), trained jointly; the adapters
+    and the loss per step (`on_step(loss)` after each)."""
     n = spec.steps * spec.rows_per_adapter
     datasets = {t: task_pairs(base, t, split, n, seed=spec.seed) for t in tasks}
-    adapters, _ = train_adapters(base, datasets, spec, progress, desc)
-    return adapters
+    return train_adapters(base, datasets, spec, progress, desc, on_step)
 
 
-def build_zoo(base, tasks: list[str] | None = None, recipe: ZooRecipe = ZooRecipe(), out: str | Path | None = None,
-              progress: bool = True) -> Path:
-    """Build (or finish, or reuse) the zoo; returns its folder (`out` if given, else the cache's)."""
-    tasks = list(tasks or list_tasks(held_out=False))
+def build_zoo(base, tasks: list[str] | None = None, recipe: ZooRecipe | None = None,
+              out: str | Path | None = None, progress: bool = True) -> Path:
+    """Build (or finish, or reuse) the zoo; returns its folder (`out` if given, else the cache's).
+
+    With `out`, finished groups go to `<out>_groups/` (removed once `out` holds the whole zoo); without, to the
+    cache. A bar over every remaining training step shows the loss and the ETA.
+    """
+    tasks = list(tasks or default_tasks(base))
+    recipe = recipe or default_recipe(base)
     key = zoo_hash(base, tasks, recipe)
     work = cache_dir() / f"zoo-{key}"
-    final = work / "zoo"
-    if _recorded_hash(final) != key:
-        start = time.time()
-        groups = [tasks[i:i + recipe.group_size] for i in range(0, len(tasks), recipe.group_size)]
-        bar = tqdm(groups, desc="zoo groups", unit="group", disable=not progress)
-        for g, group in enumerate(bar):
-            folder = work / "groups" / f"{g:03d}"
-            if (folder / "manifest.json").is_file():
-                continue  # finished by an earlier run
-            adapters = train_task_adapters(base, group, recipe.train, progress=progress,
-                                           desc=f"group {g + 1}/{len(groups)}")
-            le.AdapterZoo([_stored(a, recipe) for a in adapters]).save(folder)
-        adapters = [a for g in range(len(groups)) for a in le.AdapterZoo.load(work / "groups" / f"{g:03d}")]
-        record = {"hash": key, "tasks": tasks, "recipe": asdict(recipe), "base": base.name,
-                  "seconds_this_run": round(time.time() - start, 1), "torch": torch.__version__,
-                  "threads": torch.get_num_threads()}
-        _save_with_record(le.AdapterZoo(adapters), final, record)
-    if out is None:
+    final, groups_dir = work / "zoo", work / "groups"
+    if out is not None:
+        final, groups_dir = Path(out), Path(out).with_name(Path(out).name + "_groups")
+        cached = work / "zoo"
+        if _recorded_hash(final) != key and _recorded_hash(cached) == key:  # built before: copy it
+            _save_with_record(le.AdapterZoo.load(cached), final, _read_json(cached / BUILD_RECORD))
+    if _recorded_hash(final) == key:
         return final
-    out = Path(out)
-    if _recorded_hash(out) != key:
-        _save_with_record(le.AdapterZoo.load(final), out, json.loads((final / BUILD_RECORD).read_text()))
-    return out
+    _claim(groups_dir, key)
+    start = time.time()
+    groups = [tasks[i:i + recipe.group_size] for i in range(0, len(tasks), recipe.group_size)]
+    todo = [g for g in range(len(groups)) if not (groups_dir / f"{g:03d}" / "manifest.json").is_file()]
+    bar = tqdm(total=len(todo) * recipe.train.steps, desc=f"{base.name} zoo", unit="step", disable=not progress,
+               mininterval=1 if sys.stderr.isatty() else 30)
+    for g in todo:
+        group_start, cpu_start = time.time(), time.process_time()
+        bar.set_description(f"{base.name} zoo, group {g + 1}/{len(groups)}")
+        adapters, losses = train_task_adapters(base, groups[g], recipe.train, progress=False,
+                                               on_step=lambda loss: _advance(bar, loss))
+        le.AdapterZoo([_stored(a, recipe) for a in adapters]).save(groups_dir / f"{g:03d}")
+        tail = losses[-10:]
+        record = {"tasks": groups[g], "seconds": round(time.time() - group_start, 1),
+                  "cpu_seconds": round(time.process_time() - cpu_start, 1),
+                  "first_loss": round(losses[0], 4), "final_loss": round(sum(tail) / len(tail), 4)}
+        write_json_atomic(groups_dir / f"{g:03d}" / GROUP_RECORD, record)
+        bar.write(f"group {g + 1}/{len(groups)} saved ({', '.join(groups[g])}): {record['seconds']} s, "
+                  f"loss {record['first_loss']} -> {record['final_loss']}")
+    bar.close()
+    adapters = [a for g in range(len(groups)) for a in le.AdapterZoo.load(groups_dir / f"{g:03d}")]
+    group_records = [_read_json(groups_dir / f"{g:03d}" / GROUP_RECORD) for g in range(len(groups))]
+    record = {"hash": key, "tasks": tasks, "recipe": asdict(recipe), "base": base.name,
+              "seconds_this_run": round(time.time() - start, 1), "groups": group_records,
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    _save_with_record(le.AdapterZoo(adapters), final, record)
+    if out is not None:
+        shutil.rmtree(groups_dir)
+    return final
 
 
-def load_zoo(base, tasks: list[str] | None = None, recipe: ZooRecipe = ZooRecipe(),
+def load_zoo(base, tasks: list[str] | None = None, recipe: ZooRecipe | None = None,
              progress: bool = True) -> le.AdapterZoo:
-    """The zoo for `base`: the shipped tiny zoo when its hash matches, else the cache, else a fresh build."""
-    tasks = list(tasks or list_tasks(held_out=False))
-    if _recorded_hash(TINY_ZOO) == zoo_hash(base, tasks, recipe):
-        return le.AdapterZoo.load(TINY_ZOO)
+    """The zoo for `base`: the shipped one when its hash matches, else the cache, else a fresh build (bases in
+    BUILT_ON_DEMAND only; for the others `ZooMissingError` names the command that builds it)."""
+    tasks = list(tasks or default_tasks(base))
+    recipe = recipe or default_recipe(base)
+    key = zoo_hash(base, tasks, recipe)
+    for folder in (SHIPPED.get(base.name), cache_dir() / f"zoo-{key}" / "zoo"):
+        if folder is not None and _recorded_hash(folder) == key:
+            return le.AdapterZoo.load(folder)
+    if base.name not in BUILT_ON_DEMAND:
+        raise ZooMissingError(_missing(base.name))
     return le.AdapterZoo.load(build_zoo(base, tasks, recipe, progress=progress))
+
+
+def _advance(bar, loss: float) -> None:
+    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+    bar.update()
+
+
+def _claim(groups_dir: Path, key: str) -> None:
+    """Mark a groups folder as this zoo's; a folder holding another zoo's groups is an error, never mixed in."""
+    mark = groups_dir / "zoo_hash.json"
+    if mark.is_file():
+        found = _read_json(mark).get("hash")
+        if found != key:
+            raise AdapterFileError(f"{groups_dir} holds groups of another zoo (hash {found}, this one {key}): "
+                                   "remove it or build into another folder")
+        return
+    groups_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(mark, {"hash": key})
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _stored(adapter: le.LoraAdapter, recipe: ZooRecipe) -> le.LoraAdapter:
@@ -129,8 +250,5 @@ def _save_with_record(zoo: le.AdapterZoo, folder: Path, record: dict) -> None:
 
 
 def _recorded_hash(folder: Path) -> str | None:
-    try:
-        return json.loads((Path(folder) / BUILD_RECORD).read_text())["hash"]
-    except (OSError, ValueError, KeyError):
-        return None
+    return _read_json(Path(folder) / BUILD_RECORD).get("hash")
 

@@ -5,11 +5,15 @@ installs one Dispatch that tells every layer which experts each batch row uses:
     model(input_ids, adapter_ids=torch.tensor([0, 1, -1]))        one adapter per row (-1 = base only)
     with routing(model, idx, gates, mode="mixture"): ...          per-row experts (generate() included) or per-token
     set_weights(model, [0.7, 0.3])                                a fixed weighted mix for every row
+    set_router(model, {path: router, ...})                        a learned router per layer (routers/ builds them)
+Each forward of the model (and of an encoder-decoder's encoder and decoder) opens a ForwardContext from its inputs
+(rows, attention mask), see lorahub_engine.dispatch; `router_outputs(model)` collects what learned routers return.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import PurePath
@@ -19,7 +23,8 @@ from torch import nn
 
 from lorahub_engine.adapter import LoraAdapter, LoraModule
 from lorahub_engine.errors import AdapterError, IncompatibleModelError, UnsupportedFeatureError
-from lorahub_engine.lora_layer import Dispatch, LoraLayer, RowRouting, linear_shape
+from lorahub_engine.lora_layer import LoraLayer, linear_shape
+from lorahub_engine.dispatch import AutoRouting, Dispatch, LearnedRouting, PerTokenRouting, RowRouting
 
 _STATE = "_lorahub_attached"
 
@@ -54,10 +59,7 @@ def attach(model: nn.Module, adapters: Iterable[LoraAdapter], trainable: bool = 
         layer.lora_B.requires_grad_(trainable)
         _set_submodule(model, path, layer)
     state = _Attached(names, dispatch, paths)
-    state.hooks = [
-        model.register_forward_pre_hook(_pop_adapter_ids(dispatch), with_kwargs=True),
-        model.register_forward_hook(_restore(dispatch), always_call=True),
-    ]
+    state.hooks = _install_forward_hooks(model, dispatch)
     setattr(model, _STATE, state)
     return model
 
@@ -92,10 +94,12 @@ def set_weights(model: nn.Module, weights: Sequence[float] | torch.Tensor | None
 
 
 @contextlib.contextmanager
-def routing(model: nn.Module, idx: torch.Tensor, gates: torch.Tensor | None = None, mode: str = "mixture"):
+def routing(model: nn.Module, idx: torch.Tensor, gates: torch.Tensor | None = None, mode: str = "mixture",
+            per: str | None = None):
     """Within the block, batch row n uses experts idx[n] with gates[n] (default 1) in every forward.
 
-    idx with one row per token of the batch (rows * tokens, row-major) routes each token on its own (mixture only).
+    per="row": idx [rows, k] (or [1, k] for every row); per="token": idx [rows * tokens, k], row-major, each token
+    on its own (mixture only); None: decided once per forward from the batch's shape (rows or rows * tokens).
     """
     state = _state(model)
     idx = torch.as_tensor(idx, device=_device(model))
@@ -104,11 +108,49 @@ def routing(model: nn.Module, idx: torch.Tensor, gates: torch.Tensor | None = No
     gates = torch.ones(idx.shape, device=idx.device) if gates is None else torch.as_tensor(gates, device=idx.device)
     if idx.numel() and int(idx.max()) >= len(state.names):
         raise AdapterError(f"adapter id {int(idx.max())} out of range for {len(state.names)} attached adapters")
-    state.dispatch.stack.append(RowRouting(idx.long(), gates.reshape(idx.shape), mode))
+    idx, gates = idx.long(), gates.reshape(idx.shape)
+    if per == "token" and mode != "mixture":
+        raise AdapterError("per-token routing is mixture only (fusion merges factors per batch row)")
+    kinds = {None: AutoRouting, "row": RowRouting, "token": lambda i, g, m: PerTokenRouting(i, g)}
+    if per not in kinds:
+        raise AdapterError(f"per must be 'row', 'token' or None, got {per!r}")
+    state.dispatch.stack.append(kinds[per](idx, gates, mode))
     try:
         yield model
     finally:
         state.dispatch.stack.pop()
+
+
+def set_router(model: nn.Module, routers: dict[str, nn.Module] | None) -> None:
+    """Give each LoRA layer (by module path) its learned router and make learned routing the default of every
+    forward (it replaces set_weights'); None removes the routers. Routers become submodules (`<path>.router`), so
+    they move with the model; a router maps (x [T, in], TokenLayout) to a RouterOutput."""
+    state = _state(model)
+    if routers is not None and set(routers) != set(state.paths):
+        missing, extra = set(state.paths) - set(routers), set(routers) - set(state.paths)
+        raise AdapterError(f"routers must cover exactly the LoRA layers; missing {sorted(missing)[:3]}, "
+                           f"unknown {sorted(extra)[:3]}")
+    for path in state.paths:
+        layer = model.get_submodule(path)
+        if routers is None:
+            layer.__dict__.pop("router", None)
+            layer._modules.pop("router", None)
+        else:
+            layer.router = routers[path]
+    state.dispatch.default = None if routers is None else LearnedRouting()
+
+
+@contextlib.contextmanager
+def router_outputs(model: nn.Module):
+    """Within the block, every forward of the model appends {layer path: RouterRecord(output, layout)} of its
+    learned routers to the yielded list (nothing is kept once the block ends)."""
+    dispatch = _state(model).dispatch
+    collected: list[dict] = []
+    dispatch.collectors.append(collected)
+    try:
+        yield collected
+    finally:
+        dispatch.collectors.remove(collected)
 
 
 def read_adapters(model: nn.Module) -> list[LoraAdapter]:
@@ -186,7 +228,7 @@ def _build_layer(model: nn.Module, path: str, adapters: list[LoraAdapter], dispa
         B[e, :, : lora.rank] = lora.B
         scale[e] = lora.scale
     ranks = [0 if m is None else m.rank for m in present]
-    return LoraLayer(base, A, B, scale, ranks, dispatch)
+    return LoraLayer(base, A, B, scale, ranks, dispatch, path)
 
 
 def _target(model: nn.Module, path: str) -> nn.Module:
@@ -208,22 +250,48 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _pop_adapter_ids(dispatch: Dispatch):
+def _install_forward_hooks(model: nn.Module, dispatch: Dispatch) -> list:
+    """Open a ForwardContext before each forward of the model, and of its encoder and decoder (they run alone in
+    generate() and see their own inputs and masks); close it after, exceptions included."""
+    modules = [model]
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        modules += [m for m in (model.get_encoder(), model.get_decoder()) if m is not model]
+    hooks = []
+    for module in modules:
+        hooks.append(module.register_forward_pre_hook(_open_forward(dispatch, module is model), with_kwargs=True))
+        hooks.append(module.register_forward_hook(_close_forward(dispatch), always_call=True))
+    return hooks
+
+
+_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds")
+
+
+def _open_forward(dispatch: Dispatch, takes_adapter_ids: bool):
+    names: list[str] = []
+
     def hook(module, args, kwargs):
-        ids = kwargs.pop("adapter_ids", None)
-        if ids is None:
-            dispatch.stack.append(dispatch.current)  # keep whatever holds; popped by _restore
-        else:
+        if not names:
+            names.extend(inspect.signature(module.forward).parameters)
+        override = None
+        ids = kwargs.pop("adapter_ids", None) if takes_adapter_ids else None
+        if ids is not None:
             ids = torch.as_tensor(ids, device=_device(module)).long().reshape(-1, 1)
-            dispatch.stack.append(RowRouting(ids, torch.ones(ids.shape, device=ids.device)))
+            override = RowRouting(ids, torch.ones(ids.shape, device=ids.device))
+        inputs = {**dict(zip(names, args)), **kwargs}
+        first = next((inputs[n] for n in _INPUTS if torch.is_tensor(inputs.get(n))), None)
+        rows, length = (first.shape[0], first.shape[1]) if first is not None and first.dim() >= 2 else (None, None)
+        mask = inputs.get("attention_mask")
+        encoder = inputs.get("encoder_hidden_states")
+        sources = [(encoder, inputs.get("encoder_attention_mask"))] if torch.is_tensor(encoder) else []
+        dispatch.open(module, rows, length, mask if torch.is_tensor(mask) else None, sources, override)
         return args, kwargs
 
     return hook
 
 
-def _restore(dispatch: Dispatch):
+def _close_forward(dispatch: Dispatch):
     def hook(module, args, output):
-        dispatch.stack.pop()
+        dispatch.close(module)
 
     return hook
 

@@ -7,10 +7,17 @@ from tests.tiny_models import tiny_llama
 
 @pytest.fixture(scope="module")
 def adapters():
+    """Three adapters with random A and B (init_adapter's B is zero), different ranks, scales and targets."""
     base = tiny_llama()
     out = []
-    for i, name in enumerate(["plural", "opposite", "count"]):
-        a = le.init_adapter(base, name, ["q_proj", "v_proj"], r=2, seed=i)
+    specs = [dict(r=2, alpha=3.0), dict(r=4, alpha=8.0, use_rslora=True), dict(r=3, alpha=1.5)]
+    targets = [["q_proj", "v_proj"], ["q_proj", "v_proj", "down_proj"], ["v_proj", "up_proj"]]
+    for i, (name, spec, target) in enumerate(zip(["plural", "opposite", "count"], specs, targets)):
+        a = le.init_adapter(base, name, target, seed=i, **spec)
+        g = torch.Generator().manual_seed(100 + i)
+        for m in a.modules.values():
+            m.A.normal_(generator=g)
+            m.B.normal_(generator=g)
         a.metadata = {"description": f"{name} task", "family": "words", "samples": [f"{name} {j}" for j in range(3)]}
         out.append(a)
     return out
@@ -32,9 +39,14 @@ def test_zoo_round_trips(adapters, tmp_path, lazy):
     le.AdapterZoo(adapters).save(tmp_path / "zoo")
     zoo = le.AdapterZoo.load(tmp_path / "zoo", lazy=lazy)
     assert zoo.names == ["plural", "opposite", "count"]
-    assert zoo["count"].metadata == adapters[2].metadata
-    path = "model.layers.1.self_attn.v_proj"
-    torch.testing.assert_close(zoo["plural"].delta_weight(path), adapters[0].delta_weight(path))
+    for original in adapters:
+        loaded = zoo[original.name]
+        assert loaded.metadata == original.metadata
+        assert sorted(loaded.modules) == sorted(original.modules)
+        for path, module in original.modules.items():
+            got = loaded.modules[path]
+            assert torch.equal(got.A, module.A) and torch.equal(got.B, module.B), path
+            assert got.scale == pytest.approx(module.scale, rel=1e-12, abs=0), path
 
 
 def test_zoo_load_errors(tmp_path):

@@ -51,6 +51,50 @@ inline void sum16(const f16* v, float* sums) {
   f16 all = sum_units<8>(sum_units<4>(l2[0], l2[1]), sum_units<4>(l2[2], l2[3]));
   std::memcpy(sums, &all, sizeof all);
 }
+
+// One step of a 16 x 8 transpose: two vectors that differ in one bit of their index trade the lanes where lane bit
+// LB differs, swapping that index bit with lane bit LB. Half H = 0 gives the vector with the bit clear, 1 the other.
+constexpr int swap_lane(int LB, int l, int H) {
+  int bit = (l >> LB) & 1;
+  if (H == 0) return bit ? 16 + (l ^ (1 << LB)) : l;
+  return bit ? 16 + l : (l ^ (1 << LB));
+}
+template <int LB, int H, int... L>
+inline f16 swap_bits(f16 a, f16 b, std::integer_sequence<int, L...>) {
+  return __builtin_shufflevector(a, b, swap_lane(LB, L, H)...);
+}
+template <int LB, int H>
+inline f16 swap_bits(f16 a, f16 b) {
+  return swap_bits<LB, H>(a, b, std::make_integer_sequence<int, 16>{});
+}
+// Lane bits (c0 c3 c2 c1) back to column order (c3 c2 c1 c0).
+constexpr int column_lane(int l) { return ((l & 1) << 3) | (l >> 1); }
+template <int... L>
+inline f16 to_columns(f16 a, std::integer_sequence<int, L...>) {
+  return __builtin_shufflevector(a, a, column_lane(L)...);
+}
+// b[j] = rank j of 16 columns c0.. of a weight stored column by column (8 ranks from p + c * sc, sc >= 8):
+// the 8 x 16 block the expand holds in registers, transposed from B's own [out, r] layout by 32 shuffles.
+inline void columns_by_rank(const float* p, int64_t sc, f16* b) {
+  f16 v[8], s[8];
+  for (int m = 0; m < 8; m++) {  // v[m]: columns 2m and 2m + 1, 8 ranks each (lane = 8 * (c & 1) + j)
+    std::memcpy(&v[m], p + 2 * m * sc, 32);
+    std::memcpy(reinterpret_cast<char*>(&v[m]) + 32, p + (2 * m + 1) * sc, 32);
+  }
+  for (int m = 0; m < 4; m++) {
+    s[m] = swap_bits<2, 0>(v[m], v[m + 4]);
+    s[m + 4] = swap_bits<2, 1>(v[m], v[m + 4]);
+  }
+  for (int m : {0, 1, 4, 5}) {
+    v[m] = swap_bits<1, 0>(s[m], s[m + 2]);
+    v[m + 2] = swap_bits<1, 1>(s[m], s[m + 2]);
+  }
+  for (int m : {0, 2, 4, 6}) {
+    s[m] = swap_bits<0, 0>(v[m], v[m + 1]);
+    s[m + 1] = swap_bits<0, 1>(v[m], v[m + 1]);
+  }
+  for (int j = 0; j < 8; j++) b[j] = to_columns(s[j], std::make_integer_sequence<int, 16>{});
+}
 #endif
 
 constexpr int RANK_CHUNK = 8;  // expand, outer: ranks per pass (weight or gradient columns in registers)
@@ -109,27 +153,53 @@ void shrink_run(const S* x, int64_t n, const S* Ae, int64_t r, int64_t j0, const
   for (; i < stop; i++) shrink_block<S, W, 1>(x, n, Ae, r, j0, token, pair, i, u);
 }
 
-// out[token[i], c0:c1] += sum_j w[i, j0 + j] * Be[j, c0:c1] over the rows of one run, for W ranks of Be (rows j0..
-// of one expert's B^T): the run's weight columns are held in registers while its output rows are updated in place.
+// The N columns c.. of rank row p of a weight read with column stride sc (1: contiguous, one vector load).
+template <typename S>
+inline typename V<S>::vec load_columns(const S* p, int64_t c, int64_t sc) {
+  if (sc == 1) return V<S>::load(p + c);
+  typename V<S>::vec v;
+  for (int64_t l = 0; l < V<S>::N; l++) v[l] = p[(c + l) * sc];
+  return v;
+}
+
+// b[j] = the N columns c.. of rank j, j < W, of a weight read as Be[j * sj + c * sc]: 8 ranks of B's own layout
+// (sj = 1) by a transpose in registers where the vectors allow it, else lane by lane.
 template <typename S, int W>
-void expand_run(const S* w, int64_t r, int64_t j0, const S* Be, int64_t m, const int64_t* token, int64_t start,
-                int64_t stop, int64_t c0, int64_t c1, S* out) {
+inline void load_block(const S* Be, int64_t sj, int64_t sc, int64_t c, typename V<S>::vec* b) {
+#ifdef LORAHUB_SUM16
+  if constexpr (std::is_same_v<S, float> && W == 8) {
+    if (sj == 1 && sc >= 8) {
+      columns_by_rank(Be + c * sc, sc, b);
+      return;
+    }
+  }
+#endif
+  for (int j = 0; j < W; j++) b[j] = load_columns(Be + j * sj, c, sc);
+}
+
+// out[token[i], c0:c1] += coef[pair[i]] * sum_j u[pair[i], j0 + j] * Be[j, c0:c1] over the rows of one run, for W
+// ranks of Be (rows j0.. of one expert's B^T; rank j, column c at Be[j * sj + c * sc]): the run's weight columns are
+// held in registers while its output rows are updated in place.
+template <typename S, int W>
+void expand_run(const S* u, const S* coef, int64_t r, int64_t j0, const S* Be, int64_t sj, int64_t sc, int64_t m,
+                const int64_t* token, const int64_t* pair, int64_t start, int64_t stop, int64_t c0, int64_t c1,
+                S* out) {
   using T = V<S>;
   constexpr int64_t BLOCK = 2 * T::N;
   int64_t c = c0;
   for (; c + BLOCK <= c1; c += BLOCK) {
     typename T::vec b0[W], b1[W];
-    for (int j = 0; j < W; j++) {
-      b0[j] = T::load(Be + j * m + c);
-      b1[j] = T::load(Be + j * m + c + T::N);
-    }
+    load_block<S, W>(Be, sj, sc, c, b0);
+    load_block<S, W>(Be, sj, sc, c + T::N, b1);
     for (int64_t i = start; i < stop; i++) {
       S* o = out + token[i] * m + c;
-      const S* wi = w + i * r + j0;
+      const S* ui = u + pair[i] * r + j0;
+      S ci = coef[pair[i]];
       typename T::vec o0 = T::load(o), o1 = T::load(o + T::N);
       for (int j = 0; j < W; j++) {
-        o0 += wi[j] * b0[j];
-        o1 += wi[j] * b1[j];
+        S wj = ci * ui[j];
+        o0 += wj * b0[j];
+        o1 += wj * b1[j];
       }
       T::store(o, o0);
       T::store(o + T::N, o1);
@@ -138,7 +208,7 @@ void expand_run(const S* w, int64_t r, int64_t j0, const S* Be, int64_t m, const
   for (int64_t i = start; i < stop; i++)
     for (int64_t cc = c; cc < c1; cc++) {
       S acc = 0;
-      for (int j = 0; j < W; j++) acc += w[i * r + j0 + j] * Be[j * m + cc];
+      for (int j = 0; j < W; j++) acc += coef[pair[i]] * u[pair[i] * r + j0 + j] * Be[j * sj + cc * sc];
       out[token[i] * m + cc] += acc;
     }
 }
@@ -191,12 +261,13 @@ void with_width(int64_t width, F&& f) {
 }
 
 // u [T*k, r]: u[pair[i]] = A[expert[i]] @ x[token[i]] for rows i in [begin, end); x [T, n], A [E, r, n].
+// Rows of expert -1 (pairs without an expert) are skipped, here and in expand and outer.
 template <typename S>
 void shrink(const S* x, int64_t n, const S* A, int64_t r, const int64_t* expert, const int64_t* token,
             const int64_t* pair, int64_t begin, int64_t end, S* u) {
   for (int64_t i = begin; i < end;) {
     int64_t stop = run_end(expert, i, end);
-    for (int64_t j0 = 0; j0 < r; j0 += SHRINK_RANKS)
+    for (int64_t j0 = 0; j0 < r && expert[i] >= 0; j0 += SHRINK_RANKS)
       with_width(std::min<int64_t>(SHRINK_RANKS, r - j0), [&]<int W>() {
         shrink_run<S, W>(x, n, A + (expert[i] * r + j0) * n, r, j0, token, pair, i, stop, u);
       });
@@ -204,12 +275,15 @@ void shrink(const S* x, int64_t n, const S* A, int64_t r, const int64_t* expert,
   }
 }
 
-// out [T, m]: out[token[i], c0:c1] += Bt[expert[i]]^T w[i] for all P rows; w [P, r] sorted rows, Bt [E, r, m].
+// out [T, m]: out[token[i], c0:c1] += coef[pair[i]] * Bt[expert[i]]^T u[pair[i]] for all P rows; u [T*k, r],
+// coef [T*k], Bt [E, r, m] with strides (se, sj, sc): contiguous (sc = 1), or B [E, m, r] read transposed (sj = 1,
+// sc = r).
 // The rows come in tiles of `tile` consecutive tokens (see shrink), so a tile's output rows stay in cache while its
 // experts' runs update them; when not `accumulate`, each tile's rows are zeroed first (out need not be initialized).
 template <typename S>
-void expand(const S* w, const S* Bt, int64_t r, int64_t m, const int64_t* expert, const int64_t* token, int64_t P,
-            int64_t T, int64_t tile, int64_t c0, int64_t c1, bool accumulate, S* out) {
+void expand(const S* u, const S* coef, const S* Bt, int64_t r, int64_t m, int64_t se, int64_t sj, int64_t sc,
+            const int64_t* expert, const int64_t* token, const int64_t* pair, int64_t P, int64_t T, int64_t tile,
+            int64_t c0, int64_t c1, bool accumulate, S* out) {
   int64_t i = 0;
   for (int64_t first = 0; first < T; first += tile) {
     int64_t last = std::min(first + tile, T);
@@ -218,9 +292,10 @@ void expand(const S* w, const S* Bt, int64_t r, int64_t m, const int64_t* expert
     while (i < P && token[i] < last) {
       int64_t stop = i + 1;
       while (stop < P && expert[stop] == expert[i] && token[stop] < last) stop++;
-      for (int64_t j0 = 0; j0 < r; j0 += RANK_CHUNK)
+      for (int64_t j0 = 0; j0 < r && expert[i] >= 0; j0 += RANK_CHUNK)
         with_width(std::min<int64_t>(RANK_CHUNK, r - j0), [&]<int W>() {
-          expand_run<S, W>(w, r, j0, Bt + (expert[i] * r + j0) * m, m, token, i, stop, c0, c1, out);
+          expand_run<S, W>(u, coef, r, j0, Bt + expert[i] * se + j0 * sj, sj, sc, m, token, pair, i, stop, c0, c1,
+                           out);
         });
       i = stop;
     }
@@ -233,7 +308,7 @@ void outer(const S* left, int64_t a, const S* right, int64_t n, const int64_t* e
            int64_t c0, int64_t c1, S* g) {
   for (int64_t i = 0; i < P;) {
     int64_t stop = run_end(expert, i, P);
-    for (int64_t j0 = 0; j0 < a; j0 += RANK_CHUNK)
+    for (int64_t j0 = 0; j0 < a && expert[i] >= 0; j0 += RANK_CHUNK)
       with_width(std::min<int64_t>(RANK_CHUNK, a - j0), [&]<int W>() {
         outer_run<S, W>(left, a, j0, right, n, token, i, stop, c0, c1, g + (expert[i] * a + j0) * n);
       });
@@ -248,10 +323,11 @@ void outer(const S* left, int64_t a, const S* right, int64_t n, const int64_t* e
                                   const int64_t* token, const int64_t* pair, int64_t begin, int64_t end, S* u) {    \
     shrink<S>(x, n, A, r, expert, token, pair, begin, end, u);                                                      \
   }                                                                                                                 \
-  extern "C" void expand_##suffix(const S* w, const S* Bt, int64_t r, int64_t m, const int64_t* expert,             \
-                                  const int64_t* token, int64_t P, int64_t T, int64_t tile, int64_t c0, int64_t c1, \
+  extern "C" void expand_##suffix(const S* u, const S* coef, const S* Bt, int64_t r, int64_t m, int64_t se,       \
+                                  int64_t sj, int64_t sc, const int64_t* expert, const int64_t* token,              \
+                                  const int64_t* pair, int64_t P, int64_t T, int64_t tile, int64_t c0, int64_t c1,  \
                                   int64_t accumulate, S* out) {                                                     \
-    expand<S>(w, Bt, r, m, expert, token, P, T, tile, c0, c1, accumulate != 0, out);                                \
+    expand<S>(u, coef, Bt, r, m, se, sj, sc, expert, token, pair, P, T, tile, c0, c1, accumulate != 0, out);        \
   }                                                                                                                 \
   extern "C" void outer_##suffix(const S* left, int64_t a, const S* right, int64_t n, const int64_t* expert,        \
                                  const int64_t* token, int64_t P, int64_t c0, int64_t c1, S* g) {                   \

@@ -12,11 +12,13 @@ A backend is a module with four functions over one `plan` it builds from `idx`:
     outer(left[T*k,a], right[T,b], plan)   -> g[E,a,b] acc,   g[e] = sum_{p: idx=e} left[p]^T right[t]
 "acc" is the accumulation dtype: fp32 for half inputs, the input's own precision above that.
 The forward and the backward below are written once in terms of these, so every backend trains the same way.
-A `TokenRouting` holds idx and gates and caches the plan: build it once per batch and every layer shares the sort.
+A `TokenRouting` holds idx and gates and caches the plan: build it once per forward and every layer shares it.
+With nothing to differentiate (no grad mode, or no input requiring grad) the forward runs outside autograd.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from types import ModuleType
@@ -29,7 +31,10 @@ BACKENDS = ("auto", "torch", "triton")
 class TokenRouting:
     """Which experts each token uses: idx [T, k] integer (-1 = none), gates [T, k] (None = ones).
 
-    Validated once; the backend's plan is built on first use and reused by every call that gets this object.
+    Build it once per forward and share it: validated once; the backend, its plan and the pairs' gates are worked out
+    on a layer's first call and reused by every later call. An idx expanded from one row (`row.expand(T, -1)`, stride 0
+    over tokens) or of one token is known in O(1) to route every token alike: the torch backend then plans no sort.
+    idx must not change in place afterwards; gates may (what derives from them follows gates' version counter).
     """
 
     def __init__(self, idx: torch.Tensor, gates: torch.Tensor | None = None):
@@ -40,6 +45,7 @@ class TokenRouting:
         self.idx = idx.long()
         self.gates = torch.ones(idx.shape, device=idx.device) if gates is None else gates
         self._plans: dict[tuple[str, int], object] = {}
+        self._pairs: tuple | None = None  # (gates' version, masked gates [T*k], clamped idx [T*k])
 
     @property
     def num_tokens(self) -> int:
@@ -47,11 +53,27 @@ class TokenRouting:
 
     def plan(self, backend: ModuleType, num_experts: int):
         key = (backend.__name__, num_experts)
-        if key not in self._plans:
-            if not self.idx.is_cuda and self.idx.numel() and (int(self.idx.max()) >= num_experts or int(self.idx.min()) < -1):
-                raise ValueError(f"idx values must lie in [-1, {num_experts - 1}]")
-            self._plans[key] = backend.plan(self.idx, num_experts)
-        return self._plans[key]
+        plan = self._plans.get(key)
+        if plan is None:
+            if not self.idx.is_cuda and self.idx.numel():
+                low, high = torch.aminmax(self.idx)
+                if int(high) >= num_experts or int(low) < -1:
+                    raise ValueError(f"idx values must lie in [-1, {num_experts - 1}]")
+            plan = self._plans[key] = backend.plan(self.idx, num_experts)
+        return plan
+
+    def coefficients(self, scale: torch.Tensor) -> torch.Tensor:
+        """coef[p] = gates[t, j] * scale[e] for valid pairs, 0 for idx == -1. Shape [T*k], at least fp32: two ops per
+        call, the masking of gates done once per routing (and again only if gates change)."""
+        if self._pairs is None or self._pairs[0] != self.gates._version:
+            dtype = torch.promote_types(self.gates.dtype, torch.float32)
+            valid = self.idx >= 0
+            gates = torch.where(valid, self.gates.detach().to(dtype), 0).reshape(-1)
+            self._pairs = (self.gates._version, gates, self.idx.clamp(min=0).reshape(-1))
+        _, gates, safe_idx = self._pairs
+        if scale.dtype != gates.dtype:
+            scale = scale.to(gates.dtype)
+        return gates * scale.index_select(0, safe_idx)
 
 
 def grouped_lora(
@@ -82,38 +104,53 @@ def grouped_lora_routed(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`grouped_lora` with a shared TokenRouting; with `out` [T, out] (x's dtype) the delta is added into it in place
-    and `out` is returned (a layer passes its base output: one pass over the activations instead of three)."""
+    and `out` is returned (a layer passes its base output: one pass over the activations instead of three).
+    Without anything to differentiate (no grad mode, or no input that requires grad) the forward runs directly,
+    outside autograd."""
     _check_shapes(x, A, B, scale, routing, out)
-    return _GroupedLora.apply(out, x, A, B, scale, routing.gates, routing, resolve_backend(backend, x))
+    impl = resolve_backend(backend, x)
+    plan = routing.plan(impl, A.shape[0])
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                    or routing.gates.requires_grad or (out is not None and out.requires_grad)):
+        return _GroupedLora.apply(out, x, A, B, scale, routing.gates, routing, impl, plan)
+    return _forward(impl, plan, routing.coefficients(scale), x, A, B, out)[0]
 
 
 def resolve_backend(name: str, x: torch.Tensor) -> ModuleType:
     """The backend module for `name`; "auto" picks Triton for CUDA tensors and torch otherwise."""
+    return _backend(name, x.is_cuda)
+
+
+@functools.cache
+def _backend(name: str, cuda: bool) -> ModuleType:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        name = "triton" if x.is_cuda and importlib.util.find_spec("triton") is not None else "torch"
+        name = "triton" if cuda and importlib.util.find_spec("triton") is not None else "torch"
     return importlib.import_module(f"lorahub_engine.ops.{name}_backend")
 
 
 def pair_coefficients(scale: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """coef[p] = gates[t, j] * scale[e] for valid pairs, 0 for idx == -1. Shape [T*k], at least fp32."""
-    dtype = torch.promote_types(gates.dtype, torch.float32)
-    coef = gates.to(dtype) * scale.to(dtype)[idx.clamp(min=0)]
-    return torch.where(idx >= 0, coef, torch.zeros_like(coef)).reshape(-1)
+    return TokenRouting(idx, gates).coefficients(scale)
+
+
+def _forward(backend: ModuleType, plan, coef: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+             out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta, or out with the delta added; u [T*k, r]): the forward, with or without autograd around it."""
+    u = backend.shrink(x, A, plan)  # (T*k, r) acc
+    if out is None:
+        return backend.expand(u, B, coef, plan, None).to(x.dtype), u
+    return backend.expand(u, B, coef, plan, out), u
 
 
 class _GroupedLora(torch.autograd.Function):
     # `out` comes first: when it is a view modified in place, autograd maps input 0's gradient onto the view's base.
     @staticmethod
-    def forward(ctx, out, x, A, B, scale, gates, routing, backend):
-        plan = routing.plan(backend, A.shape[0])
-        coef = pair_coefficients(scale, routing.idx, gates)
-        u = backend.shrink(x, A, plan)  # (T*k, r) acc
-        if out is None:
-            y = backend.expand(u, B, coef, plan, None).to(x.dtype)
-        else:
-            y = backend.expand(u, B, coef, plan, out)
+    def forward(ctx, out, x, A, B, scale, gates, routing, backend, plan):
+        coef = routing.coefficients(scale)
+        y, u = _forward(backend, plan, coef, x, A, B, out)
+        if out is not None:
             ctx.mark_dirty(out)
         ctx.save_for_backward(x, A, B, scale, gates, u, coef)
         ctx.plan, ctx.backend, ctx.idx = plan, backend, routing.idx
@@ -124,7 +161,7 @@ class _GroupedLora(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, A, B, scale, gates, u, coef = ctx.saved_tensors
         plan, backend, idx = ctx.plan, ctx.backend, ctx.idx
-        need_out, need_x, need_A, need_B, _, need_gates, _, _ = ctx.needs_input_grad
+        need_out, need_x, need_A, need_B, _, need_gates, _, _, _ = ctx.needs_input_grad
         grad_y = grad_y.contiguous()
         grad_x = grad_A = grad_B = grad_gates = None
         # v[p] = B[e]^T grad_y[t]: the gradient arriving at the rank-r bottleneck of pair p.
@@ -139,7 +176,7 @@ class _GroupedLora(torch.autograd.Function):
             per_pair = scale.to(u.dtype)[idx.clamp(min=0)].reshape(-1) * (u * v).sum(-1)
             per_pair = torch.where(idx.reshape(-1) >= 0, per_pair, torch.zeros_like(per_pair))
             grad_gates = per_pair.view(idx.shape).to(gates.dtype)
-        return grad_y if need_out else None, grad_x, grad_A, grad_B, None, grad_gates, None, None
+        return grad_y if need_out else None, grad_x, grad_A, grad_B, None, grad_gates, None, None, None
 
 
 def _check_shapes(x, A, B, scale, routing: TokenRouting, out) -> None:

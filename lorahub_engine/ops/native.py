@@ -53,8 +53,12 @@ def library() -> ctypes.CDLL | None:
 def supports(*tensors: torch.Tensor) -> bool:
     """Whether the kernels can take these tensors: all on the CPU, of one dtype among fp32 / fp64, and built."""
     dtype = tensors[0].dtype
-    return (dtype in SUFFIX and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
-            and library() is not None)
+    if dtype not in SUFFIX or library() is None:
+        return False
+    for t in tensors:
+        if t.dtype != dtype or not t.is_cpu:
+            return False
+    return True
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, expert: torch.Tensor, token: torch.Tensor, pair: torch.Tensor,
@@ -67,15 +71,19 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert: torch.Tensor, token: torch.
     _split(P, P * n * r, lambda lo, hi: fn(*args, lo, hi, u.data_ptr()))
 
 
-def expand(w: torch.Tensor, Bt: torch.Tensor, expert: torch.Tensor, token: torch.Tensor, tile: int, out: torch.Tensor,
-           accumulate: bool = True) -> None:
-    """out[token[i]] += Bt[expert[i]]^T w[i] for every sorted row i, rows in tiles of `tile` tokens; not
-    `accumulate`: each tile's rows are zeroed first, so out need not be initialized.
-    w [P, r] sorted rows, Bt [E, r, m], out [T, m] contiguous."""
-    w, Bt = w.contiguous(), Bt.contiguous()
+def expand(u: torch.Tensor, coef: torch.Tensor, Bt: torch.Tensor, expert: torch.Tensor, token: torch.Tensor,
+           pair: torch.Tensor, tile: int, out: torch.Tensor, accumulate: bool = True) -> None:
+    """out[token[i]] += coef[pair[i]] * Bt[expert[i]]^T u[pair[i]] for every sorted row i, rows in tiles of `tile`
+    tokens; not `accumulate`: each tile's rows are zeroed first, so out need not be initialized.
+    u [T*k, r], coef [T*k] (u's dtype), Bt [E, r, m] contiguous or B [E, m, r] transposed (read in place),
+    out [T, m] contiguous."""
+    u, coef = u.contiguous(), coef.contiguous()
+    if Bt.stride(2) != 1 and Bt.stride(1) != 1:
+        Bt = Bt.contiguous()
     fn = _kernel("expand", out.dtype)
-    (P, r), (T, m) = w.shape, out.shape
-    args = (w.data_ptr(), Bt.data_ptr(), r, m, expert.data_ptr(), token.data_ptr(), P, T, tile)
+    (T, m), r, P = out.shape, u.shape[1], len(expert)
+    args = (u.data_ptr(), coef.data_ptr(), Bt.data_ptr(), r, m, *Bt.stride(), expert.data_ptr(), token.data_ptr(),
+            pair.data_ptr(), P, T, tile)
     _split(m, P * m * r, lambda lo, hi: fn(*args, lo, hi, int(accumulate), out.data_ptr()), align=64)
 
 
@@ -110,7 +118,7 @@ def _kernel(name: str, dtype: torch.dtype):
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int64
-    signatures = {"shrink": [p, i, p, i, p, p, p, i, i, p], "expand": [p, p, i, i, p, p, i, i, i, i, i, i, p],
+    signatures = {"shrink": [p, i, p, i, p, p, p, i, i, p], "expand": [p, p, p, i, i, i, i, i, p, p, p, i, i, i, i, i, i, p],
                   "outer": [p, i, p, i, p, p, i, i, i, p]}
     for name, args in signatures.items():
         for suffix in SUFFIX.values():

@@ -1,10 +1,14 @@
 """The CPU path of `grouped_lora`, and the reference the Triton kernels are held to.
 
-`plan` sorts a routing's valid (token, slot) pairs by expert once (`SegmentPlan`) and every primitive then picks a
-walk over them; none loops in Python over more than a few dozen experts:
+`plan` looks at how idx was built before it reads it. A routing known to be the same for every token (one token, or
+one row expanded over the tokens: stride 0) gets a `UniformPlan`: one matmul each way over all tokens, the bank's
+factors taken as views, nothing sorted, nothing read back per call; what a layer call costs there is a few torch
+calls. Any other routing gets a `SegmentPlan`, whose primitives each pick a walk and work out its metadata on first
+use (once per routing, shared by every layer that gets it); none loops in Python over more than a few dozen experts:
 - compiled (fp32 / fp64, with a C++ compiler: `native`): the pairs in tiles of NATIVE_TILE consecutive tokens and by
-  expert within a tile; the kernels read and update the tile's activation rows where they lie, in cache, while each
-  expert's weights stay in registers. Any routing, per row or per token.
+  expert within a tile (one stable sort on the device; pairs without an expert stay in the walk and the kernels skip
+  them); the kernels read and update the tile's activation rows where they lie, in cache, while each expert's weights
+  stay in registers. Any routing, per row or per token.
 - runs (`RunPlan`; torch ops), for routings constant over runs of consecutive tokens (a batch routed per row: one
   adapter for every token, an adapter per request, a retrieval mixture, a LoraHub population). The tokens are cut
   into C chunks of L rows (L = the gcd of the run lengths); shrink and expand are one bmm each over the chunks, with
@@ -40,12 +44,13 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def plan(idx: torch.Tensor, num_experts: int) -> Plan:
-    experts, order = torch.sort(idx.reshape(-1), stable=True)
-    first_valid = int((experts < 0).sum())
-    order, experts = order[first_valid:], experts[first_valid:]  # (P,) valid pairs, sorted by expert
-    run = _common_run_length(idx)
-    runs = RunPlan(idx[::run].contiguous(), run, num_experts) if run >= MIN_RUN else None
-    return SegmentPlan.build(order, experts, torch.bincount(experts, minlength=num_experts), idx.shape, runs)
+    """UniformPlan when every token routes alike, known without reading idx (one token, or one row expanded over the
+    tokens: stride 0); else a SegmentPlan, whose walks sort what they need on first use."""
+    T = idx.shape[0]
+    if T == 1 or (T > 1 and idx.stride(0) == 0):
+        row = idx[0]
+        return UniformPlan(tuple(row.tolist()), row.clamp(min=0), T, num_experts)
+    return SegmentPlan(idx, num_experts)
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor, plan: Plan) -> torch.Tensor:
@@ -59,6 +64,11 @@ def expand(u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, plan: Plan,
 
 def outer(left: torch.Tensor, right: torch.Tensor, plan: Plan) -> torch.Tensor:
     return plan.outer(left, right)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; no call into torch when it already is (calls cost microseconds at one token)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _common_run_length(idx: torch.Tensor) -> int:
@@ -140,30 +150,43 @@ class RunPlan:
 
 
 @dataclass(frozen=True)
-class SegmentPlan:
+class Segments:
     """Valid pairs sorted by expert: sorted row i is pair `pair[i]` of token `token[i]` for expert `expert[i]`;
-    expert e owns rows start:stop of one segment (only experts with pairs have one). `runs`: the same routing as
-    chunks of constant routing, where it has them. Each primitive walks the rows the way `walk` names."""
+    expert e owns rows start:stop of one segment (only experts with pairs have one)."""
 
     pair: torch.Tensor  # (P,)
     token: torch.Tensor  # (P,)
     expert: torch.Tensor  # (P,)
     counts: torch.Tensor  # (E,) rows per expert
     segments: tuple[tuple[int, int, int], ...]  # (expert, start, stop)
-    shape: tuple[int, int]  # (T, k)
-    runs: RunPlan | None = None
 
     @classmethod
-    def build(cls, order: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, shape: torch.Size,
-              runs: RunPlan | None = None) -> SegmentPlan:
+    def build(cls, idx: torch.Tensor, num_experts: int) -> Segments:
+        experts, order = torch.sort(idx.reshape(-1), stable=True)
+        first_valid = int((experts < 0).sum())
+        order, experts = order[first_valid:], experts[first_valid:]  # (P,) valid pairs, sorted by expert
+        counts = torch.bincount(experts, minlength=num_experts)
         stops = torch.cumsum(counts, 0).tolist()
         segments = tuple((e, stop - c, stop) for e, (c, stop) in enumerate(zip(counts.tolist(), stops)) if c)
-        T, k = shape
-        return cls(order, torch.div(order, k, rounding_mode="floor"), experts, counts, segments, (T, k), runs)
+        return cls(order, torch.div(order, idx.shape[1], rounding_mode="floor"), experts, counts, segments)
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """A routing that varies over tokens. Each primitive walks its pairs the way `walk` names, and what a walk needs
+    is worked out on its first use: `tiled` (the compiled walk: one sort on the device, no host sync), `sorted`
+    (segments read on the host; the torch walks), `runs` (chunks of constant routing, where it has them)."""
+
+    idx: torch.Tensor  # (T, k)
+    num_experts: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.idx.shape)
 
     @property
     def num_pairs(self) -> int:
-        return self.shape[0] * self.shape[1]
+        return self.idx.numel()
 
     def walk(self, *tensors: torch.Tensor) -> str:
         """"compiled" where the kernels take these tensors, else `torch_walk`."""
@@ -176,19 +199,35 @@ class SegmentPlan:
 
     @functools.cached_property
     def tiled(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pair, token, expert) of the rows reordered by tile of NATIVE_TILE tokens, then by expert: the compiled
-        kernels' walk, in which a tile's activation rows stay in cache while its experts pass."""
-        tile = torch.div(self.token, NATIVE_TILE, rounding_mode="floor")
-        order = torch.sort(tile * len(self.counts) + self.expert, stable=True).indices
-        return self.pair[order], self.token[order], self.expert[order]
+        """(pair, token, expert) of all T*k pairs by tile of NATIVE_TILE tokens, then by expert, pairs without one
+        (-1, which the kernels skip) first in their tile: the compiled kernels' walk, in which a tile's activation rows
+        stay in cache while its experts pass."""
+        T, k = self.shape
+        expert = self.idx.reshape(-1)  # (T*k,)
+        key = expert
+        if T > NATIVE_TILE:
+            tile = torch.div(torch.arange(T * k, device=expert.device), k * NATIVE_TILE, rounding_mode="floor")
+            key = tile * (self.num_experts + 1) + expert
+        order = torch.sort(key, stable=True).indices
+        return order, torch.div(order, k, rounding_mode="floor"), expert.index_select(0, order)
+
+    @functools.cached_property
+    def sorted(self) -> Segments:
+        return Segments.build(self.idx, self.num_experts)
+
+    @functools.cached_property
+    def runs(self) -> RunPlan | None:
+        run = _common_run_length(self.idx)
+        return RunPlan(self.idx[::run].contiguous(), run, self.num_experts) if run >= MIN_RUN else None
 
     @functools.cached_property
     def blocks(self) -> BlockPlan | None:
         """These rows in padded blocks, for the torch walk when segments average under MIN_SEGMENT rows (many
         experts with few tokens each); None when one mm per segment is the faster walk."""
-        if len(self.pair) >= MIN_SEGMENT * len(self.segments):
+        rows = self.sorted
+        if len(rows.pair) >= MIN_SEGMENT * len(rows.segments):
             return None
-        return BlockPlan.build(self.pair, self.expert, self.counts, self.shape)
+        return BlockPlan.build(rows.pair, rows.expert, rows.counts, self.shape)
 
     def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         walk = self.walk(x, A)
@@ -199,10 +238,11 @@ class SegmentPlan:
             pair, token, expert = self.tiled
             native.shrink(x, A, expert, token, pair, u)
             return u
-        u_sorted = x.new_empty(len(self.pair), A.shape[1])  # (P, r)
-        for e, start, stop in self.segments:
-            torch.mm(x.index_select(0, self.token[start:stop]), A[e].t(), out=u_sorted[start:stop])
-        return u.index_copy_(0, self.pair, u_sorted.to(u.dtype))
+        rows = self.sorted
+        u_sorted = x.new_empty(len(rows.pair), A.shape[1])  # (P, r)
+        for e, start, stop in rows.segments:
+            torch.mm(x.index_select(0, rows.token[start:stop]), A[e].t(), out=u_sorted[start:stop])
+        return u.index_copy_(0, rows.pair, u_sorted.to(u.dtype))
 
     def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         fresh = out is None
@@ -212,8 +252,9 @@ class SegmentPlan:
         if walk == "compiled":
             pair, token, expert = self.tiled
             target = torch.empty(self.shape[0], B.shape[1], dtype=u.dtype, device=u.device) if fresh else out
-            scaled = (u * coef[:, None]).index_select(0, pair)  # (P, r) in the walk's order
-            native.expand(scaled, B.transpose(1, 2), expert, token, NATIVE_TILE, target, accumulate=not fresh)
+            Bt = B.transpose(1, 2)  # (E, r, out): read in place within one tile, copied once for many tiles' runs
+            Bt = Bt if self.shape[0] <= NATIVE_TILE else Bt.contiguous()
+            native.expand(u, _as(coef, u.dtype), Bt, expert, token, pair, NATIVE_TILE, target, accumulate=not fresh)
             return target
         if walk == "runs":
             return self.runs.expand(u, B, coef, out)
@@ -221,26 +262,78 @@ class SegmentPlan:
             out = torch.zeros(self.shape[0], B.shape[1], dtype=u.dtype, device=u.device)
         if walk == "blocks":
             return self.blocks.expand(u, B, coef, out)
-        scaled = (u * coef[:, None]).index_select(0, self.pair).to(B.dtype)  # (P, r) sorted
-        for e, start, stop in self.segments:
+        rows = self.sorted
+        scaled = (u * coef[:, None]).index_select(0, rows.pair).to(B.dtype)  # (P, r) sorted
+        for e, start, stop in rows.segments:
             # A token's k slots are added in sorted order; CPU index_add_ runs sequentially, hence deterministic.
-            out.index_add_(0, self.token[start:stop], torch.mm(scaled[start:stop], B[e].t()).to(out.dtype))
+            out.index_add_(0, rows.token[start:stop], torch.mm(scaled[start:stop], B[e].t()).to(out.dtype))
         return out
 
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         walk = self.walk(left, right)
         if walk in ("runs", "blocks"):
             return getattr(self, walk).outer(left, right)
-        g = torch.zeros(len(self.counts), left.shape[1], right.shape[1], dtype=left.dtype, device=left.device)
+        g = torch.zeros(self.num_experts, left.shape[1], right.shape[1], dtype=left.dtype, device=left.device)
         if walk == "compiled":
             pair, token, expert = self.tiled
             native.outer(left.index_select(0, pair), right, expert, token, g)
             return g
-        left_sorted = left.index_select(0, self.pair)  # (P, a)
-        for e, start, stop in self.segments:
-            rows = right.index_select(0, self.token[start:stop]).to(left.dtype)  # (n_e, b)
-            torch.mm(left_sorted[start:stop].t(), rows, out=g[e])
+        rows = self.sorted
+        left_sorted = left.index_select(0, rows.pair)  # (P, a)
+        for e, start, stop in rows.segments:
+            rows_e = right.index_select(0, rows.token[start:stop]).to(left.dtype)  # (n_e, b)
+            torch.mm(left_sorted[start:stop].t(), rows_e, out=g[e])
         return g
+
+
+@dataclass(frozen=True)
+class UniformPlan:
+    """Every token routes to the same k experts (a single token, or one row expanded over the tokens): shrink and
+    expand are one matmul each over all tokens with the k experts' factors side by side (for k = 1 a view of the
+    bank, no copy); nothing sorted, nothing read back from the device per call."""
+
+    experts: tuple[int, ...]  # (k,) -1 = none
+    index: torch.Tensor  # (k,) the experts, -1 read as 0 (its pairs are masked)
+    num_tokens: int
+    num_experts: int
+
+    def walk(self, *tensors: torch.Tensor) -> str:
+        return "uniform"
+
+    def _side_by_side(self, W: torch.Tensor) -> torch.Tensor:
+        """W [E, r, n] (a view may do) -> the k experts' [r, n] stacked, [k*r, n]."""
+        if len(self.experts) == 1:
+            return W.select(0, max(self.experts[0], 0))
+        return W.index_select(0, self.index).flatten(0, 1)
+
+    def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        u = _as(torch.nn.functional.linear(x, self._side_by_side(A)), accum_dtype(x.dtype))  # (T, k*r) = (T*k, r)
+        if len(self.experts) == 1:
+            return u if self.experts[0] >= 0 else u.zero_()
+        T, k, r = self.num_tokens, len(self.experts), A.shape[1]
+        if -1 in self.experts:
+            u.view(T, k, r)[:, [j for j, e in enumerate(self.experts) if e < 0]] = 0
+        return u.view(T * k, r)
+
+    def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        dtype = u.dtype if out is None else out.dtype
+        scaled = _as(u * coef.unsqueeze(1), dtype)  # (T*k, r); empty slots: coef 0
+        if len(self.experts) > 1:
+            scaled = scaled.view(self.num_tokens, -1)  # (T, k*r)
+        Bt = _as(self._side_by_side(B.transpose(1, 2)), dtype)  # (k*r, out)
+        return torch.mm(scaled, Bt) if out is None else out.addmm_(scaled, Bt)
+
+    def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        T, k, a, b = self.num_tokens, len(self.experts), left.shape[1], right.shape[1]
+        g = torch.zeros(self.num_experts, a, b, dtype=left.dtype, device=left.device)
+        right = right.to(left.dtype)
+        if k == 1:
+            if self.experts[0] >= 0:
+                torch.mm(left.t(), right, out=g[self.experts[0]])
+            return g
+        per_slot = torch.bmm(left.view(T, k, a).permute(1, 2, 0), right.expand(k, T, b))  # (k, a, b)
+        valid = [j for j, e in enumerate(self.experts) if e >= 0]
+        return g.index_add_(0, self.index[valid], per_slot[valid])  # an expert in several slots: summed
 
 
 @dataclass(frozen=True)
@@ -323,4 +416,4 @@ def _with_zero_row(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(1, t.shape[1])])
 
 
-Plan = SegmentPlan
+Plan = SegmentPlan | UniformPlan

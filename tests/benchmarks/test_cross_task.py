@@ -107,3 +107,33 @@ def test_markdown_table_layout():
     lines = table.splitlines()
     assert lines[0] == "| task | a | b |" and lines[2] == "| t1 | 0.500 ± 0.100 | 0.500 ± 0.100 |"
     assert lines[-2] == "| prompt tokens / query | 12 | 12 |" and lines[-1] == "| wall s / run | 1.5 | 1.5 |"
+
+
+def test_a_stopped_run_resumes_from_its_stored_runs(micro_zoo, fake_methods, tmp_path):
+    """Every finished (task, method, seed) is stored at once; a rerun reuses them and runs only what is missing."""
+    base, zoo = micro_zoo
+    runs = tmp_path / "runs.json"
+    calls = []
+
+    @register_method("test_counted")
+    def counted(ctx: Context) -> MethodOutput:
+        calls.append((ctx.task.name, ctx.seed))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stopped during its third run
+        return MethodOutput([y for _, y in ctx.test], 2.0)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_cross_task(base, TASKS, ["test_counted"], seeds=[0, 1], n_test=4, zoo=zoo, index=FakeIndex(),
+                           progress=False, runs=runs)
+        stored = json.loads(runs.read_text())["runs"]
+        assert sorted(stored) == [f"{TASKS[0]}|test_counted|0", f"{TASKS[0]}|test_counted|1"]
+        results = run_cross_task(base, TASKS, ["test_counted"], seeds=[0, 1], n_test=4, zoo=zoo, index=FakeIndex(),
+                                 progress=False, runs=runs)
+        assert calls == [(TASKS[0], 0), (TASKS[0], 1), (TASKS[1], 0), (TASKS[1], 0), (TASKS[1], 1)]
+        assert all(results[t]["test_counted"]["scores"] == [1.0, 1.0] for t in TASKS)
+        with pytest.raises(ValueError, match="another setting"):  # other settings never mix with these runs
+            run_cross_task(base, TASKS, ["test_counted"], seeds=[0, 1], n_test=3, zoo=zoo, index=FakeIndex(),
+                           progress=False, runs=runs)
+    finally:
+        METHODS.pop("test_counted")

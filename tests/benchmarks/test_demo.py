@@ -30,7 +30,7 @@ def test_cli_parses_the_benchmark_commands():
     args = parser.parse_args(["bench", "cross-task", "--base", "tiny", "--quick", "--methods", "zero_shot", "icl",
                               "--extra-tasks", "my.tasks"])
     assert args.quick and args.methods == ["zero_shot", "icl"] and args.extra_tasks == ["my.tasks"]
-    assert args.seeds == 5 and args.n_test == 100 and args.threads == 1
+    assert args.seeds is None and args.n_test is None and args.threads == 1  # the base's preset decides
     args = parser.parse_args(["build-zoo", "--base", "smollm2", "--out", "z"])
     assert args.base == "smollm2" and args.out == "z"
     args = parser.parse_args(["demo", "--task", "count_even", "--k", "2"])

@@ -129,3 +129,33 @@ def test_shipped_tiny_zoo_matches_the_shipped_base_and_the_recipe():
     base = load_tiny()
     recorded = json.loads((TINY_ZOO / "build.json").read_text())["hash"]
     assert recorded == zoo_hash(base, list_tasks(held_out=False), ZooRecipe())
+
+
+def test_build_into_out_saves_groups_beside_it_and_refuses_foreign_groups(micro, cache):
+    out = cache / "assets" / "zoo"
+    groups = cache / "assets" / "zoo_groups"
+    groups.mkdir(parents=True)
+    (groups / "zoo_hash.json").write_text(json.dumps({"hash": "another-zoo"}))
+    with pytest.raises(le.AdapterError, match="another zoo"):
+        build_zoo(micro, TASKS, RECIPE, out=out, progress=False)
+    shutil.rmtree(groups)
+    folder = build_zoo(micro, TASKS, RECIPE, out=out, progress=False)
+    assert folder == out and le.AdapterZoo.load(out).names == TASKS
+    assert not groups.exists()  # the groups were merged into `out`, then removed
+    record = json.loads((out / "build.json").read_text())
+    assert [g["tasks"] for g in record["groups"]] == [["plural", "add"], ["has_animal"]]
+    assert all(g["final_loss"] < g["first_loss"] for g in record["groups"])
+
+
+def test_a_costly_zoo_is_never_built_on_demand(micro, cache, monkeypatch):
+    smol = replace(micro, name="smollm2")  # stands for a base outside BUILT_ON_DEMAND
+    monkeypatch.setitem(zoo_module.SHIPPED, "smollm2", cache / "not-shipped")
+    monkeypatch.setattr(zoo_module, "train_task_adapters", lambda *a, **k: pytest.fail("must not train"))
+    for check in (lambda: zoo_module.require_zoo("smollm2"), lambda: load_zoo(smol, TASKS, RECIPE)):
+        with pytest.raises(zoo_module.ZooMissingError, match="lorahub-engine build-zoo --base smollm2 --out"):
+            check()
+    monkeypatch.undo()
+    monkeypatch.setenv("LORAHUB_CACHE", str(cache))
+    build_zoo(smol, TASKS, RECIPE, progress=False)  # built on purpose: now found
+    zoo_module.require_zoo("smollm2")
+    assert load_zoo(smol, TASKS, RECIPE).names == TASKS

@@ -195,17 +195,63 @@ def test_lorahub_keeps_the_cross_terms(folders):
     assert (merged.delta_weight(Q0) - ta).abs().max() > 0.1  # the cross terms are really there
 
 
-def test_bf16_adapters_merge_in_fp32_and_stay_bf16():
+BF16_EPS = 2.0**-7  # bf16 keeps 8 significant bits: spacing 2^-7 relative to the binade
+
+
+def bf16_half_ulp(x: np.ndarray) -> np.ndarray:
+    """Half the bf16 spacing at x (fp64): the most one round-to-nearest to bf16 can move x."""
+    return 0.5 * BF16_EPS * np.exp2(np.floor(np.log2(np.maximum(np.abs(x), 1e-300))))
+
+
+def bf16_sources():
+    """Two bf16 modules with unequal scales (irrational square roots), and their exact fp64 values."""
     g = torch.Generator().manual_seed(0)
-    mods = [{"m": LoraModule(torch.randn(4, 24, generator=g), torch.randn(16, 4, generator=g), 0.5)} for _ in range(2)]
-    full = [LoraAdapter(f"x{i}", m) for i, m in enumerate(mods)]
-    half = [LoraAdapter(a.name, {"m": LoraModule(a.modules["m"].A.bfloat16(), a.modules["m"].B.bfloat16(), 0.5)})
-            for a in full]
-    merged = merge(half, [1.0, 1.0], "ties", density=0.5, rank=4)
-    assert merged.modules["m"].A.dtype == torch.bfloat16
-    ref = merge([LoraAdapter(a.name, {"m": LoraModule(h.modules["m"].A.float(), h.modules["m"].B.float(), 0.5)})
-                 for a, h in zip(full, half)], [1.0, 1.0], "ties", density=0.5, rank=4)
-    torch.testing.assert_close(merged.delta_weight("m"), ref.delta_weight("m"), atol=0.05, rtol=0.02)
+    half = [LoraAdapter(f"x{i}", {"m": LoraModule(torch.randn(4, 24, generator=g).bfloat16(),
+                                                  torch.randn(16, 4, generator=g).bfloat16(), s)})
+            for i, s in enumerate((0.3, 1.7))]
+    exact = [(a.modules["m"].A.double().numpy(), a.modules["m"].B.double().numpy(), a.modules["m"].scale) for a in half]
+    return half, exact
+
+
+def assert_one_bf16_rounding(got: torch.Tensor, ref: np.ndarray, magnitude: np.ndarray):
+    """got (bf16) is ref (fp64) rounded once to bf16: within half a bf16 spacing, plus fp32 work on `magnitude`
+    (the sum of the absolute terms, so cancellation is covered) and the fp32 -> bf16 double rounding."""
+    assert got.dtype == torch.bfloat16
+    err = np.abs(got.double().numpy() - ref)
+    bound = bf16_half_ulp(ref) + 2.0**-21 * magnitude
+    assert np.all(err <= bound), f"max error / bound {np.max(err / bound):.2f}"
+
+
+def test_bf16_adapters_merge_in_fp32_and_stay_bf16():
+    """Merging bf16 adapters rounds once, at the end: the factors of exact methods equal the fp64 reference's up to
+    one bf16 rounding (a merge carried out in bf16 rounds the weights and every partial sum: several roundings)."""
+    half, exact = bf16_sources()
+    weights = [0.7, -1.3]
+    merged = merge(half, weights, "lorahub").modules["m"]  # A = sum_i w_i sqrt(s_i) A_i, B likewise
+    terms_A = [w * np.sqrt(s) * A for w, (A, _, s) in zip(weights, exact)]
+    terms_B = [w * np.sqrt(s) * B for w, (_, B, s) in zip(weights, exact)]
+    assert_one_bf16_rounding(merged.A, sum(terms_A), sum(np.abs(t) for t in terms_A))
+    assert_one_bf16_rounding(merged.B, sum(terms_B), sum(np.abs(t) for t in terms_B))
+
+    cat = merge(half, weights, "task_arithmetic").modules["m"]  # B = [B_1 B_2], A = [w_1 s_1 A_1; w_2 s_2 A_2]
+    np.testing.assert_array_equal(cat.B.double().numpy(), np.concatenate([B for _, B, _ in exact], axis=1))
+    scaled = np.concatenate([w * s * A for w, (A, _, s) in zip(weights, exact)], axis=0)
+    assert_one_bf16_rounding(cat.A, scaled, np.abs(scaled))
+
+
+def test_bf16_dense_merge_is_the_fp64_reference_rounded_once():
+    """TIES (dense, then best rank 4) of bf16 adapters: the same merge of their exact fp32 copies equals numpy's fp64
+    reference to fp32 precision, and the bf16 merge's factors are exactly those fp32 factors rounded once to bf16
+    (a merge that rounds anything to bf16 before the end differs from them)."""
+    half, exact = bf16_sources()
+    weights = [1.0, 0.6]
+    dense = ref_task_arithmetic_family([w * s * B @ A for w, (A, B, s) in zip(weights, exact)], 0.5, True, "total")
+    U, S, Vt = np.linalg.svd(dense)
+    ref = (U[:, :4] * S[:4]) @ Vt[:4]
+    full = merge([a.to(torch.float32) for a in half], weights, "ties", density=0.5, rank=4).modules["m"]
+    np.testing.assert_allclose((full.B.double() @ full.A.double()).numpy(), ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    merged = merge(half, weights, "ties", density=0.5, rank=4).modules["m"]
+    assert torch.equal(merged.A, full.A.bfloat16()) and torch.equal(merged.B, full.B.bfloat16())
 
 
 def test_paths_and_objects_merge_alike_and_record_provenance(folders):

@@ -3,6 +3,7 @@ import torch
 
 from lorahub_engine.ops import grouped_lora, native, torch_backend
 from lorahub_engine.ops.grouped import TokenRouting, grouped_lora_routed
+from tests.ci import skip_or_fail
 from tests.ops.reference import grouped_lora_reference
 
 
@@ -12,7 +13,7 @@ def walk(request, monkeypatch):
     if request.param == "torch":
         monkeypatch.setattr(native, "library", lambda: None)
     elif native.library() is None:
-        pytest.skip("no C++ compiler here: the compiled kernels cannot be built")
+        skip_or_fail("no C++ compiler here: the compiled kernels cannot be built")
     return request.param
 
 
@@ -134,19 +135,13 @@ def test_run_layout_walks_chunks_in_groups_when_gathered_weights_are_large(monke
     assert_matches_reference(x, A, B, scale, idx, gates)
 
 
-def segment_plan(idx, E):
-    experts, order = torch.sort(idx.reshape(-1), stable=True)
-    order, experts = order[experts >= 0], experts[experts >= 0]
-    return torch_backend.SegmentPlan.build(order, experts, torch.bincount(experts, minlength=E), idx.shape)
-
-
 def all_layouts(idx, E, monkeypatch):
     """The same routing in each layout and torch walk the backend has (the run layout only where idx has runs)."""
     layouts = []
     for min_segment in (0, 10**9):  # one mm per segment; padded blocks (fixed at a plan's first use of .blocks)
         with monkeypatch.context() as m:
             m.setattr(torch_backend, "MIN_SEGMENT", min_segment)
-            layout = segment_plan(idx, E)
+            layout = torch_backend.SegmentPlan(idx, E)
             assert (layout.blocks is None) == (min_segment == 0)
             layouts.append(layout)
     runs = torch_backend.plan(idx, E).runs

@@ -171,3 +171,13 @@ def test_plan_does_not_sync_the_host_on_cuda():
         triton_backend.plan(idx, 16)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_one_row_expanded_over_the_tokens():
+    """idx with stride 0 over tokens (how a layer routes every token alike) reads as any other idx here."""
+    x, A, B, scale, _, gates = make_case(21, 4, 8, 24, 20, 2, seed=12, dtype=torch.float32)
+    idx = torch.tensor([[3, -1]]).expand(21, -1)
+    out, ref, grads, ref_grads = run_both(x, A, B, scale, idx, gates)
+    assert_close_scaled(out, ref, torch.float32)
+    for mine, theirs in zip(grads, ref_grads):
+        assert_close_scaled(mine, theirs, torch.float32)

@@ -13,6 +13,21 @@ def test_encode_shape_dtype_and_unit_norm(embedder):
     assert embedder.encode([]).shape == (0, 384)
 
 
+def test_vectors_equal_sentence_transformers_own_encode(embedder):
+    """A separately loaded SentenceTransformer of the same folder, its own pooling and normalization: the reference
+    (wrong pooling, a lost normalization or a truncated text would differ)."""
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(embedder.path, device="cpu", local_files_only=True)
+    assert reference is not embedder._model
+    texts = ["translate this sentence to French", "what is 3 plus 4?", "a b", "count the vowels " * 40]
+    expected = reference.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(embedder.encode(texts), expected, atol=1e-5, rtol=0)
+    prefixed = Embedder(prefix=TASK_PREFIX).encode(texts[:2])
+    expected = reference.encode([TASK_PREFIX + t for t in texts[:2]], normalize_embeddings=True, convert_to_numpy=True)
+    np.testing.assert_allclose(prefixed, expected, atol=1e-5, rtol=0)
+
+
 def test_name_and_spec_of_the_bundled_model(embedder):
     assert embedder.name == DEFAULT_NAME
     assert embedder.spec.dimension == 384 and embedder.spec.prefix is None

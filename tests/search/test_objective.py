@@ -69,6 +69,53 @@ def test_equal_scales_follow_lorahubs_rule_by_hand(tokenizer):
     torch.testing.assert_close(got[0], expected, atol=1e-5, rtol=1e-5)
 
 
+def peft_with_factors(base, adapters, weights):
+    """PEFT's own LoRA model (scale 1) holding, per module, the weighted factor sums by hand (fp64, ranks
+    zero-padded): lora_A = sum_i w_i sqrt(s_i) A_i, lora_B = sum_i w_i sqrt(s_i) B_i; absent modules add 0."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    paths = targets_of(adapters)
+    r = max(m.rank for a in adapters for m in a.modules.values())
+    config = LoraConfig(r=r, lora_alpha=r, target_modules=paths, lora_dropout=0.0,
+                        fan_in_fan_out=any(a.fan_in_fan_out for a in adapters))
+    model = get_peft_model(copy.deepcopy(base), config)
+    state = {}
+    for path in paths:
+        present = [(w, a.modules[path]) for w, a in zip(weights, adapters) if path in a.modules]
+        A = sum(torch.nn.functional.pad(w * m.scale**0.5 * m.A.double(), (0, 0, 0, r - m.rank)) for w, m in present)
+        B = sum(torch.nn.functional.pad(w * m.scale**0.5 * m.B.double(), (0, r - m.rank)) for w, m in present)
+        state[f"base_model.model.{path}.lora_A.weight"] = A.float()
+        state[f"base_model.model.{path}.lora_B.weight"] = B.float()
+    result = set_peft_model_state_dict(model, state)
+    assert not [k for k in result.unexpected_keys if "lora_" in k]
+    return model.eval()
+
+
+def peft_loss(model, tokenizer, examples):
+    """Mean over the examples of PEFT's own loss (labels = the answer + eos, the prompt ignored), one at a time."""
+    losses = []
+    for prompt, answer in examples:
+        x = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        y = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if model.config.is_encoder_decoder:
+            out = model(input_ids=torch.tensor([x]), labels=torch.tensor([y]))
+        else:
+            out = model(input_ids=torch.tensor([x + y]), labels=torch.tensor([[-100] * len(x) + y]))
+        losses.append(out.loss)
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def test_objective_equals_peft_forward_and_loss_with_unequal_scales(setup, tokenizer, objective):
+    """Scales 2, 8 and 12/sqrt(3), ranks 4, 2, 3, one adapter lacking a module: PEFT's LoRA model with the weighted
+    factor sums loaded by set_peft_model_state_dict, its forward and loss, no engine code in the reference."""
+    base, adapters = setup
+    assert len({m.scale for a in adapters for m in a.modules.values()}) == 3
+    for w in WEIGHTS[[0, 1, 3]]:
+        expected = peft_loss(peft_with_factors(base, adapters, w.tolist()), tokenizer, EXAMPLES)
+        torch.testing.assert_close(objective.cross_entropy(w[None])[0], expected, atol=1e-5, rtol=1e-5)
+
+
 def targets_of(adapters):
     return sorted({path for a in adapters for path in a.modules})
 

@@ -1,0 +1,121 @@
+"""train_router: fit a router's gates on (input, answer) examples; experts and base stay frozen.
+
+    history = train_router(model, tokenizer, examples, steps=300, lr=5e-3, batch_size=8, seed=0)
+
+loss = mean answer-token cross-entropy (lorahub_engine.fewshot, as LoraHub's objective) + the routers' auxiliary
+losses (each already weighted, summed by name and averaged over the LoRA layers). Padding never counts: answers are
+masked by their labels, routing statistics by the forward's attention mask.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from lorahub_engine.attach import router_outputs
+from lorahub_engine.fewshot import example_losses
+from lorahub_engine.search.objective import encode_pairs
+from routers.api import router_parameters, routers_of
+from routers.base import masked_mean
+from routers.errors import RouterError
+
+
+@dataclass
+class RouterHistory:
+    """Per step: total loss, task loss, each auxiliary loss, and usage (mean gate of each expert over layers)."""
+
+    loss: list[float] = field(default_factory=list)
+    task: list[float] = field(default_factory=list)
+    aux: dict[str, list[float]] = field(default_factory=dict)
+    usage: list[list[float]] = field(default_factory=list)
+
+
+def train_router(model, tokenizer, examples: Sequence[tuple[str, str]], steps: int = 300, lr: float = 5e-3,
+                 batch_size: int = 8, seed: int = 0, progress: bool = True) -> RouterHistory:
+    """Adam on the routers' parameters only, `steps` batches of `batch_size` examples drawn without replacement
+    (reshuffled each pass, `random.Random(seed)`). Every other tensor of the model is left bit-identical."""
+    examples = _checked(examples, steps, batch_size, lr)
+    params = router_parameters(model)
+    if not params:
+        raise RouterError("this router has nothing to train (Arrow is training-free)")
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    routers = list(routers_of(model).values())
+    history = RouterHistory()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        for router in routers:
+            router.train()
+        draws = _batches(len(examples), batch_size, random.Random(seed))
+        for _ in tqdm(range(steps), desc="router", disable=not progress):
+            batch = encode_pairs(model, tokenizer, [examples[i] for i in next(draws)])
+            batch = batch.to(next(model.parameters()).device)
+            with router_outputs(model) as records:
+                task = example_losses(model, batch).mean()
+            aux, usage = summarize(records)
+            loss = task + sum(aux.values(), torch.zeros(()))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            _log(history, loss, task, aux, usage)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for router in routers:
+            router.eval()
+    return history
+
+
+def summarize(records: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Auxiliary losses by name (summed over forwards, averaged over layers) and usage [E] (each expert's mean
+    probability over real tokens, averaged over layers) of the router records of one or more forwards."""
+    calls = [record for forward in records for record in forward.values()]
+    if not calls:
+        raise RouterError("no router ran in the forward: is a routing(...) block overriding the router?")
+    aux: dict[str, torch.Tensor] = {}
+    for output, _ in calls:
+        for name, value in output.aux.items():
+            aux[name] = aux.get(name, 0) + value / len(calls)
+    usage = torch.stack([masked_mean(output.probs.detach().float(), layout.real(output.probs.device))
+                         for output, layout in calls]).mean(0)
+    return aux, usage
+
+
+def _log(history: RouterHistory, loss, task, aux, usage) -> None:
+    history.loss.append(float(loss.detach()))
+    history.task.append(float(task.detach()))
+    for name, value in aux.items():
+        history.aux.setdefault(name, []).append(float(value.detach()))
+    history.usage.append(usage.tolist())
+
+
+def _batches(n: int, size: int, rng: random.Random):
+    """Endless batches of indices in [0, n): passes over a fresh shuffle; a batch may span two passes."""
+    pool: list[int] = []
+    while True:
+        while len(pool) < size:
+            order = list(range(n))
+            rng.shuffle(order)
+            pool += order
+        yield pool[:size]
+        pool = pool[size:]
+
+
+def _checked(examples, steps, batch_size, lr) -> list[tuple[str, str]]:
+    examples = [tuple(e) for e in examples]
+    if not examples or any(len(e) != 2 or not all(isinstance(s, str) for s in e) for e in examples):
+        raise RouterError("examples must be a non-empty list of (input, answer) string pairs")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RouterError(f"{name} must be a positive int, got {value!r}")
+    if not lr > 0:
+        raise RouterError(f"lr must be > 0, got {lr!r}")
+    return examples

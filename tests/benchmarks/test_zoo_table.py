@@ -1,0 +1,34 @@
+"""The per-task zoo table: an adapter that changes nothing scores exactly as the zero-shot base, and is flagged."""
+
+import pytest
+
+import lorahub_engine as le
+from benchmarks.zoo_table import markdown, score_task
+
+
+def test_an_untrained_adapter_scores_as_the_base_and_is_flagged(micro_zoo, one_thread):
+    base, zoo = micro_zoo
+    task = zoo.names[0]
+    untrained = le.init_adapter(base.model, task, ("q_proj", "v_proj"), r=4, seed=0)  # B = 0: the base itself
+    row = score_task(base, untrained, task, n=6)
+    assert row["n_test"] == 6 and row["adapter"] == row["zero_shot"]
+    assert all(e["adapter"] == e["zero_shot"] for e in row["examples"])
+    trained = score_task(base, zoo[task], task, n=6)
+    assert all(0 <= trained[c] <= 1 for c in ("zero_shot", "icl", "adapter"))
+    assert trained["zero_shot"] == row["zero_shot"] and trained["icl"] == row["icl"]  # same prompts, same base
+    table = markdown({task: row})
+    assert f"| {task} |" in table and "**NO**" in table and "0/1" in table
+
+
+def test_the_script_scores_a_zoo_folder_and_resumes(tmp_path, one_thread, capsys, monkeypatch):
+    from benchmarks import zoo_table
+    from benchmarks.zoo import TINY_ZOO
+
+    args = ["--base", "tiny", "--zoo", str(TINY_ZOO), "--n", "3", "--out", str(tmp_path)]
+    zoo_table.main([*args, "--tasks", "plural"])
+    monkeypatch.setattr(zoo_table, "score_task", lambda base, adapter, name, n: {
+        "zero_shot": 0.0, "icl": 0.0, "adapter": 1.0, "n_test": n, "examples": []} if name == "add" else pytest.fail())
+    zoo_table.main([*args, "--tasks", "plural", "add"])  # plural is not scored again
+    table = (tmp_path / "zoo_table_tiny.md").read_text()
+    assert "| plural | lexicon | 3 |" in table and "| add | arithmetic | 3 | 0.00 | 0.00 | 1.00 | yes |" in table
+    assert table in capsys.readouterr().out

@@ -1,0 +1,111 @@
+"""The torch backend's cheap plans: routings the same for every token (UniformPlan), the compiled walk planned by one
+device sort, and the op's no-grad path, each against the einsum reference (forward and the four gradients)."""
+
+import pytest
+import torch
+
+from lorahub_engine.ops import grouped_lora, native, torch_backend
+from lorahub_engine.ops.grouped import TokenRouting, grouped_lora_routed
+from tests.ops.reference import grouped_lora_reference
+from tests.ops.test_grouped_torch import assert_matches_reference, make_case, walk  # noqa: F401 (fixture)
+
+
+def uniform_case(T, row, E=5, r=3, dtype=torch.float64, seed=0):
+    """A case whose idx is one row expanded over T tokens (stride 0), per-token gates."""
+    x, A, B, scale, _, gates = make_case(T, E, r, 11, 7, len(row), seed, dtype)
+    return x, A, B, scale, torch.tensor([row]).expand(T, -1), gates
+
+
+@pytest.mark.parametrize("T,row", [(1, [2]), (1, [0, 4, 0]), (1, [-1]), (1, [3, -1]), (9, [1]), (9, [4, 1, 4]),
+                                   (9, [-1, 2]), (40, [-1, -1]), (300, [0])])
+def test_uniform_routings_plan_one_matmul_and_match_reference(T, row):
+    x, A, B, scale, idx, gates = uniform_case(T, row, seed=T + len(row))
+    plan = torch_backend.plan(idx, A.shape[0])
+    assert isinstance(plan, torch_backend.UniformPlan) and plan.walk(x, A) == "uniform"
+    assert_matches_reference(x, A, B, scale, idx, gates)
+
+
+def test_uniform_routing_adds_into_out_and_takes_half_inputs():
+    x, A, B, scale, idx, gates = uniform_case(6, [1, 3], dtype=torch.float32, seed=3)
+    ref = grouped_lora_reference(x, A, B, scale, idx, gates)
+    base = torch.randn(B.shape[1], 6)  # out is its transpose: not contiguous
+    before = base.t().clone()
+    out = grouped_lora_routed(x, A, B, scale, TokenRouting(idx, gates), "torch", out=base.t())
+    torch.testing.assert_close(base.t(), before + ref)
+    assert out.data_ptr() == base.data_ptr()
+    half = grouped_lora(x.half(), A.half(), B.half(), scale, idx, gates, backend="torch")
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_materialized_equal_rows_take_the_general_plan_with_the_same_result():
+    x, A, B, scale, idx, gates = uniform_case(20, [2, 0], seed=4)
+    dense = idx.contiguous()  # the same routing, not known to be uniform without reading it
+    assert isinstance(torch_backend.plan(dense, 5), torch_backend.SegmentPlan)
+    torch.testing.assert_close(grouped_lora(x, A, B, scale, dense, gates, backend="torch"),
+                               grouped_lora(x, A, B, scale, idx, gates, backend="torch"))
+
+
+@pytest.mark.parametrize("T,k", [(3, 2), (200, 2)])  # one tile; several tiles (B^T copied once)
+def test_compiled_walk_plans_without_host_side_segments(T, k, walk):
+    if walk != "native":
+        pytest.skip("the compiled walk only")
+    x, A, B, scale, idx, gates = make_case(T, 6, 4, 40, 24, k, seed=T, dtype=torch.float32, none_share=0.3)
+    routing = TokenRouting(idx, gates)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+    out = grouped_lora_routed(*leaves, scale, routing, "torch")
+    plan = routing.plan(torch_backend, 6)
+    assert plan.walk(x, A) == "compiled" and "sorted" not in vars(plan) and "runs" not in vars(plan)
+    refs = [t.clone().requires_grad_() for t in (x, A, B)]
+    ref = grouped_lora_reference(*refs, scale, idx, gates)
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for mine, theirs in zip(leaves, refs):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("row_case", [True, False])
+def test_no_grad_path_runs_outside_autograd_with_the_same_result(row_case):
+    x, A, B, scale, idx, gates = uniform_case(7, [2]) if row_case else make_case(7, 4, 3, 11, 7, 2, seed=5)
+    A.requires_grad_()
+    with torch.no_grad():
+        out = grouped_lora(x, A, B, scale, idx, gates, backend="torch")
+    assert out.grad_fn is None
+    plain = grouped_lora(x, A.detach(), B, scale, idx, gates, backend="torch")  # grad mode, nothing requires grad
+    assert plain.grad_fn is None
+    ref = grouped_lora_reference(x, A.detach(), B, scale, idx, gates)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(plain, ref)
+
+
+def test_a_shared_routing_follows_its_gates_changed_in_place():
+    x, A, B, scale, idx, gates = make_case(10, 4, 3, 11, 7, 2, seed=6)
+    routing = TokenRouting(idx, gates)
+    first = grouped_lora_routed(x, A, B, scale, routing, "torch")
+    torch.testing.assert_close(first, grouped_lora_reference(x, A, B, scale, idx, gates))
+    gates.mul_(3.0)
+    torch.testing.assert_close(grouped_lora_routed(x, A, B, scale, routing, "torch"),
+                               grouped_lora_reference(x, A, B, scale, idx, gates))
+
+
+def test_strided_and_contiguous_weight_reads_agree(walk):
+    """The compiled expand reads B transposed in place or a contiguous B^T: the same sums."""
+    if walk != "native":
+        pytest.skip("the compiled walk only")
+    g = torch.Generator().manual_seed(7)
+    T, E, r, m = 37, 5, 9, 70
+    idx = torch.randint(-1, E, (T, 2), generator=g)
+    plan = torch_backend.SegmentPlan(idx, E)
+    pair, token, expert = plan.tiled
+    u, coef = torch.randn(T * 2, r, generator=g), torch.rand(T * 2, generator=g)
+    B = torch.randn(E, m, r, generator=g)
+    outs = [torch.zeros(T, m) for _ in range(2)]
+    native.expand(u, coef, B.transpose(1, 2), expert, token, pair, 128, outs[0])
+    native.expand(u, coef, B.transpose(1, 2).contiguous(), expert, token, pair, 128, outs[1])
+    expected = torch.zeros(T, m)
+    for p, e in enumerate(idx.reshape(-1).tolist()):
+        if e >= 0:
+            expected[p // 2] += coef[p] * B[e] @ u[p]
+    torch.testing.assert_close(outs[0], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[1], expected, rtol=1e-5, atol=1e-5)
