@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import benchmarks.methods  # noqa: F401  (registers the built-in methods)
 import benchmarks.router_methods  # noqa: F401  (the routers: arrow, mole_shots, mole_mixture)
+import benchmarks.search_methods  # noqa: F401  (issue 12's search and fit rows)
 from benchmarks.harness import METHODS, Context, Method, Settings
 from benchmarks.runs import RunStore
 from benchmarks.taskworld import Task, accuracy, examples, get_task, list_tasks

@@ -7,7 +7,6 @@ Retrieval reads plain prompts (instruction + input), as the zoo's manifest sampl
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
 from dataclasses import replace
 
 import torch
@@ -56,12 +55,7 @@ def retrieved_set(ctx: Context) -> list[str]:
     """The task's k adapters: retrieval scores of the shots' prompts summed per adapter, best k (cached per seed)."""
     key = ("retrieved", ctx.task.name, ctx.seed)
     if key not in ctx.cache:
-        hits = retrieve(ctx.index, [ctx.query(x) for x, _ in ctx.shots], ctx.settings.k)
-        total: dict[str, float] = defaultdict(float)
-        for row in hits:
-            for name, score in row:
-                total[name] += score
-        ctx.cache[key] = sorted(total, key=total.get, reverse=True)[: ctx.settings.k]
+        ctx.cache[key] = retrieved_modules(ctx.index, [ctx.query(x) for x, _ in ctx.shots], ctx.settings.k)
     return ctx.cache[key]
 
 

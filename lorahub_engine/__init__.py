@@ -24,7 +24,7 @@ from lorahub_engine.errors import (
 )
 from lorahub_engine.merge import merge
 from lorahub_engine.ops import grouped_lora
-from lorahub_engine.search import SearchResult, lorahub_search
+from lorahub_engine.search import SearchResult, fit_weights, lorahub_search
 from lorahub_engine.zoo import AdapterZoo
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "attached",
     "attached_names",
     "detach",
+    "fit_weights",
     "grouped_lora",
     "init_adapter",
     "lorahub_search",

@@ -29,8 +29,10 @@ INDEXES_GROUP = "lorahub_engine.indexes"
 
 
 def add_search(commands) -> None:
+    from lorahub_engine.search.config import DEFAULTS, MODES, STARTS
+
     p = commands.add_parser("search", help="LoraHub: search weights for N zoo adapters on a few examples",
-                            description="Gradient-free search (nevergrad) of LoraHub weights for N adapters of a zoo "
+                            description="Gradient-free search (nevergrad or CMA-ES) of LoraHub weights for N adapters of a zoo "
                                         "on few-shot examples; writes the composed adapter as a PEFT folder.")
     p.add_argument("zoo", help="zoo folder")
     p.add_argument("--model", required=True, help="transformers model folder (causal or seq2seq LM)")
@@ -41,12 +43,20 @@ def add_search(commands) -> None:
     pick.add_argument("--random", type=positive_int, metavar="N", help="N adapters drawn at random (seeded by --seed)")
     pick.add_argument("--retrieve", metavar="INDEX", help="index folder: the adapters retrieved for the inputs")
     p.add_argument("--modules", type=positive_int, default=20, help="adapters retrieved with --retrieve")
-    p.add_argument("--budget", type=positive_int, default=40, help="objective evaluations")
-    p.add_argument("--bound", type=positive_float, default=1.5, help="weights stay in [-bound, bound]")
-    p.add_argument("--l1", type=float, default=0.05, help="weight of mean |w| in the objective")
-    p.add_argument("--optimizer", default="NGOpt", help="nevergrad optimizer name")
-    p.add_argument("--population", type=positive_int, default=1, help="candidates per batched forward")
-    p.add_argument("--seed", type=int, default=0, help="seed of the optimizer and of --random")
+    d = DEFAULTS
+    p.add_argument("--budget", type=positive_int, default=d.budget, help="objective evaluations")
+    p.add_argument("--bound", type=positive_float, default=d.bound, help="weights stay in [-bound, bound]")
+    p.add_argument("--l1", type=float, default=d.l1, help="weight of mean |w| in the objective")
+    p.add_argument("--optimizer", default=d.optimizer, help="a nevergrad optimizer name or 'cma' (NGOpt: LoraHub's)")
+    p.add_argument("--population", type=positive_int, default=d.population,
+                   help="candidates per batched forward (None: the optimizer's own; nevergrad 1)")
+    p.add_argument("--start", choices=STARTS, default=d.start, help="start point")
+    p.add_argument("--step", type=positive_float, default=d.step, help="cma's initial step size")
+    p.add_argument("--mode", choices=MODES, default=d.mode,
+                   help="fusion: LoraHub's factor mix; mixture: the exact sum of weighted deltas")
+    p.add_argument("--folds", type=int, default=d.folds,
+                   help="k-fold validation on the examples picking l1, budget or a fallback; 0 = off")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the optimizer and of --random")
     p.add_argument("--batch-size", type=positive_int, help="rows per forward (None: population x examples)")
     p.add_argument("--name", default="lorahub", help="name of the composed adapter")
     p.add_argument("--json", action="store_true", help="print the search result (with its history) as JSON")
@@ -73,8 +83,9 @@ def run_search(args: argparse.Namespace) -> int:
     _check_search_options(args, len(adapters))
     model, tokenizer = load_language_model(args.model)
     result = lorahub_search(model, tokenizer, adapters, examples, budget=args.budget, bound=args.bound, l1=args.l1,
-                            optimizer=args.optimizer, population=args.population, seed=args.seed,
-                            batch_size=args.batch_size, progress=show_progress())
+                            optimizer=args.optimizer, population=args.population, start=args.start, step=args.step,
+                            mode=args.mode, folds=args.folds, seed=args.seed, batch_size=args.batch_size,
+                            progress=show_progress())
     result.adapter(args.name).save(args.output, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
@@ -93,7 +104,8 @@ def _check_search_options(args: argparse.Namespace, n: int) -> None:
     from lorahub_engine.search.optimizers import make_optimizer
 
     config = SearchConfig(budget=args.budget, bound=args.bound, l1=args.l1, optimizer=args.optimizer,
-                          population=args.population, seed=args.seed, batch_size=args.batch_size)
+                          population=args.population, start=args.start, step=args.step, mode=args.mode,
+                          folds=args.folds, seed=args.seed, batch_size=args.batch_size)
     make_optimizer(config, n).close()
 
 

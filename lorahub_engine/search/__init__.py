@@ -1,30 +1,45 @@
-"""LoraHub search: gradient-free weights for a factor-linear composition, one batched forward per population.
+"""LoraHub search: gradient-free weights for a composition of N adapters, one batched forward per population; and
+fit_weights, the same weights learned by gradient descent through the grouped op.
 
     from lorahub_engine.search import lorahub_search
-    result = lorahub_search(model, tokenizer, adapters, examples, budget=40, population=1, seed=0)
+    result = lorahub_search(model, tokenizer, adapters, examples, budget=40, seed=0)  # defaults: DEFAULTS
 """
 
-from lorahub_engine.search.config import SearchConfig
+from lorahub_engine.search.config import DEFAULTS, SearchConfig
 from lorahub_engine.search.errors import SearchError
-from lorahub_engine.search.lorahub import lorahub_search, run_search
+from lorahub_engine.search.fit import FitConfig, first_token_entropy, fit_weights
+from lorahub_engine.search.lorahub import lorahub_search, search_with
+from lorahub_engine.search.loop import evaluate, run_search, search_history
 from lorahub_engine.search.modules import random_modules, retrieved_modules
 from lorahub_engine.search.objective import FewShotObjective, encode_pairs, l1_penalty
-from lorahub_engine.search.optimizers import AskTellOptimizer, NevergradOptimizer, make_optimizer
+from lorahub_engine.search.optimizers import AskTellOptimizer, CMAOptimizer, NevergradOptimizer, make_optimizer
+from lorahub_engine.search.validate import Choice, cross_validate, folds_of
 from lorahub_engine.search.result import Evaluation, SearchResult
 
 __all__ = [
     "AskTellOptimizer",
+    "CMAOptimizer",
+    "Choice",
+    "DEFAULTS",
+    "FitConfig",
     "Evaluation",
     "FewShotObjective",
     "NevergradOptimizer",
     "SearchConfig",
     "SearchError",
     "SearchResult",
+    "cross_validate",
     "encode_pairs",
+    "evaluate",
+    "first_token_entropy",
+    "fit_weights",
+    "folds_of",
     "l1_penalty",
     "lorahub_search",
     "make_optimizer",
     "random_modules",
     "retrieved_modules",
     "run_search",
+    "search_history",
+    "search_with",
 ]

@@ -1,12 +1,23 @@
-"""SearchConfig: how a LoraHub search runs. Typed, validated on entry, serialized as JSON."""
+"""SearchConfig: how a LoraHub search runs. Typed, validated on entry, serialized as JSON.
+
+The defaults are written here once; `lorahub_search` and the CLI read them (`DEFAULTS`). They were compared on
+planted problems (benchmarks/search_quality.py, RESULTS.md): LoraHub's own setting, nevergrad's NGOpt (COBYLA here)
+from w = 0, one candidate per forward, closed as much of the gap as any CMA-ES setting tried (random or zero
+start, steps 0.25-1, populations 4-12, sign symmetry folded or not, the best single adapter first) and more at
+N = 20 and budget 200, so it stays the default; `SearchConfig.lorahub()` names it. optimizer="cma" runs CMA-ES
+with a population per batched forward (the cheaper wall clock where a forward of many rows costs about one).
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from lorahub_engine.search.errors import SearchError
+
+MODES = ("fusion", "mixture")  # fusion: LoraHub's factor mix; mixture: the exact sum of the weighted deltas
+STARTS = ("zero", "random", "single")
 
 
 @dataclass(frozen=True)
@@ -14,26 +25,52 @@ class SearchConfig:
     budget: int = 40  # objective evaluations in all (LoraHub: 40)
     bound: float = 1.5  # every weight stays in [-bound, bound] (LoraHub: 1.5)
     l1: float = 0.05  # objective = mean answer cross-entropy + l1 * mean |w| (LoraHub: 0.05)
-    optimizer: str = "NGOpt"  # a nevergrad optimizer name (LoraHub's code: NGOpt, which picks COBYLA here)
-    population: int = 1  # candidates asked, evaluated in one batched forward, then told; 1 = LoraHub's loop
-    seed: int = 0  # seeds the optimizer's random state
+    optimizer: str = "NGOpt"  # a nevergrad optimizer name (LoraHub's code: NGOpt = COBYLA here) or "cma" (pycma)
+    population: int | None = None  # candidates per batched forward; None = the optimizer's own (cma: 4 + 3 ln N,
+    #                                nevergrad: 1)
+    start: str = "zero"  # "zero" (LoraHub), "random" (w = 0 is a stationary point of the factor merge), or
+    #                      "single": the N one-hot weights first (one forward), then from the best of them
+    step: float = 0.5  # initial step size of cma (its sigma0); nevergrad optimizers use their own
+    fold: bool = True  # cma in mode "fusion": w and -w are one composition, each candidate taken nearer the mean
+    seed: int = 0  # seeds the optimizer's random state (and a random start)
+    mode: str = "fusion"  # "fusion" (LoraHub's factor mix) or "mixture" (exact sum of w_i dW_i)
+    folds: int = 0  # 0: no validation; k >= 2: k-fold over the examples (>= n: leave-one-out) picks l1, the
+    #                 number of evaluations, or a fallback (w = 0, the best single adapter); see validate.py
     batch_size: int | None = None  # rows per forward (population x examples); None = all rows in one forward
 
+    @classmethod
+    def lorahub(cls, **overrides) -> SearchConfig:
+        """LoraHub's released setting, the reference (today also the default): NGOpt from w = 0, one candidate per
+        forward."""
+        return cls(**{"optimizer": "NGOpt", "start": "zero", "population": 1, **overrides})
+
     def __post_init__(self):
-        for name in ("budget", "population"):
-            _positive_int(name, getattr(self, name))
-        if self.population > self.budget:
+        _positive_int("budget", self.budget)
+        for name in ("population", "batch_size"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if self.population is not None and self.population > self.budget:
             raise SearchError(f"population ({self.population}) must not exceed the budget ({self.budget})")
-        if self.batch_size is not None:
-            _positive_int("batch_size", self.batch_size)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise SearchError(f"seed must be an int, got {self.seed!r}")
-        if not _real(self.bound) or not self.bound > 0:
-            raise SearchError(f"bound must be a finite number > 0, got {self.bound!r}")
+        for name in ("bound", "step"):
+            if not _real(getattr(self, name)) or not getattr(self, name) > 0:
+                raise SearchError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         if not _real(self.l1) or self.l1 < 0:
             raise SearchError(f"l1 must be a finite number >= 0, got {self.l1!r}")
         if not isinstance(self.optimizer, str) or not self.optimizer:
             raise SearchError(f"optimizer must be a non-empty name, got {self.optimizer!r}")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 0 or self.folds == 1:
+            raise SearchError(f"folds must be 0 (no validation) or an int >= 2, got {self.folds!r}")
+        if not isinstance(self.fold, bool):
+            raise SearchError(f"fold must be a bool, got {self.fold!r}")
+        if self.start not in STARTS:
+            raise SearchError(f"start must be one of {STARTS}, got {self.start!r}")
+        if self.mode not in MODES:
+            raise SearchError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    def replace(self, **changes) -> SearchConfig:
+        return replace(self, **changes)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -53,3 +90,6 @@ def _positive_int(name: str, value) -> None:
 
 def _real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+DEFAULTS = SearchConfig()  # what lorahub_search and `lorahub-engine search` use when not told otherwise

@@ -11,101 +11,75 @@ asked, evaluated in one batched forward, and told together. population=1 is Lora
 
 from __future__ import annotations
 
-import contextlib
-import math
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from lorahub_engine.adapter import LoraAdapter
-from lorahub_engine.attach import attached
-from lorahub_engine.search.config import SearchConfig
+from lorahub_engine.search.config import DEFAULTS, SearchConfig
 from lorahub_engine.search.errors import SearchError
-from lorahub_engine.search.objective import FewShotObjective, encode_pairs, l1_penalty
-from lorahub_engine.search.optimizers import AskTellOptimizer, make_optimizer
-from lorahub_engine.search.result import Evaluation, SearchResult
+from lorahub_engine.search.inputs import check_adapters, check_examples, composing
+from lorahub_engine.search.loop import evaluate, search_history
+from lorahub_engine.search.objective import FewShotObjective, encode_pairs
+from lorahub_engine.search.optimizers import make_optimizer
+from lorahub_engine.search.result import SearchResult
+from lorahub_engine.search.validate import cross_validate, folds_of
 
 
 def lorahub_search(model, tokenizer, adapters: Sequence[LoraAdapter], examples: Sequence[tuple[str, str]], *,
-                   budget: int = 40, bound: float = 1.5, l1: float = 0.05, optimizer: str = "NGOpt",
-                   population: int = 1, seed: int = 0, batch_size: int | None = None,
-                   progress: bool = True) -> SearchResult:
-    """Search weights w in [-bound, bound]^N (start w = 0) minimizing mean answer CE + l1 * mean |w|.
+                   budget: int = DEFAULTS.budget, bound: float = DEFAULTS.bound, l1: float = DEFAULTS.l1,
+                   optimizer: str = DEFAULTS.optimizer, population: int | None = DEFAULTS.population,
+                   start: str = DEFAULTS.start, step: float = DEFAULTS.step, seed: int = DEFAULTS.seed,
+                   mode: str = DEFAULTS.mode, folds: int = DEFAULTS.folds,
+                   batch_size: int | None = DEFAULTS.batch_size, progress: bool = True) -> SearchResult:
+    """Search weights w in [-bound, bound]^N minimizing mean answer CE + l1 * mean |w| (defaults: `DEFAULTS`).
 
     model: a transformers causal or seq2seq LM without adapters attached; it is left as it was (adapters
         detached, train/eval mode restored), on error too.
     adapters: the N LoraAdapter to compose (LoraHub: 20). examples: (input, answer) pairs; the input is the
         prompt as the model reads it.
-    budget: objective evaluations in all; optimizer: a nevergrad optimizer name (LoraHub: "NGOpt");
-    population: candidates per batched forward; batch_size: rows per forward (default: all P x n rows).
+    mode: "fusion" mixes the adapters' factors (LoraHub); "mixture" applies each adapter's delta with its weight.
+    optimizer: "cma" or a nevergrad optimizer name; LoraHub's own setting is optimizer="NGOpt", start="zero",
+        population=1 (`SearchConfig.lorahub()`). population: candidates per batched forward (None: the
+        optimizer's own); start: "zero" or "random"; step: cma's initial step size.
+    folds: k >= 2 validates on the examples first (k-fold, leave-one-out when k >= n): it picks l1 and the number
+        of evaluations of the final search, or returns w = 0 or the best single adapter when no search beats them
+        on held-out examples (`result.validation` records the comparison). 0 (default): search once.
+    budget: objective evaluations in all; batch_size: rows per forward (default: all P x n rows).
     """
     config = SearchConfig(budget=budget, bound=bound, l1=l1, optimizer=optimizer, population=population,
-                          seed=seed, batch_size=batch_size)
-    adapters, examples = _check_adapters(adapters), _check_examples(examples)
+                          start=start, step=step, seed=seed, mode=mode, folds=folds, batch_size=batch_size)
+    return search_with(model, tokenizer, adapters, examples, config, progress)
+
+
+def search_with(model, tokenizer, adapters: Sequence[LoraAdapter], examples: Sequence[tuple[str, str]],
+                config: SearchConfig, progress: bool = True) -> SearchResult:
+    """lorahub_search with its settings as one SearchConfig."""
+    adapters, examples = check_adapters(adapters, "lorahub_search"), check_examples(examples, "lorahub_search")
     names = [a.name for a in adapters]
     try:
         batch = encode_pairs(model, tokenizer, examples)
     except ValueError as e:  # e.g. an answer that encodes to no tokens
         raise SearchError(f"cannot encode the examples: {e}") from None
-    search = make_optimizer(config, len(adapters))
-    try:
-        with attached(model, adapters), _evaluating(model):
-            objective = FewShotObjective(model, batch, config.batch_size)
-            history = run_search(search, objective, config, progress)
-    finally:
-        search.close()
+    make_optimizer(config, len(adapters)).close()  # an unknown optimizer fails before anything is attached
+    if config.folds:
+        folds_of(len(examples), config.folds)  # too few examples to validate: fails here too
+    choice, final = None, config
+    with composing(model, adapters):
+        objective = FewShotObjective(model, batch, config.batch_size, config.mode)
+        if config.folds:
+            choice = cross_validate(objective, lambda fold, l1: search_history(fold, config.replace(l1=l1), False),
+                                    config.budget, config.folds)
+        if choice is None or choice.kind == "search":
+            if choice is not None:  # the l1 and number of evaluations that validation picked
+                final = config.replace(l1=choice.l1, budget=choice.evaluations)
+            history = search_history(objective, final, progress)
+        else:  # a fallback: its one evaluation under the configured objective
+            weights = torch.zeros(1, len(adapters), dtype=torch.float64)
+            if choice.kind == "single":
+                weights[0, choice.adapter] = 1.0
+            history = evaluate(objective, weights, config.l1)
     best = min(history, key=lambda e: e.loss)  # min keeps the earliest of equal losses
     return SearchResult(names=names, weights=dict(zip(names, best.weights)), loss=best.loss,
-                        cross_entropy=best.cross_entropy, history=history, config=config, adapters=adapters)
-
-
-def run_search(search: AskTellOptimizer, objective: FewShotObjective, config: SearchConfig,
-               progress: bool = True) -> list[Evaluation]:
-    """Ask / evaluate / tell until `config.budget` evaluations; each round evaluates up to `population` at once."""
-    history: list[Evaluation] = []
-    rounds = math.ceil(config.budget / config.population)
-    with tqdm(total=config.budget, desc="lorahub search", unit="eval", disable=not progress) as bar:
-        for _ in range(rounds):
-            points = torch.from_numpy(search.ask(min(config.population, config.budget - len(history))))  # [P, N]
-            cross_entropy = objective.cross_entropy(points).double().cpu()  # [P]
-            losses = cross_entropy + l1_penalty(points, config.l1)
-            search.tell(losses.tolist())
-            history += [Evaluation(tuple(w), loss, ce)
-                        for w, loss, ce in zip(points.tolist(), losses.tolist(), cross_entropy.tolist())]
-            bar.update(len(points))
-            bar.set_postfix(best=f"{min(e.loss for e in history):.4f}")
-    return history
-
-
-def _check_adapters(adapters) -> list[LoraAdapter]:
-    if isinstance(adapters, LoraAdapter):
-        raise SearchError("lorahub_search takes a list of adapters, got a single one")
-    adapters = list(adapters)
-    if not adapters:
-        raise SearchError("lorahub_search needs at least one adapter, got none")
-    wrong = [type(a).__name__ for a in adapters if not isinstance(a, LoraAdapter)]
-    if wrong:
-        raise SearchError(f"adapters must be LoraAdapter objects, got {wrong[0]}")
-    return adapters
-
-
-def _check_examples(examples) -> list[tuple[str, str]]:
-    examples = list(examples)
-    if not examples:
-        raise SearchError("lorahub_search needs at least one (input, answer) example, got none")
-    for i, pair in enumerate(examples):
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
-            raise SearchError(f"examples[{i}] must be an (input, answer) pair of strings, got {pair!r}")
-    return [tuple(pair) for pair in examples]
-
-
-@contextlib.contextmanager
-def _evaluating(model):
-    """Eval mode (no dropout) for the block; the model's previous mode afterwards."""
-    training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(training)
+                        cross_entropy=best.cross_entropy, history=history, config=final, adapters=adapters,
+                        validation=None if choice is None else choice.to_json())

@@ -29,18 +29,20 @@ class SearchResult:
     loss: float  # best objective
     cross_entropy: float  # its cross-entropy part
     history: list[Evaluation]
-    config: SearchConfig
+    config: SearchConfig  # (a FitConfig for le.fit_weights): the settings of the final run
     adapters: list[LoraAdapter] = field(repr=False)
+    validation: dict | None = None  # with config.folds: what validation compared and picked (validate.Choice)
 
     def adapter(self, name: str = "lorahub", dtype: torch.dtype | None = None) -> LoraAdapter:
-        """The composition as one adapter: le.merge(adapters, weights, "lorahub"), with the search recorded in its
-        metadata. Save it as a PEFT folder (`.save`) or fold it into the base (`le.merge_into_base`).
+        """The composition as one adapter: le.merge(adapters, weights, "lorahub") (mode "mixture": the exact sum,
+        "task_arithmetic"), with the search recorded in its metadata. Save it as a PEFT folder (`.save`) or fold it into the base (`le.merge_into_base`).
 
         The factors are mixed in fp32, as the search evaluated them on an fp32 model (le.merge alone would round
         the mix of fp16 adapters to fp16); `dtype` casts the result, e.g. torch.float16 for a smaller file.
         """
         sources = [a.to(torch.float32) for a in self.adapters]
-        composed = merge(sources, [self.weights[n] for n in self.names], "lorahub", name=name)
+        method = "lorahub" if self.config.mode == "fusion" else "task_arithmetic"
+        composed = merge(sources, [self.weights[n] for n in self.names], method, name=name)
         if dtype is not None:
             composed = composed.to(dtype)
         composed.metadata["lorahub_search"] = {"config": self.config.to_json(), "loss": self.loss,
@@ -49,5 +51,6 @@ class SearchResult:
 
     def to_json(self) -> dict:
         return {"names": self.names, "weights": self.weights, "loss": self.loss, "cross_entropy": self.cross_entropy,
-                "config": self.config.to_json(), "history": [e._asdict() for e in self.history]}
+                "config": self.config.to_json(), "validation": self.validation,
+                "history": [e._asdict() for e in self.history]}
 

@@ -152,3 +152,18 @@ def test_l1_penalty_is_lorahubs_mean_absolute_weight():
 def test_weights_of_the_wrong_shape_are_refused(objective):
     with pytest.raises(ValueError, match=r"weights must be \[candidates, 3\]"):
         objective.cross_entropy(torch.zeros(2, 4))
+
+
+@torch.no_grad()
+def test_mixture_gates_equal_the_exact_sum_folded_into_the_base(setup, tokenizer):
+    """mode="mixture": each adapter's delta with its weight, = le.merge(..., "task_arithmetic") folded in."""
+    base, adapters = setup
+    model = le.attach(copy.deepcopy(base), adapters)
+    objective = FewShotObjective(model, encode_pairs(model, tokenizer, EXAMPLES), mode="mixture")
+    expected = []
+    for w in WEIGHTS.tolist():
+        merged = le.merge_into_base(copy.deepcopy(base), le.merge(adapters, w, method="task_arithmetic"))
+        expected.append(example_losses(merged, encode_pairs(merged, tokenizer, EXAMPLES)).mean())
+    torch.testing.assert_close(objective.cross_entropy(WEIGHTS), torch.stack(expected), atol=1e-5, rtol=1e-5)
+    fusion = FewShotObjective(model, objective.batch).cross_entropy(WEIGHTS)
+    assert not torch.allclose(fusion[:2], objective.cross_entropy(WEIGHTS)[:2], atol=1e-3)  # two different spaces

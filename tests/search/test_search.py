@@ -33,6 +33,9 @@ def zoo(base, tokenizer):
     return [noise[0], train_adapter(copy.deepcopy(base), tokenizer, EXAMPLES, targets), *noise[1:]]
 
 
+LORAHUB = dict(optimizer="NGOpt", start="zero", population=1)  # LoraHub's released setting
+
+
 def search(base, tokenizer, adapters, **options):
     return lorahub_search(base, tokenizer, adapters, EXAMPLES, progress=False, **options)
 
@@ -45,9 +48,17 @@ def objective_of(base, tokenizer, adapters, weights) -> float:
     return ce + 0.05 * sum(abs(w) for w in weights) / len(weights)
 
 
-def test_every_evaluation_is_the_merged_base_loss_plus_the_l1_term(base, tokenizer, zoo):
-    result = search(base, tokenizer, zoo, budget=8, l1=0.05)
-    assert len(result.history) == 8 and result.history[0].weights == (0.0,) * 4  # LoraHub starts at w = 0
+CMA = dict(optimizer="cma", start="random")
+
+
+@pytest.mark.parametrize("options", [{}, CMA], ids=["default", "cma"])
+def test_every_evaluation_is_the_merged_base_loss_plus_the_l1_term(base, tokenizer, zoo, options):
+    result = search(base, tokenizer, zoo, budget=8, l1=0.05, **options)
+    assert len(result.history) == 8
+    if not options:
+        assert result.history[0].weights == (0.0,) * 4 and result.config.optimizer == "NGOpt"  # LoraHub: from 0
+    else:  # cma's first population is spread around a random start, one candidate per row of a batched forward
+        assert len({e.weights for e in result.history}) == 8 and all(any(e.weights) for e in result.history)
     for e in result.history:
         assert e.loss == e.cross_entropy + 0.05 * float(np.abs(np.array(e.weights)).mean())  # added exactly
         assert e.loss == pytest.approx(objective_of(base, tokenizer, zoo, e.weights), abs=1e-5)
@@ -78,8 +89,10 @@ def test_same_seed_same_search_other_seed_other_search(base, tokenizer, zoo):
     runs = [search(base, tokenizer, zoo, budget=12, optimizer="CMA", population=3, seed=s) for s in (7, 7, 8)]
     assert runs[0].history == runs[1].history and runs[0].weights == runs[1].weights
     assert runs[2].history != runs[0].history
-    cobyla = [search(base, tokenizer, zoo, budget=10, seed=s).history for s in (0, 0)]
+    cobyla = [search(base, tokenizer, zoo, budget=10, seed=s, **LORAHUB).history for s in (0, 0)]
     assert cobyla[0] == cobyla[1]
+    cma = [search(base, tokenizer, zoo, budget=10, seed=s, **CMA).history for s in (0, 0, 1)]
+    assert cma[0] == cma[1] and cma[2] != cma[0]
 
 
 def test_population_evaluations_equal_separate_evaluations(base, tokenizer, zoo):
@@ -115,7 +128,7 @@ def test_model_is_left_clean_also_on_error(base, tokenizer, zoo, monkeypatch):
 def test_no_optimizer_thread_outlives_the_search(base, tokenizer, zoo):
     """NGOpt runs COBYLA on a background thread; a thread left waiting would hang the interpreter at exit."""
     before = set(threading.enumerate())
-    search(base, tokenizer, zoo, budget=5)  # COBYLA wants more than 5 evaluations: its thread is stopped
+    search(base, tokenizer, zoo, budget=5, **LORAHUB)  # COBYLA wants more than 5 evaluations: its thread is stopped
     gc.collect()
     for thread in set(threading.enumerate()) - before:
         thread.join(timeout=5)
@@ -164,7 +177,12 @@ def test_composed_adapter_of_fp16_adapters_is_what_the_search_evaluated(base, to
     (dict(budget=0), "budget must be a positive int"),
     (dict(population=50), r"population \(50\) must not exceed the budget \(40\)"),
     (dict(batch_size=0), "batch_size must be a positive int"),
-    (dict(optimizer="NGOtp"), "unknown optimizer 'NGOtp' .did you mean NGOpt.*Valid names include NGOpt, CMA"),
+    (dict(optimizer="NGOtp"), "unknown optimizer 'NGOtp' .did you mean NGOpt.*Valid names include cma, NGOpt, CMA"),
+    (dict(start="middle"), "start must be one of"),
+    (dict(mode="sum"), "mode must be one of"),
+    (dict(step=0.0), "step must be a finite number > 0"),
+    (dict(folds=1), "folds must be 0 .no validation. or an int >= 2"),
+    (dict(folds=2, examples=EXAMPLES[:1]), "validation needs at least 2 examples"),
     (dict(optimizer="Cobyla", population=2), "optimizer 'Cobyla' is sequential: it needs population=1, got 2"),
 ])
 def test_bad_input_raises_typed_errors_before_touching_the_model(base, tokenizer, zoo, options, message):
@@ -189,7 +207,7 @@ def test_a_single_adapter_or_a_model_with_adapters_is_refused(base, tokenizer, z
 def test_nevergrad_meta_model_failure_is_a_search_error():
     """nevergrad 1.0.12's meta-model calls float() on a 1-element array, an error from numpy 2.4 on; NGOpt uses it
     with population > 1 on few weights. It must surface as a SearchError and leave no thread behind."""
-    optimizer = NevergradOptimizer(SearchConfig(budget=40, population=2), dimension=3)
+    optimizer = NevergradOptimizer(SearchConfig(budget=40, population=2, optimizer="NGOpt"), dimension=3)
     target = np.array([0.3, -0.5, 1.0])
     before = set(threading.enumerate())
     numpy_2_4 = tuple(int(x) for x in np.__version__.split(".")[:2]) >= (2, 4)
@@ -198,10 +216,54 @@ def test_nevergrad_meta_model_failure_is_a_search_error():
             points = optimizer.ask(2)
             optimizer.tell(((points - target) ** 2).sum(-1).tolist())
     except SearchError as e:
-        assert numpy_2_4 and "numpy >= 2.4" in str(e) and "'CMA'" in str(e)
+        assert numpy_2_4 and "numpy >= 2.4" in str(e) and "'cma'" in str(e)
     else:
         assert not numpy_2_4
     gc.collect()
     for thread in set(threading.enumerate()) - before:
         thread.join(timeout=5)
         assert not thread.is_alive()
+
+
+def test_mixture_search_composes_the_exact_sum(base, tokenizer, zoo):
+    result = search(base, tokenizer, zoo, budget=16, mode="mixture")
+    weights = list(result.weights.values())
+    model = le.merge_into_base(copy.deepcopy(base), le.merge(zoo, weights, method="task_arithmetic"))
+    with torch.no_grad():
+        ce = example_losses(model, encode_pairs(model, tokenizer, EXAMPLES)).mean().item()
+    assert ce == pytest.approx(result.cross_entropy, abs=1e-5)
+    composed = result.adapter()
+    exact = le.merge(zoo, weights, method="task_arithmetic")
+    for path in exact.modules:
+        torch.testing.assert_close(composed.delta_weight(path), exact.delta_weight(path))
+    assert result.to_json()["config"]["mode"] == "mixture"
+
+
+def test_validation_compares_held_out_shots_and_runs_what_wins(base, tokenizer, zoo):
+    """Leave-one-out over the 5 examples: w = 0's held-out CE is the mean of its per-example CEs (by hand); the
+    final search runs with the l1 and budget picked; with noise adapters alone it falls back when nothing beats."""
+    result = search(base, tokenizer, zoo, budget=12, folds=5)
+    held = result.validation["held_out"]
+    model = le.attach(copy.deepcopy(base), zoo)
+    per_example = FewShotObjective(model, encode_pairs(model, tokenizer, EXAMPLES)).example_losses(torch.zeros(1, 4))
+    assert held["zero"] == pytest.approx(per_example.mean().item(), abs=1e-6)
+    assert set(held) == {"zero", "single"} | {f"l1={l1:g} evaluations={t}" for l1 in (0.05, 0.5) for t in (3, 6, 12)}
+    kind = result.validation["kind"]
+    assert held[min(held, key=held.get)] < held["zero"] and kind != "zero"
+    if kind == "search":
+        assert (result.config.l1, result.config.budget) == (result.validation["l1"], result.validation["evaluations"])
+        assert len(result.history) == result.config.budget
+    else:
+        assert kind == "single" and result.weights == {n: float(n == "task") for n in result.names}
+    noise = [a for a in zoo if a.name != "task"]
+    fallback = search(base, tokenizer, noise, budget=12, folds=5)
+    if fallback.validation["kind"] == "zero":
+        assert set(fallback.weights.values()) == {0.0} and len(fallback.history) == 1
+
+
+def test_start_single_scans_the_adapters_then_searches_from_the_best(base, tokenizer, zoo):
+    result = search(base, tokenizer, zoo, budget=12, optimizer="cma", start="single")
+    assert [e.weights for e in result.history[:4]] == [tuple(float(i == j) for j in range(4)) for i in range(4)]
+    assert min(result.history[:4], key=lambda e: e.loss).weights == (0.0, 1.0, 0.0, 0.0)  # the trained adapter
+    assert len(result.history) == 12 and result.loss <= result.history[1].loss
+    assert search(base, tokenizer, zoo, budget=3, optimizer="cma", start="single").history[-1].weights[2] == 1.0

@@ -1,0 +1,80 @@
+"""Cross-task rows of issue 12: the LoraHub search with this engine's defaults, validated on the shots, in the
+factor ("fusion") and the exact ("mixture") space; weights fitted by gradient descent; AdaMerging's entropy fit.
+
+Every row composes the 20 modules retrieved for the shots' prompts (as `retrieval_lorahub`, today's best search
+row) and answers the test inputs with the composition. Validation (folds=5) is leave-one-out over the 5 shots: it
+picks l1 and the number of evaluations (or steps), or falls back to w = 0 / the best single adapter.
+"""
+
+from __future__ import annotations
+
+from benchmarks.harness import Context, MethodOutput, register_method
+from benchmarks.methods import LORAHUB_MODULES, answer_with
+from lorahub_engine.search import fit_weights, lorahub_search, retrieved_modules
+
+FIT_STEPS = 20  # a forward + backward per step, ~ the time of LoraHub's 40 evaluations (forwards) of the shots
+UNLABELED = 25  # AdaMerging: test inputs read without their answers (transductive, as in the paper)
+
+
+def _modules(ctx: Context) -> list[str]:
+    key = ("retrieved_modules", ctx.task.name, ctx.seed)
+    if key not in ctx.cache:
+        ctx.cache[key] = retrieved_modules(ctx.index, [ctx.query(x) for x, _ in ctx.shots], LORAHUB_MODULES)
+    return ctx.cache[key]
+
+
+def _answer(ctx: Context, names: list[str], result) -> MethodOutput:
+    info = {"adapters": names, "weights": list(result.weights.values()), "loss": result.loss,
+            "validation": result.validation}
+    return answer_with(ctx, result.adapter(), info)
+
+
+def _search(ctx: Context, **options) -> MethodOutput:
+    names = _modules(ctx)
+    result = lorahub_search(ctx.base.model, ctx.base.tokenizer, [ctx.zoo[n] for n in names], ctx.shot_pairs(),
+                            seed=ctx.seed, progress=False, **options)
+    return _answer(ctx, names, result)
+
+
+def _fit(ctx: Context, examples, **options) -> MethodOutput:
+    names = _modules(ctx)
+    result = fit_weights(ctx.base.model, ctx.base.tokenizer, [ctx.zoo[n] for n in names], examples, seed=ctx.seed,
+                         steps=FIT_STEPS, progress=False, **options)
+    return _answer(ctx, names, result)
+
+
+@register_method("search_default")
+def search_default(ctx: Context) -> MethodOutput:
+    """The engine's default search (SearchConfig()) over the 20 retrieved modules, no validation."""
+    return _search(ctx)
+
+
+@register_method("search_validated")
+def search_validated(ctx: Context) -> MethodOutput:
+    """The default search, validated leave-one-out on the shots (l1, evaluations, or w = 0 / best single)."""
+    return _search(ctx, folds=5)
+
+
+@register_method("search_mixture_validated")
+def search_mixture_validated(ctx: Context) -> MethodOutput:
+    """The validated search in the exact space: weights of sum_i w_i dW_i (mode="mixture")."""
+    return _search(ctx, folds=5, mode="mixture")
+
+
+@register_method("fit_fusion_validated")
+def fit_fusion_validated(ctx: Context) -> MethodOutput:
+    """le.fit_weights (Adam through the grouped op's backward) on the shots, factor mix, validated."""
+    return _fit(ctx, ctx.shot_pairs(), mode="fusion", folds=5)
+
+
+@register_method("fit_mixture_validated")
+def fit_mixture_validated(ctx: Context) -> MethodOutput:
+    """le.fit_weights on the shots, exact sum of deltas, validated."""
+    return _fit(ctx, ctx.shot_pairs(), mode="mixture", folds=5)
+
+
+@register_method("adamerging")
+def adamerging(ctx: Context) -> MethodOutput:
+    """AdaMerging: mixture weights minimizing the first answer token's entropy on 25 unlabeled test inputs."""
+    inputs = [ctx.prompt(x) for x, _ in ctx.test[:UNLABELED]]
+    return _fit(ctx, inputs, mode="mixture", loss="entropy", l1=0.0)

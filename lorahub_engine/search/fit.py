@@ -1,0 +1,172 @@
+"""fit_weights: the N composition weights learned by gradient descent through the grouped op's backward.
+
+    result = le.fit_weights(model, tokenizer, adapters, examples, mode="fusion", steps=40, lr=0.1, seed=0)
+    result.weights, result.adapter()                 # as lorahub_search returns them
+    le.fit_weights(..., unlabeled_inputs, loss="entropy")   # AdaMerging: no answers needed
+
+Only the N weights train: they are the gates of a learnable routing (`le.routing` with gates that require grad),
+the adapters and the base stay frozen. loss="cross_entropy" minimizes the answer CE of the examples + l1 mean |w|
+(LoraHub's objective, Adam instead of a gradient-free search); loss="entropy" minimizes the mean entropy of the
+first answer token's distribution on unlabeled inputs (AdaMerging, Yang et al. ICLR 2024,
+https://arxiv.org/abs/2310.02575). folds >= 2 validates as lorahub_search does (validate.py): k-fold over the
+examples picks l1 and the number of steps, or falls back to w = 0 / the best single adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from lorahub_engine.adapter import LoraAdapter
+from lorahub_engine.fewshot import IGNORE, Batch, example_losses, positions
+from lorahub_engine.search.config import MODES
+from lorahub_engine.search.errors import SearchError
+from lorahub_engine.search.inputs import check_adapters, check_examples, composing
+from lorahub_engine.search.loop import evaluate
+from lorahub_engine.search.objective import FewShotObjective, encode_pairs
+from lorahub_engine.search.result import Evaluation, SearchResult
+from lorahub_engine.search.validate import cross_validate, folds_of
+
+LOSSES = ("cross_entropy", "entropy")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    steps: int = 40  # Adam steps (one forward and backward of all examples each)
+    lr: float = 0.1  # Adam's learning rate
+    l1: float = 0.05  # objective = mean loss + l1 * mean |w| (LoraHub's regularizer)
+    bound: float = 1.5  # weights are clamped to [-bound, bound] after every step
+    mode: str = "fusion"  # "fusion" (LoraHub's factor mix) or "mixture" (exact sum of w_i dW_i)
+    loss: str = "cross_entropy"  # or "entropy" (AdaMerging, on unlabeled inputs)
+    init: float = 0.1  # fusion starts at w ~ N(0, init^2): w = 0 has zero gradient there (dW is quadratic in w)
+    seed: int = 0  # seeds the start
+    folds: int = 0  # 0: no validation; k >= 2: k-fold over the examples (see validate.py)
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise SearchError(f"steps must be a positive int, got {self.steps!r}")
+        for name in ("lr", "bound"):
+            if not _finite(getattr(self, name)) or not getattr(self, name) > 0:
+                raise SearchError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        for name in ("l1", "init"):
+            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
+                raise SearchError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        if self.mode not in MODES:
+            raise SearchError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.loss not in LOSSES:
+            raise SearchError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise SearchError(f"seed must be an int, got {self.seed!r}")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 0 or self.folds == 1:
+            raise SearchError(f"folds must be 0 (no validation) or an int >= 2, got {self.folds!r}")
+        if self.folds and self.loss == "entropy":
+            raise SearchError("validation needs answers: folds must be 0 with loss='entropy'")
+
+    def replace(self, **changes) -> FitConfig:
+        return replace(self, **changes)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def fit_weights(model, tokenizer, adapters: Sequence[LoraAdapter], examples, *, mode: str = "fusion",
+                steps: int = FitConfig.steps, lr: float = FitConfig.lr, l1: float = FitConfig.l1,
+                bound: float = FitConfig.bound, loss: str = "cross_entropy", init: float = FitConfig.init,
+                folds: int = 0, seed: int = 0, progress: bool = True) -> SearchResult:
+    """Learn the weights of the N adapters' composition by Adam on the examples; returns a SearchResult whose
+    history holds every step's point (before its update) and objective.
+
+    examples: (input, answer) pairs, or with loss="entropy" plain input strings (answers, if given, are unused).
+    The model is left as it was (adapters detached, mode restored, its parameters' requires_grad untouched).
+    """
+    config = FitConfig(steps=steps, lr=lr, l1=l1, bound=bound, mode=mode, loss=loss, init=init, seed=seed,
+                       folds=folds)
+    adapters = check_adapters(adapters, "fit_weights")
+    batch = _encode(model, tokenizer, examples, config.loss)
+    if config.folds:
+        folds_of(batch.input_ids.shape[0], config.folds)  # too few examples to validate: fails before attaching
+    names = [a.name for a in adapters]
+    choice, final = None, config
+    with composing(model, adapters):
+        row_losses = example_losses if config.loss == "cross_entropy" else first_token_entropy
+        objective = FewShotObjective(model, batch, mode=config.mode, row_losses=row_losses)
+        if config.folds:
+            choice = cross_validate(objective, lambda fold, l1: descend(fold, config.replace(l1=l1), False),
+                                    config.steps, config.folds)
+        if choice is None or choice.kind == "search":
+            if choice is not None:
+                final = config.replace(l1=choice.l1, steps=choice.evaluations)
+            history = descend(objective, final, progress)
+        else:
+            weights = torch.zeros(1, len(adapters), dtype=torch.float64)
+            if choice.kind == "single":
+                weights[0, choice.adapter] = 1.0
+            history = evaluate(objective, weights, config.l1)
+    best = min(history, key=lambda e: e.loss)
+    return SearchResult(names=names, weights=dict(zip(names, best.weights)), loss=best.loss,
+                        cross_entropy=best.cross_entropy, history=history, config=final, adapters=adapters,
+                        validation=None if choice is None else choice.to_json())
+
+
+@torch.enable_grad()  # also under a caller's no_grad
+def descend(objective, config: FitConfig, progress: bool = True) -> list[Evaluation]:
+    """`config.steps` Adam steps on the weights; each step's point (before the update) and its objective.
+    objective: anything with num_adapters and cross_entropy(weights [1, N], grad=True) -> [1]."""
+    N = objective.num_adapters
+    start = torch.zeros(N, dtype=torch.float64)
+    if config.mode == "fusion":
+        start = torch.randn(N, generator=torch.Generator().manual_seed(config.seed), dtype=torch.float64) * config.init
+    weights = torch.nn.Parameter(start.clamp(-config.bound, config.bound).float())
+    optimizer = torch.optim.Adam([weights], lr=config.lr)
+    history: list[Evaluation] = []
+    for _ in tqdm(range(config.steps), desc="fit weights", unit="step", disable=not progress):
+        cross_entropy = objective.cross_entropy(weights[None], grad=True)[0]
+        loss = cross_entropy + config.l1 * weights.abs().mean()
+        history.append(Evaluation(tuple(weights.detach().double().tolist()), loss.item(), cross_entropy.item()))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            weights.clamp_(-config.bound, config.bound)
+    return history
+
+
+def first_token_entropy(model, batch: Batch) -> torch.Tensor:
+    """[n] entropy (nats) of each row's distribution over its first answer token; the batch's answers are only
+    placeholders (their first token's position is what matters)."""
+    if batch.is_seq2seq:
+        decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=batch.labels)[:, :1]  # [n, 1]
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       decoder_input_ids=decoder_input_ids).logits[:, 0]  # [n, v]
+    else:
+        first = (batch.labels != IGNORE).float().argmax(-1)  # [n] first answer position of each row
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=positions(batch.attention_mask)).logits  # [n, l, v]
+        logits = logits[torch.arange(len(first)), first - 1]  # [n, v]: the position that predicts it
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def _encode(model, tokenizer, examples, loss: str) -> Batch:
+    """The examples as a batch; with loss="entropy" inputs only, each answer a placeholder (eos) after its prompt."""
+    examples = list(examples)
+    if loss == "entropy":
+        if tokenizer.eos_token_id is None:
+            raise SearchError("loss='entropy' needs a tokenizer with an eos token (the answer placeholder)")
+        examples = [(e, "") if isinstance(e, str) else e for e in examples]
+    pairs = check_examples(examples, "fit_weights")
+    if loss == "entropy":
+        pairs = [(x, "") for x, _ in pairs]
+    try:
+        return encode_pairs(model, tokenizer, pairs)
+    except ValueError as e:  # e.g. an answer that encodes to no tokens
+        raise SearchError(f"cannot encode the examples: {e}") from None
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
