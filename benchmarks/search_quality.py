@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_quality.json")
     args = parser.parse_args(argv)
     from benchmarks.bases import load_base
-    from benchmarks.zoo import load_zoo
+    from benchmarks.taskworld_zoo import load_zoo
 
     torch.set_num_threads(args.threads)
     base = load_base("tiny")

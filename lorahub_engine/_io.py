@@ -85,7 +85,15 @@ def write_json_atomic(path: str | os.PathLike, obj, indent: int = 2, kind: Outpu
 
 # ---- what the final path holds -------------------------------------------------------------------------------
 def _state(final: Path, kind: OutputKind) -> str:
-    """absent | empty (an empty folder) | ours (an earlier output of `kind`) | folder | other."""
+    """absent | empty (an empty folder) | ours (an earlier output of `kind`) | folder | other. A path that vanishes
+    while it is read (a concurrent save renaming its output into place) reads as absent; installing checks again."""
+    try:
+        return _read_state(final, kind)
+    except FileNotFoundError:
+        return "absent"
+
+
+def _read_state(final: Path, kind: OutputKind) -> str:
     if not os.path.lexists(final):
         return "absent"
     if final.is_symlink():

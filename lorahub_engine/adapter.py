@@ -142,7 +142,7 @@ def _is_adapter_output(path: Path) -> bool:
     try:
         with safe_open(path / WEIGHTS_FILE, framework="pt") as f:
             return _METADATA_KEY in (f.metadata() or {})
-    except (SafetensorError, OSError):
+    except (SafetensorError, OSError, RuntimeError):  # RuntimeError: the file vanished (a concurrent save's rename)
         return False
 
 

@@ -101,7 +101,7 @@ def test_upper_task_lora_trains_two_steps_and_answers_with_that_adapter(micro_zo
         return adapters, losses
 
     spec = TrainSpec(steps=2, rows_per_adapter=2, lr=0.05)  # two large steps: the answers move
-    monkeypatch.setattr(methods, "ZooRecipe", lambda: ZooRecipe(train=spec))
+    monkeypatch.setattr(methods, "default_recipe", lambda base: ZooRecipe(train=spec))
     monkeypatch.setattr(methods, "train_adapters", train_and_keep)
     task = "count_birds"
     with kept_answers() as answered:
