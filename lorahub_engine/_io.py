@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorahub_engine.errors import OutputError, OutputExistsError
+from lorahub_engine.errors import AdapterFileError, OutputError, OutputExistsError
 
 try:
     import fcntl
@@ -63,6 +63,16 @@ def atomic_dir(path: str | os.PathLike, *, kind: OutputKind, overwrite: bool = F
         yield tmp
         _usual_modes(tmp)
         _install(tmp, final, kind, overwrite)
+
+
+def read_json(path: Path, error: type[Exception] = AdapterFileError):
+    """A JSON file's value; a file that is not JSON or cannot be read raises `error` naming the path."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise error(f"{path}: unreadable ({e.strerror or e})") from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, kind: OutputKind = TEXT_FILE,

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lorahub_engine._io import OutputKind, atomic_dir
+from lorahub_engine._io import OutputKind, atomic_dir, read_json
 from lorahub_engine.errors import (
     AdapterError,
     AdapterFileError,
@@ -192,12 +192,7 @@ def _read_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise AdapterFileError(f"{folder}: {CONFIG_FILE} is missing")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise AdapterFileError(f"{path}: unreadable ({e.strerror or e})") from None
+    config = read_json(path)
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object")
     if config.get("peft_type", "LORA") != "LORA":

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lorahub_engine._io import OutputKind, atomic_dir
+from lorahub_engine._io import OutputKind, atomic_dir, read_json
 from lorahub_engine.adapter import LoraAdapter
 from lorahub_engine.errors import AdapterError, AdapterFileError, AdapterFormatError
 
@@ -94,12 +94,7 @@ def _read_manifest(folder: Path) -> list[dict]:
     path = folder / MANIFEST
     if not path.is_file():
         raise AdapterFileError(f"{folder}: {MANIFEST} is missing; is this a zoo folder?")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise AdapterFileError(f"{path}: unreadable ({e.strerror or e})") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("adapters"), list):
         raise AdapterFormatError(f"{path}: expected an object with an 'adapters' list")
     if manifest.get("format_version") != FORMAT_VERSION:

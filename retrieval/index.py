@@ -17,7 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from lorahub_engine._io import OutputKind, atomic_dir
+from lorahub_engine._io import OutputKind, atomic_dir, read_json
 from retrieval import faiss_backend
 from retrieval.config import IndexConfig
 from retrieval.embedder import DEFAULT_NAME, Embedder, EmbedderSpec, resolve_embedder
@@ -278,12 +278,7 @@ def _read_manifest(folder: Path) -> dict:
         if not (folder / name).is_file():
             raise RetrievalError(f"{folder}: {name} is missing; is this an index folder (AdapterIndex.save)?")
     path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RetrievalError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise RetrievalError(f"{path}: unreadable ({e.strerror or e})") from None
+    manifest = read_json(path, RetrievalError)
     if not isinstance(manifest, dict):
         raise RetrievalError(f"{path}: expected a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
