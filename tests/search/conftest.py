@@ -1,5 +1,7 @@
 """Tiny causal and seq2seq models over one word tokenizer, few-shot examples, and adapters with mixed scales."""
 
+import copy
+
 import pytest
 import torch
 import transformers as tf
@@ -68,3 +70,17 @@ def train_adapter(model, tokenizer, examples, targets, name="task", steps=30, se
         return le.read_adapters(model)[0]
     finally:
         le.detach(model)
+
+
+@pytest.fixture(scope="module")
+def base(tokenizer):
+    """The tiny Llama the search tests compose adapters on."""
+    return MODELS["llama"][0](tokenizer)
+
+
+@pytest.fixture(scope="module")
+def zoo(base, tokenizer):
+    """One adapter trained on the examples' task among three that only add noise."""
+    targets = MODELS["llama"][1]
+    noise = mixed_adapters(base, targets, seed=5)
+    return [noise[0], train_adapter(copy.deepcopy(base), tokenizer, EXAMPLES, targets), *noise[1:]]

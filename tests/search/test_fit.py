@@ -9,22 +9,10 @@ import torch
 import lorahub_engine as le
 from lorahub_engine.fewshot import encode_examples, example_losses
 from lorahub_engine.search import FewShotObjective, SearchError, encode_pairs, first_token_entropy, fit_weights
-from tests.search.conftest import EXAMPLES, MODELS, mixed_adapters, train_adapter
+from tests.search.conftest import EXAMPLES, MODELS, mixed_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MERGE = {"fusion": "lorahub", "mixture": "task_arithmetic"}
-
-
-@pytest.fixture(scope="module")
-def base(tokenizer):
-    return MODELS["llama"][0](tokenizer)
-
-
-@pytest.fixture(scope="module")
-def zoo(base, tokenizer):
-    targets = MODELS["llama"][1]
-    noise = mixed_adapters(base, targets, seed=5)
-    return [noise[0], train_adapter(copy.deepcopy(base), tokenizer, EXAMPLES, targets), *noise[1:]]
 
 
 def reference_ce(base, tokenizer, adapters, weights, mode) -> float:

@@ -14,23 +14,10 @@ import lorahub_engine as le
 from lorahub_engine.fewshot import example_losses
 from lorahub_engine.search import FewShotObjective, SearchConfig, SearchError, encode_pairs, lorahub_search
 from lorahub_engine.search.optimizers import NevergradOptimizer
-from tests.search.conftest import EXAMPLES, MODELS, mixed_adapters, train_adapter
+from tests.search.conftest import EXAMPLES
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:COBYLA. Invalid MAXFUN")]  # budgets below d + 2, on purpose
-
-
-@pytest.fixture(scope="module")
-def base(tokenizer):
-    return MODELS["llama"][0](tokenizer)
-
-
-@pytest.fixture(scope="module")
-def zoo(base, tokenizer):
-    """One adapter trained on the examples' task among three that only add noise."""
-    targets = MODELS["llama"][1]
-    noise = mixed_adapters(base, targets, seed=5)
-    return [noise[0], train_adapter(copy.deepcopy(base), tokenizer, EXAMPLES, targets), *noise[1:]]
 
 
 LORAHUB = dict(optimizer="NGOpt", start="zero", population=1)  # LoraHub's released setting
