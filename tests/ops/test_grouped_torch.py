@@ -186,6 +186,11 @@ def test_short_runs_take_a_per_token_layout(idx):
 
 def test_run_layout_adds_into_a_non_contiguous_out_and_half_inputs():
     x, A, B, scale, idx, gates = row_routed_case(2, 16, 2, 3, 4, seed=9, dtype=torch.float32)
+    assert_adds_into_non_contiguous_out_and_takes_half(x, A, B, scale, idx, gates)
+
+
+def assert_adds_into_non_contiguous_out_and_takes_half(x, A, B, scale, idx, gates):
+    """The op adds into a transposed (non-contiguous) `out` in place, and runs fp16 inputs near the fp32 reference."""
     ref = grouped_lora_reference(x, A, B, scale, idx, gates)
     base = torch.randn(B.shape[1], x.shape[0])  # out is its transpose: not contiguous
     before = base.t().clone()

@@ -7,7 +7,8 @@ import torch
 from lorahub_engine.ops import grouped_lora, native, torch_backend
 from lorahub_engine.ops.grouped import TokenRouting, grouped_lora_routed
 from tests.ops.reference import grouped_lora_reference
-from tests.ops.test_grouped_torch import assert_matches_reference, make_case, walk  # noqa: F401 (fixture)
+from tests.ops.test_grouped_torch import (  # noqa: F401 (walk: a fixture)
+    assert_adds_into_non_contiguous_out_and_takes_half, assert_matches_reference, make_case, walk)
 
 
 def uniform_case(T, row, E=5, r=3, dtype=torch.float64, seed=0):
@@ -27,15 +28,7 @@ def test_uniform_routings_plan_one_matmul_and_match_reference(T, row):
 
 def test_uniform_routing_adds_into_out_and_takes_half_inputs():
     x, A, B, scale, idx, gates = uniform_case(6, [1, 3], dtype=torch.float32, seed=3)
-    ref = grouped_lora_reference(x, A, B, scale, idx, gates)
-    base = torch.randn(B.shape[1], 6)  # out is its transpose: not contiguous
-    before = base.t().clone()
-    out = grouped_lora_routed(x, A, B, scale, TokenRouting(idx, gates), "torch", out=base.t())
-    torch.testing.assert_close(base.t(), before + ref)
-    assert out.data_ptr() == base.data_ptr()
-    half = grouped_lora(x.half(), A.half(), B.half(), scale, idx, gates, backend="torch")
-    assert half.dtype == torch.float16
-    torch.testing.assert_close(half.float(), ref, rtol=2e-2, atol=2e-2)
+    assert_adds_into_non_contiguous_out_and_takes_half(x, A, B, scale, idx, gates)
 
 
 def test_materialized_equal_rows_take_the_general_plan_with_the_same_result():
