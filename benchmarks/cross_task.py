@@ -20,7 +20,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import benchmarks.methods  # noqa: F401  (registers the built-in methods)
 import benchmarks.router_methods  # noqa: F401  (the routers: arrow, mole_shots, mole_mixture)
@@ -30,6 +29,7 @@ from benchmarks.runs import RunStore
 from benchmarks.taskworld import Task, accuracy, examples, get_task, list_tasks
 from benchmarks.timing import run_info
 from lorahub_engine._io import write_json_atomic, write_text_atomic
+from lorahub_engine.progress import progress_bar
 
 
 # `bench cross-task --quick` (CI): a few held-out tasks near the zoo's skills, 2 seeds, 30 test examples.
@@ -76,7 +76,7 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
                                                       "seeds": list(seeds), "zoo": zoo.names})
     cache: dict = {}
     results: dict = {}
-    bar = tqdm(total=len(tasks) * len(methods), desc="cross-task", unit="run", disable=not progress)
+    bar = progress_bar(total=len(tasks) * len(methods), desc="cross-task", unit="run", progress=progress)
     for name in tasks:
         task = get_task(name)
         test = test_set(task, settings.n_test)

@@ -13,11 +13,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from tqdm import tqdm
 
 from benchmarks.taskworld import accuracy, examples, get_task, list_tasks
 from lorahub_engine.cli import execute
 from lorahub_engine.cli.options import CommandParser, add_threads, positive_int, set_threads, show_progress
+from lorahub_engine.progress import progress_bar
 
 DEMO_TASK = "navigate"
 COMPOSITIONS = ("uniform_retrieved", "retrieval_lorahub", "lorahub", "retrieval_mixture", "retrieval_fusion", "ties",
@@ -43,7 +43,7 @@ def run_demo(task: str | None = None, methods: tuple[str, ...] = DEMO_METHODS, k
         raise ValueError(f"{task} is a training task; pick a held-out one: {', '.join(list_tasks(held_out=True))}")
     require_zoo(base)
     start = time.time()
-    steps = tqdm(total=4 + len(methods), desc="demo", bar_format="{desc}: {n}/{total}{postfix}", disable=not progress)
+    steps = progress_bar(total=4 + len(methods), desc="demo", bar_format="{desc}: {n}/{total}{postfix}", progress=progress)
     steps.set_postfix_str(f"loading the {base} base")
     base = load_base(base)
     steps.update()

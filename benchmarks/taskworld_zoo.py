@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from lorahub_engine.progress import progress_bar
 import lorahub_engine as le
 from benchmarks.bases import cache_dir
 from benchmarks.taskworld import examples, format_prompt, get_task, list_tasks
@@ -171,7 +171,7 @@ def build_zoo(base, tasks: list[str] | None = None, recipe: ZooRecipe | None = N
     start = time.time()
     groups = [tasks[i:i + recipe.group_size] for i in range(0, len(tasks), recipe.group_size)]
     todo = [g for g in range(len(groups)) if not (groups_dir / f"{g:03d}" / "manifest.json").is_file()]
-    bar = tqdm(total=len(todo) * recipe.train.steps, desc=f"{base.name} zoo", unit="step", disable=not progress,
+    bar = progress_bar(total=len(todo) * recipe.train.steps, desc=f"{base.name} zoo", unit="step", progress=progress,
                mininterval=1 if sys.stderr.isatty() else 30)
     for g in todo:
         group_start, cpu_start = time.time(), time.process_time()
