@@ -43,7 +43,7 @@ PRESETS = {"smollm2": {"tasks": ["last_alphabetically", "sort_words_desc", "sent
                                  "sum_of_extremes", "review_and_topic", "navigate"],
                        "seeds": 3, "n_test": 50,
                        "methods": ["zero_shot", "icl", "best_single", "uniform_retrieved", "ties", "retrieval_mixture",
-                                   "lorahub", "retrieval_lorahub", "upper_shots_lora"]}}
+                                   "lorahub", "retrieval_lorahub", "upper_shots_lora", "arrow"]}}
 
 
 def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Sequence[str] | None = None,
