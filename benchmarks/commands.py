@@ -23,7 +23,7 @@ def add_build_zoo(commands) -> None:
 
 def add_taskworld_options(p: argparse.ArgumentParser, base_help: str) -> None:
     """--base, --extra-tasks and --threads: what every taskworld command reads before it starts."""
-    p.add_argument("--base", default="tiny", choices=("tiny", "smollm2"), help=base_help + " (default: tiny)")
+    p.add_argument("--base", default="tiny", choices=("tiny", "smollm2"), help=base_help)
     p.add_argument("--extra-tasks", action="append", default=[], help="module that registers more tasks")
     add_threads(p)
 
