@@ -23,10 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from lorahub_engine.attach import router_outputs
 from lorahub_engine.fewshot import example_losses
+from lorahub_engine.progress import progress_bar
 from lorahub_engine.search.objective import encode_pairs
 from routers.api import router_parameters, routers_of
 from routers.base import masked_mean
@@ -68,7 +68,7 @@ def train_router(model, tokenizer, examples: Sequence[tuple[str, str]], steps: i
         for router in routers:
             router.train()
         draws = _batches(len(examples), batch_size * ranks.world, random.Random(seed))
-        for _ in tqdm(range(steps), desc="router", disable=not (progress and ranks.main)):
+        for _ in progress_bar(range(steps), progress=progress and ranks.main, desc="router"):
             batch = encode_pairs(model, tokenizer, [examples[i] for i in ranks.shard(next(draws))])
             batch = batch.to(next(model.parameters()).device)
             with router_outputs(model) as records:
