@@ -13,7 +13,8 @@ gradients are averaged over the ranks before each (identical) Adam step, so ever
 The task loss is a mean over examples, so its gradient is exactly the one process's on the global batch; the
 auxiliary losses (and per-batch limits such as a capacity) are computed on each rank's own batch, as in Switch /
 GShard, and their gradients averaged. `history` holds each value's mean over the ranks, equal on every rank; only
-rank 0 shows progress. Dropout draws use seed + rank. One process needs no process group and communicates nothing.
+rank 0 shows progress. torch's global generator is seeded with seed + rank (what draws from it differs by rank).
+One process needs no process group and communicates nothing.
 """
 
 from __future__ import annotations
