@@ -314,14 +314,16 @@ class UniformPlan:
             side = W.index_select(0, self.index)  # (k, r, n) or (k, n, r)
             return (side.transpose(1, 2) if transpose else side).flatten(0, 1)
         if not isinstance(W, torch.nn.Parameter):
-            view = W.select(0, max(self.experts[0], 0))
-            return view.t() if transpose else view
+            return self._expert_view(W, transpose)
         key = (id(W), transpose)
         hit = self._views.get(key)
         if hit is None or hit[0] is not W or hit[1] != W.data_ptr():
-            view = W.select(0, max(self.experts[0], 0))
-            hit = self._views[key] = (W, W.data_ptr(), view.t() if transpose else view)  # holds W: its id stays its
+            hit = self._views[key] = (W, W.data_ptr(), self._expert_view(W, transpose))  # holds W: its id stays its
         return hit[2]
+
+    def _expert_view(self, W: torch.Tensor, transpose: bool) -> torch.Tensor:
+        view = W.select(0, max(self.experts[0], 0))  # (r, n) or (n, r)
+        return view.t() if transpose else view
 
     def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         u = _as(torch.nn.functional.linear(x, self._side_by_side(A)), accum_dtype(x.dtype))  # (T, k*r) = (T*k, r)
