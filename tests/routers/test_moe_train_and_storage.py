@@ -31,7 +31,9 @@ def trained(request, setup):
     base, tokenizer = setup
     model = attach_router(fresh(base), request.param)
     before = {name: t.clone() for name, t in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
     history = train_router(model, tokenizer, EXAMPLES, steps=25, lr=2e-2, batch_size=4, seed=0, progress=False)
+    assert [p.requires_grad for p in model.parameters()] == flags  # restored
     return model, before, history
 
 
@@ -44,7 +46,6 @@ def test_training_moves_experts_and_routers_and_leaves_the_base_bit_identical(tr
     moved = {name for name, t in model.state_dict().items() if not torch.equal(t, before[name])}
     assert all(name.endswith((".router.weight", ".lora_A", ".lora_B")) for name in moved)
     assert any(n.endswith(".lora_B") for n in moved) and any(n.endswith(".router.weight") for n in moved)
-    assert not any(p.requires_grad for p in model.parameters())  # flags restored
     assert not any(m.training for m in model.modules() if hasattr(m, "usage_count"))
 
 
