@@ -9,7 +9,8 @@ the forward and their real tokens:
     I[n, m] = 1 + delta if expert n's group is example m's type, 1 - delta otherwise, 1 for an untyped example
     Z = I * Q;   loss = var(Z) / mean(Z)^2     (the squared coefficient of variation of Z's entries)
 Without types or groups: the squared coefficient of variation of the experts' importance sum_m Q[n, m] (E,).
-var is the unbiased sample variance, as in LoRAMoE's release (its cv_squared). Types reach the routers through
+var is the unbiased sample variance, as in LoRAMoE's release (its cv_squared). Unlike the release, the experts read
+x without dropout (the grouped op reads each token's x once for all its experts). Types reach the routers through
 `routers.api.sample_types` (train_router passes each example's optional third field).
 Index legend: T tokens, E experts, M examples (rows), L tokens per row.
 """

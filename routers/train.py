@@ -79,7 +79,8 @@ def train_router(model, tokenizer, examples: Sequence[tuple], steps: int = 300, 
 
 def summarize(records: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Auxiliary losses by name (summed over forwards, averaged over layers) and usage [E] (each expert's mean
-    probability over real tokens, averaged over layers) of the router records of one or more forwards."""
+    probability over real tokens, averaged over layers; E the most experts of any layer) of the router records of
+    one or more forwards."""
     calls = [record for forward in records for record in forward.values()]
     if not calls:
         raise RouterError("no router ran in the forward: is a routing(...) block overriding the router?")
@@ -87,8 +88,9 @@ def summarize(records: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tenso
     for output, _ in calls:
         for name, value in output.aux.items():
             aux[name] = aux.get(name, 0) + value / len(calls)
-    usage = torch.stack([masked_mean(output.probs.detach().float(), layout.real(output.probs.device))
-                         for output, layout in calls]).mean(0)
+    means = [masked_mean(output.probs.detach().float(), layout.real(output.probs.device)) for output, layout in calls]
+    width = max(len(m) for m in means)  # experts may differ by layer (MoLA): a layer's missing experts count 0
+    usage = torch.stack([torch.nn.functional.pad(m, (0, width - len(m))) for m in means]).mean(0)
     return aux, usage
 
 

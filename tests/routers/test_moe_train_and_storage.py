@@ -117,3 +117,27 @@ def test_generate_with_kv_cache_under_sira_equals_a_full_recompute(trained):
             ref = model(out.sequences[:, : 5 + step], attention_mask=full,
                         position_ids=(full.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
         torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_each_examples_type_reaches_the_loramoe_balance_of_its_row(setup, monkeypatch):
+    import routers.loramoe as loramoe
+    import routers.train as train
+
+    base, tokenizer = setup
+    seen, rows = [], []
+    original, encode = loramoe.localized_balance_loss, train.encode_pairs
+    monkeypatch.setattr(loramoe, "localized_balance_loss",
+                        lambda probs, layout, types, *a: seen.append(types) or original(probs, layout, types, *a))
+    monkeypatch.setattr(train, "encode_pairs", lambda m, t, pairs: rows.append(list(pairs)) or encode(m, t, pairs))
+    model = attach_router(fresh(base), CONFIGS[1])
+    typed = [(f"w{i}", f"w{i + 1}", i % 2) for i in range(6)]
+    train_router(model, tokenizer, typed, steps=1, batch_size=4, progress=False)  # 4 of 6, shuffled
+    kind = {x: t for x, _, t in typed}
+    assert seen and all(t.tolist() == [kind[x] for x, _ in rows[0]] for t in seen)
+    seen.clear()
+    train_router(model, tokenizer, [e[:2] for e in typed], steps=1, batch_size=4, progress=False)
+    assert seen and all(t is None for t in seen)
+    with pytest.raises(RouterError, match="expert-group"):
+        train_router(model, tokenizer, [("w1", "w2", 5)], steps=1, batch_size=1, progress=False)
+    with pytest.raises(RouterError, match="third field"):
+        train_router(model, tokenizer, [("w1", "w2", "group")], steps=1, batch_size=1, progress=False)
