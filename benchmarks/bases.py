@@ -24,12 +24,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from benchmarks.taskworld import accuracy, examples, format_prompt, get_task, list_tasks
 from benchmarks.taskworld.corpus import corpus_fingerprint, pretraining_pairs, train_tokenizer
 from lorahub_engine.fewshot import IGNORE, encode_examples, example_losses, generate_answers
+from lorahub_engine.progress import progress_bar
 
 ASSETS = Path(__file__).parent / "assets" / "tiny"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -153,7 +153,7 @@ def pretrain(model: LlamaForCausalLM, tokenizer, spec: TinySpec, progress: bool 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
     losses = []
-    bar = tqdm(batches, desc="pretraining tiny", disable=not progress)
+    bar = progress_bar(batches, desc="pretraining tiny", progress=progress)
     for batch_pairs in bar:
         prompts, answers = zip(*batch_pairs)
         batch = encode_examples(tokenizer, prompts, answers, max_length=spec.max_positions)

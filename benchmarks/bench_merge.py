@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from benchmarks.timing import run_info
 from lorahub_engine.adapter import LoraAdapter, LoraModule
 from lorahub_engine._io import write_json_atomic
+from lorahub_engine.progress import progress_bar
 
 RANK, ALPHA, TARGETS = 16, 32, ("q_proj", "k_proj", "v_proj", "o_proj")
 BASE_ID = "bench/llama-7b-shaped"
@@ -47,7 +47,7 @@ def module_paths(layers: int) -> list[str]:
 def generate(workdir: Path, n: int, layers: int, hidden: int) -> list[Path]:
     """n random adapters of the 7B-shaped config, as PEFT folders; kept across runs."""
     folders = [workdir / f"hidden{hidden}" / f"adapter{i}" for i in range(n)]
-    for i, folder in enumerate(tqdm(folders, desc="generate adapters", unit="adapter")):
+    for i, folder in enumerate(progress_bar(folders, desc="generate adapters", unit="adapter")):
         if (folder / "adapter_model.safetensors").is_file() and len(LoraAdapter.load(folder, lazy=True).modules) \
                 == layers * len(TARGETS):
             continue
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     full = generate(workdir, args.adapters, args.layers, args.hidden)
     specs = cases(full, subset(full, args.ties_layers), subset(full, args.peft_layers), args, workdir / "merged")
     results = {}
-    for spec in tqdm(specs, desc="cases", unit="case"):
+    for spec in progress_bar(specs, desc="cases", unit="case"):
         results[spec["name"]] = {**run_child(spec), "method": spec["method"], "rank": spec["rank"]}
     ties = results[specs[2]["name"]]
     all_modules = args.layers * len(TARGETS)

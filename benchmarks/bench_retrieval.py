@@ -25,13 +25,13 @@ from collections import Counter
 
 import faiss
 import numpy as np
-from tqdm import tqdm
 
 from benchmarks.taskworld import examples, format_prompt, get_task, list_tasks
 from benchmarks.timing import run_info
 from retrieval import TASK_PREFIX, AdapterIndex, Embedder, IndexConfig, LearnedRetriever
 from retrieval.samples import centroids
 from lorahub_engine._io import write_json_atomic
+from lorahub_engine.progress import progress_bar
 
 SAMPLES_PER_TASK = 20
 
@@ -138,7 +138,7 @@ def scale(n: int, d: int, n_queries: int, k: int, threads: list[int], data: str)
         start = time.perf_counter()
         index = AdapterIndex.from_embeddings(names, vectors, IndexConfig(kind=kind))
         build_s = time.perf_counter() - start
-        for params in tqdm(settings, desc=f"{data} {kind}"):
+        for params in progress_bar(settings, desc=f"{data} {kind}"):
             index.set_search_params(**params)
             for t in threads:
                 faiss.omp_set_num_threads(t)
@@ -184,7 +184,7 @@ def compose_cost(n_adapters: int, rows: int, seq: int, k: int, repeats: int) -> 
              "union": lambda: run(idx_union, gates_union[..., 0])}
     torch.testing.assert_close(cases["k slots"](), cases["union"](), atol=1e-4, rtol=1e-4)
     times = {name: [] for name in cases}
-    for _ in tqdm(range(repeats), desc="compose"):
+    for _ in progress_bar(range(repeats), desc="compose"):
         for name, fn in cases.items():
             start = time.perf_counter()
             fn()

@@ -15,23 +15,41 @@ def add_build_zoo(commands) -> None:
     p = commands.add_parser("build-zoo", help="train one LoRA per taskworld training task (resumable, cached)",
                             description="Train the benchmark zoo through the engine (all adapters of a group "
                                         "jointly); cached in $LORAHUB_CACHE, resumable by group.")
-    p.add_argument("--base", default="tiny", choices=("tiny", "smollm2"), help="base model the adapters train on")
-    p.add_argument("--out", help="also write the finished zoo to this folder (e.g. benchmarks/assets/tiny_zoo)")
-    p.add_argument("--extra-tasks", action="append", default=[], help="module that registers more tasks")
-    add_threads(p)
+    add_taskworld_options(p, base_help="base model the adapters train on")
+    p.add_argument("--out", help="also write the finished zoo to this folder (e.g. benchmarks/assets/tiny_zoo) and "
+                                 "its retrieval index beside it (OUT_index)")
     p.set_defaults(run=run_build_zoo)
 
 
-def run_build_zoo(args: argparse.Namespace) -> int:
-    from benchmarks.bases import load_base
+def add_taskworld_options(p: argparse.ArgumentParser, base_help: str) -> None:
+    """--base, --extra-tasks and --threads: what every taskworld command reads before it starts."""
+    p.add_argument("--base", default="tiny", choices=("tiny", "smollm2"), help=base_help)
+    p.add_argument("--extra-tasks", action="append", default=[], help="module that registers more tasks")
+    add_threads(p)
+
+
+def apply_taskworld_options(args: argparse.Namespace) -> None:
+    """Torch threads as asked, and the extra tasks registered."""
     from benchmarks.taskworld import load_extra_tasks
-    from benchmarks.taskworld_zoo import build_zoo
 
     set_threads(args)
     for module in args.extra_tasks:
         load_extra_tasks(module)
+
+
+def run_build_zoo(args: argparse.Namespace) -> int:
+    from benchmarks.bases import load_base
+    import lorahub_engine as le
+    from benchmarks.taskworld_zoo import build_zoo
+    from retrieval import AdapterIndex
+
+    apply_taskworld_options(args)
     folder = build_zoo(load_base(args.base), out=args.out, progress=show_progress())
     print(f"zoo: {folder}")
+    if args.out:
+        index = Path(args.out).with_name(Path(args.out).name + "_index")
+        AdapterIndex.build(le.AdapterZoo.load(folder, lazy=True)).save(index)
+        print(f"retrieval index: {index}")
     return 0
 
 
@@ -40,7 +58,7 @@ def add_bench(commands) -> None:
                             description="Run a benchmark; writes markdown, JSON and PNG results.")
     sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     cross = sub.add_parser("cross-task", help="held-out tasks x methods, 5 shots, mean +- std over seeds")
-    cross.add_argument("--base", default="tiny", choices=("tiny", "smollm2"), help="base model")
+    add_taskworld_options(cross, base_help="base model")
     cross.add_argument("--quick", action="store_true", help="a few tasks, 2 seeds, 30 test examples (CI)")
     cross.add_argument("--methods", nargs="+", help="registered method names (default: all)")
     cross.add_argument("--tasks", nargs="+", help="held-out task names (default: all held-out tasks)")
@@ -51,22 +69,17 @@ def add_bench(commands) -> None:
                        help="reuse the finished (task, method, seed) runs of an interrupted run with the same settings")
     cross.add_argument("--k", type=positive_int, default=3, help="adapters retrieved")
     cross.add_argument("--out", default="benchmarks/results", help="folder for the .md / .json / .png")
-    cross.add_argument("--extra-tasks", action="append", default=[], help="module that registers more tasks")
-    add_threads(cross)
     cross.set_defaults(run=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
     from benchmarks import cross_task
     from benchmarks.bases import load_base
-    from benchmarks.taskworld import load_extra_tasks
     from benchmarks.harness import METHODS
     from benchmarks.taskworld import get_task
     from benchmarks.taskworld_zoo import require_zoo
 
-    set_threads(args)
-    for module in args.extra_tasks:
-        load_extra_tasks(module)
+    apply_taskworld_options(args)
     unknown = [m for m in args.methods or () if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; registered: {', '.join(sorted(METHODS))}")

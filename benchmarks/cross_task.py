@@ -20,7 +20,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import benchmarks.methods  # noqa: F401  (registers the built-in methods)
 import benchmarks.moe_methods  # noqa: F401  (sira, loramoe, multitask_lora)
@@ -31,6 +30,7 @@ from benchmarks.runs import RunStore
 from benchmarks.taskworld import Task, accuracy, examples, get_task, list_tasks
 from benchmarks.timing import run_info
 from lorahub_engine._io import write_json_atomic, write_text_atomic
+from lorahub_engine.progress import progress_bar
 
 
 # `bench cross-task --quick` (CI): a few held-out tasks near the zoo's skills, 2 seeds, 30 test examples.
@@ -44,7 +44,7 @@ PRESETS = {"smollm2": {"tasks": ["last_alphabetically", "sort_words_desc", "sent
                                  "sum_of_extremes", "review_and_topic", "navigate"],
                        "seeds": 3, "n_test": 50,
                        "methods": ["zero_shot", "icl", "best_single", "uniform_retrieved", "ties", "retrieval_mixture",
-                                   "lorahub", "retrieval_lorahub", "upper_shots_lora"]}}
+                                   "lorahub", "retrieval_lorahub", "upper_shots_lora", "arrow"]}}
 
 
 def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Sequence[str] | None = None,
@@ -55,8 +55,9 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
     seeds, tokens per query, seconds per run, info). With `out`, writes the report files there.
 
     base: "tiny" / "smollm2" or a loaded `Base`; zoo: default `benchmarks.taskworld_zoo.load_zoo(base)`; index:
-    default `AdapterIndex.build(zoo)` over the manifest's sample prompts. runs: a JSON file where each finished (task,
-    method, seed) is stored at once and found again by a rerun (benchmarks/runs.py).
+    default `load_zoo_index` (the zoo's shipped index, else one built over the manifest's sample prompts). runs: a
+    JSON file where each finished (task, method, seed) is stored at once and found again by a rerun
+    (benchmarks/runs.py).
     """
     base = _base(base)
     settings = settings or Settings(shots=shots, n_test=n_test)
@@ -70,14 +71,14 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
 
         zoo = load_zoo(base, progress=progress)
     if index is None:
-        from retrieval import AdapterIndex
+        from benchmarks.taskworld_zoo import load_zoo_index
 
-        index = AdapterIndex.build(zoo)
+        index = load_zoo_index(base.name, zoo)
     store = None if runs is None else RunStore(runs, {"base": base.name, "settings": asdict(settings),
                                                       "seeds": list(seeds), "zoo": zoo.names})
     cache: dict = {}
     results: dict = {}
-    bar = tqdm(total=len(tasks) * len(methods), desc="cross-task", unit="run", disable=not progress)
+    bar = progress_bar(total=len(tasks) * len(methods), desc="cross-task", unit="run", progress=progress)
     for name in tasks:
         task = get_task(name)
         test = test_set(task, settings.n_test)

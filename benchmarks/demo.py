@@ -13,11 +13,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from tqdm import tqdm
 
 from benchmarks.taskworld import accuracy, examples, get_task, list_tasks
 from lorahub_engine.cli import execute
 from lorahub_engine.cli.options import CommandParser, add_threads, positive_int, set_threads, show_progress
+from lorahub_engine.progress import progress_bar
 
 DEMO_TASK = "navigate"
 COMPOSITIONS = ("uniform_retrieved", "retrieval_lorahub", "lorahub", "retrieval_mixture", "retrieval_fusion", "ties",
@@ -32,8 +32,7 @@ def run_demo(task: str | None = None, methods: tuple[str, ...] = DEMO_METHODS, k
     from benchmarks import methods as registry
     from benchmarks.bases import load_base
     from benchmarks.harness import Context, Settings
-    from benchmarks.taskworld_zoo import load_zoo, require_zoo
-    from retrieval import AdapterIndex
+    from benchmarks.taskworld_zoo import load_zoo, load_zoo_index, require_zoo
 
     task = task or DEMO_TASK
     unknown = [m for m in methods if m not in COMPOSITIONS]
@@ -43,15 +42,15 @@ def run_demo(task: str | None = None, methods: tuple[str, ...] = DEMO_METHODS, k
         raise ValueError(f"{task} is a training task; pick a held-out one: {', '.join(list_tasks(held_out=True))}")
     require_zoo(base)
     start = time.time()
-    steps = tqdm(total=4 + len(methods), desc="demo", bar_format="{desc}: {n}/{total}{postfix}", disable=not progress)
+    steps = progress_bar(total=4 + len(methods), desc="demo", bar_format="{desc}: {n}/{total}{postfix}", progress=progress)
     steps.set_postfix_str(f"loading the {base} base")
     base = load_base(base)
     steps.update()
     steps.set_postfix_str("loading the zoo")
     zoo = load_zoo(base, progress=progress)
     steps.update()
-    steps.set_postfix_str("indexing the zoo (sentence embeddings of its sample prompts)")
-    index = AdapterIndex.build(zoo)
+    steps.set_postfix_str("loading the zoo's retrieval index (sentence embeddings of its sample prompts)")
+    index = load_zoo_index(base.name, zoo)
     steps.update()
     settings = Settings(n_test=n_test, k=k)
     test = [tuple(e) for e in examples(task, "test", n_test, seed=0)]

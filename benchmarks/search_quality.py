@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from lorahub_engine.progress import progress_bar
 import lorahub_engine as le
 from lorahub_engine._io import write_json_atomic
 from lorahub_engine.fewshot import generate_answers
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     zoo = load_zoo(base, progress=False)
     runs = json.loads(args.out.read_text())["runs"] if args.out.exists() else {}
     problems = [(n, seed) for n in args.n for seed in range(args.first_seed, args.first_seed + args.seeds)]
-    for n, seed in tqdm(problems, desc="planted problems", unit="problem"):
+    for n, seed in progress_bar(problems, desc="planted problems", unit="problem"):
         runs.update(run_problem(base, zoo, n, seed, args.mode, args.budgets, args.settings, runs))
         write_json_atomic(args.out, {"runs": runs, "summary": summarize(runs)}, indent=1)
     table = summarize(runs)

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from lorahub_engine.progress import progress_bar
 import lorahub_engine as le
 from benchmarks.bases import cache_dir
 from benchmarks.taskworld import examples, format_prompt, get_task, list_tasks
@@ -35,6 +35,7 @@ from lorahub_engine.errors import AdapterFileError
 ASSETS = Path(__file__).parent / "assets"
 TINY_ZOO = ASSETS / "tiny_zoo"
 SHIPPED = {"tiny": TINY_ZOO, "smollm2": ASSETS / "smollm2_zoo"}
+SHIPPED_INDEX = {name: ASSETS / f"{name}_zoo_index" for name in SHIPPED}  # each shipped zoo's retrieval index
 BUILT_ON_DEMAND = ("tiny",)  # bases whose zoo builds in minutes; others must be built on purpose
 BUILD_RECORD = "build.json"
 GROUP_RECORD = "group.json"
@@ -171,7 +172,7 @@ def build_zoo(base, tasks: list[str] | None = None, recipe: ZooRecipe | None = N
     start = time.time()
     groups = [tasks[i:i + recipe.group_size] for i in range(0, len(tasks), recipe.group_size)]
     todo = [g for g in range(len(groups)) if not (groups_dir / f"{g:03d}" / "manifest.json").is_file()]
-    bar = tqdm(total=len(todo) * recipe.train.steps, desc=f"{base.name} zoo", unit="step", disable=not progress,
+    bar = progress_bar(total=len(todo) * recipe.train.steps, desc=f"{base.name} zoo", unit="step", progress=progress,
                mininterval=1 if sys.stderr.isatty() else 30)
     for g in todo:
         group_start, cpu_start = time.time(), time.process_time()
@@ -211,6 +212,19 @@ def load_zoo(base, tasks: list[str] | None = None, recipe: ZooRecipe | None = No
     if base.name not in BUILT_ON_DEMAND:
         raise ZooMissingError(_missing(base.name))
     return le.AdapterZoo.load(build_zoo(base, tasks, recipe, progress=progress))
+
+
+def load_zoo_index(base_name: str, zoo: le.AdapterZoo):
+    """The retrieval index shipped with the base's zoo when it indexes exactly these adapters, else one built now
+    from the zoo's sample prompts (`AdapterIndex.build(zoo)`, which is how the shipped one was made)."""
+    from retrieval import AdapterIndex
+
+    folder = SHIPPED_INDEX.get(base_name)
+    if folder is not None and folder.is_dir():
+        index = AdapterIndex.load(folder)
+        if sorted(index.names) == sorted(zoo.names):
+            return index
+    return AdapterIndex.build(zoo)
 
 
 def _advance(bar, loss: float) -> None:

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
+from lorahub_engine.progress import progress_bar
 import lorahub_engine as le
 from lorahub_engine.fewshot import encode_examples, example_losses
 
@@ -58,7 +58,7 @@ def train_adapters(base, datasets: Mapping[str, Pairs], spec: TrainSpec, progres
             bank = [p for p in model.parameters() if p.requires_grad]  # lora_A / lora_B of every LoRA layer
             optimizer = torch.optim.AdamW(bank, lr=spec.lr, weight_decay=0.0)
             losses = []
-            bar = tqdm(range(spec.steps), desc=desc, disable=not progress, leave=False)
+            bar = progress_bar(range(spec.steps), desc=desc, progress=progress, leave=False)
             for _ in bar:
                 rows = [(e, pair) for e, name in enumerate(names)
                         for pair in _draw(rng, datasets[name], spec.rows_per_adapter)]

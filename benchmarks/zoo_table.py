@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from lorahub_engine.progress import progress_bar
 import lorahub_engine as le
 from benchmarks.bases import BASES, load_base
 from benchmarks.cross_task import test_set
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.out) / f"zoo_table_{args.base}.json"
     done = json.loads(path.read_text()) if path.is_file() else {}
     rows = {name: row for name, row in done.get("tasks", {}).items() if row.get("n_test") and done.get("n") == args.n}
-    for name in tqdm(args.tasks or zoo.names, desc="zoo table", unit="task"):
+    for name in progress_bar(args.tasks or zoo.names, desc="zoo table", unit="task"):
         if name in rows:
             continue
         start = time.time()

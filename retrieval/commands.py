@@ -14,10 +14,12 @@ from lorahub_engine.cli.options import (
     load_language_model,
     positive_float,
     positive_int,
+    read_lines,
     show_progress,
 )
 from lorahub_engine.compose import retrieve_and_compose
 from lorahub_engine.errors import AdapterError
+from lorahub_engine.progress import progress_bar
 from lorahub_engine.zoo import AdapterZoo
 from retrieval.embedder import TASK_PREFIX
 from retrieval.config import IndexConfig
@@ -26,10 +28,7 @@ from retrieval.index import INDEX_FOLDER, AdapterIndex
 
 def read_inputs(path: str, form: str = "auto") -> list[str]:
     """Inputs from a text file (one per non-blank line) or JSON lines (a string or {"input": ...} per line)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise AdapterError(f"cannot read inputs from {path}: {e}") from None
+    lines = read_lines(path, "inputs")
     if form == "lines" or (form == "auto" and Path(path).suffix not in (".jsonl", ".ndjson")):
         return [line for line in lines if line.strip()]
     inputs = []
@@ -138,8 +137,6 @@ def add_retrieve(commands) -> None:
 
 
 def run_retrieve(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     if args.model and not args.zoo:
         raise AdapterError("--model needs --zoo (the adapters to attach)")
     if args.output:
@@ -154,8 +151,7 @@ def run_retrieve(args: argparse.Namespace) -> int:
         model, tokenizer = load_language_model(args.model)
         zoo = AdapterZoo.load(args.zoo)
         records = []
-        for start in tqdm(range(0, len(inputs), args.batch_size), desc="retrieve and compose", unit="batch",
-                          disable=None):
+        for start in progress_bar(range(0, len(inputs), args.batch_size), desc="retrieve and compose", unit="batch"):
             chunk = inputs[start : start + args.batch_size]
             out = retrieve_and_compose(model, tokenizer, zoo, index, chunk, k=args.k, mode=args.mode,
                                        gating=args.gating, temperature=args.temperature, options=options,

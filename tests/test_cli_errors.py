@@ -25,6 +25,7 @@ def folders(tmp_path_factory):
     le.AdapterZoo([le.LoraAdapter.load(root / "a")]).save(root / "zoo")
     (root / "zoo" / "manifest.json").write_text('{"format_version": 1, "adapters": [{"path": "a"}]}')
     (root / "examples.jsonl").write_text('{"input": "x", "output": "y"}\n')
+    (root / "binary.jsonl").write_bytes(b"\xff\xfe\x00 not text")
     return root
 
 
@@ -53,6 +54,8 @@ def one_error_line(capsys, code, expected: int = 2) -> str:
     (["search", "{root}", "--model", "{root}", "--examples", "{examples}", "--adapters", "a", "-o", "{out}"],
      "manifest.json is missing"),
     (["search", "{root}", "--model", "{root}", "--examples", "{root}", "--adapters", "a", "-o", "{out}"],
+     "cannot read examples"),
+    (["search", "{root}", "--model", "{root}", "--examples", "{root}/binary.jsonl", "--adapters", "a", "-o", "{out}"],
      "cannot read examples"),
     (["retrieve", "{root}", "{root}/none.txt"], "cannot read inputs"),
     ([], "the following arguments are required: COMMAND"),

@@ -107,12 +107,17 @@ def load_language_model(path: str):
         raise AdapterError(f"cannot load a model and tokenizer from {path}: {e}") from None
 
 
+def read_lines(path: str, what: str) -> list[str]:
+    """The lines of a UTF-8 text file; a missing, unreadable or binary file is an AdapterError naming `what`."""
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdapterError(f"cannot read {what} from {path}: {e}") from None
+
+
 def read_examples(path: str) -> list[tuple[str, str]]:
     """(input, output) pairs from a JSON lines file; blank lines are skipped."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise AdapterError(f"cannot read examples: {e}") from None
+    lines = read_lines(path, "examples")
     examples = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

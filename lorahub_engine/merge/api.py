@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from pathlib import PurePath
 
 import torch
-from tqdm.auto import tqdm
 
 from lorahub_engine.adapter import LoraAdapter, LoraModule
 from lorahub_engine.errors import IncompatibleModelError, MergeError
 from lorahub_engine.merge.linalg import dense_factors, lowrank_svd
 from lorahub_engine.merge.methods import KNOTS_INNER
 from lorahub_engine.merge.registry import METHODS, SPACES, LowRank, Method, MergeOptions, MethodResult, ModuleTasks
+from lorahub_engine.progress import progress_bar
 
 AdapterLike = LoraAdapter | str | os.PathLike
 
@@ -64,7 +64,7 @@ def merge(
     base_model, task_type, fan_in_fan_out = _common_model(loaded)
     paths = list(dict.fromkeys(path for adapter in loaded for path in adapter.modules))
     modules = {path: _merge_module(path, loaded, w, spec, options)
-               for path in tqdm(paths, desc=f"merge ({method})", unit="module", disable=not progress)}
+               for path in progress_bar(paths, desc=f"merge ({method})", unit="module", progress=progress)}
     given = {"density": density, "majority_sign_method": majority_sign_method, "knots_method": knots_method}
     record = {"method": method, "sources": [a.name for a in loaded], "weights": w, "space": space, "rank": rank,
               "seed": seed, **{k: v for k, v in given.items() if v is not None}}

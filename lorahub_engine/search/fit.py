@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from lorahub_engine.adapter import LoraAdapter
 from lorahub_engine.fewshot import IGNORE, Batch, example_losses, positions
+from lorahub_engine.progress import progress_bar
 from lorahub_engine.search.config import MODES
 from lorahub_engine.search.errors import SearchError
 from lorahub_engine.search.inputs import check_adapters, check_examples, composing
@@ -124,7 +124,7 @@ def descend(objective, config: FitConfig, progress: bool = True) -> list[Evaluat
     weights = torch.nn.Parameter(start.clamp(-config.bound, config.bound).float())
     optimizer = torch.optim.Adam([weights], lr=config.lr)
     history: list[Evaluation] = []
-    for _ in tqdm(range(config.steps), desc="fit weights", unit="step", disable=not progress):
+    for _ in progress_bar(range(config.steps), desc="fit weights", unit="step", progress=progress):
         cross_entropy = objective.cross_entropy(weights[None], grad=True)[0]
         loss = cross_entropy + config.l1 * weights.abs().mean()
         history.append(Evaluation(tuple(weights.detach().double().tolist()), loss.item(), cross_entropy.item()))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from lorahub_engine.progress import progress_bar
 from lorahub_engine.search.config import SearchConfig
 from lorahub_engine.search.objective import l1_penalty
 from lorahub_engine.search.optimizers import AskTellOptimizer, make_optimizer
@@ -40,7 +40,7 @@ def run_search(search: AskTellOptimizer, objective, config: SearchConfig,
     """Ask / evaluate / tell until `config.budget` evaluations; each round evaluates up to the optimizer's
     population at once."""
     history: list[Evaluation] = []
-    with tqdm(total=config.budget, desc="lorahub search", unit="eval", disable=not progress) as bar:
+    with progress_bar(total=config.budget, desc="lorahub search", unit="eval", progress=progress) as bar:
         while len(history) < config.budget:
             points = torch.from_numpy(search.ask(min(search.population, config.budget - len(history))))  # [P, N]
             evaluations = evaluate(objective, points, config.l1)
