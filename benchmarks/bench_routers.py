@@ -166,16 +166,19 @@ def _print(result: dict) -> None:
         print("MoE training step, ratio to a step of the base with one plain LoRA r=8:")
         _table(result["moe_runs"], "step_ratio_to_lora_step", "lora step s", lambda r: r["step_seconds_median"]["lora"])
         print("Baselines over SiRA top-2 (total time; forward's added time over the base):")
-        _table(result["moe_runs"], "vs_sira_top2", "", lambda r: float("nan"))
-        _table(result["moe_runs"], "vs_sira_top2_added_forward", "", lambda r: float("nan"))
+        _table(result["moe_runs"], "vs_sira_top2")
+        _table(result["moe_runs"], "vs_sira_top2_added_forward")
 
 
-def _table(runs: list[dict], key: str, first: str, first_value) -> None:
+def _table(runs: list[dict], key: str, first: str = "", first_value=None) -> None:
+    """One row per thread count: `first` (seconds, when given), then each case's ratio under `key`."""
     names = list(runs[0][key])
-    print(f"| threads | {first} | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 2) + "|")
+    head = ["threads", first] if first else ["threads"]
+    print("| " + " | ".join(head + names) + " |")
+    print("|---" * (len(head) + len(names)) + "|")
     for r in runs:
-        print(f"| {r['threads']} | {first_value(r):.2f} | " + " | ".join(f"{r[key][n]:.2f}x" for n in names) + " |")
+        cells = [str(r["threads"])] + ([f"{first_value(r):.2f}"] if first else [])
+        print("| " + " | ".join(cells + [f"{r[key][n]:.2f}x" for n in names]) + " |")
 
 
 if __name__ == "__main__":
