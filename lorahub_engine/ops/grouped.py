@@ -68,11 +68,13 @@ class TokenRouting:
     def coefficients(self, scale: torch.Tensor) -> torch.Tensor:
         """coef[p] = gates[t, j] * scale[e] for valid pairs, 0 for idx == -1. Shape [T*k], at least fp32: two ops per
         call, the masking of gates done once per routing (and again only if gates change)."""
-        if self._pairs is None or self._pairs[0] != self.gates._version:
+        # Gates made under torch.inference_mode (a learned router's, there) have no version counter: redone each call.
+        version = None if self.gates.is_inference() else self.gates._version
+        if self._pairs is None or version is None or self._pairs[0] != version:
             dtype = torch.promote_types(self.gates.dtype, torch.float32)
             valid = self.idx >= 0
             gates = torch.where(valid, self.gates.detach().to(dtype), 0).reshape(-1)
-            self._pairs = (self.gates._version, gates, self.idx.clamp(min=0).reshape(-1))
+            self._pairs = (version, gates, self.idx.clamp(min=0).reshape(-1))
         _, gates, safe_idx = self._pairs
         if scale.dtype != gates.dtype:
             scale = scale.to(gates.dtype)

@@ -38,3 +38,27 @@ def bank(llama):
 
 def fresh(base):
     return copy.deepcopy(base)
+
+
+def run_layer(model, layer, x, mask):
+    """One LoRA layer's forward on x [rows, L, in] under a forward context with attention mask [rows, L], as the
+    model's forward would open it; returns (y [rows, L, out], the layer's RouterOutput)."""
+    from lorahub_engine.attach import router_outputs
+
+    dispatch = model._lorahub_attached.dispatch
+    with router_outputs(model) as records:
+        dispatch.open(model, x.shape[0], x.shape[1], mask)
+        try:
+            y = layer(x)
+        finally:
+            dispatch.close(model)
+    return y, records[0][layer.path].output
+
+
+def one_hot_router(router, probs):
+    """Set a linear router's weight [E, in >= T] so that one-hot input t gets probabilities probs[t] (logits =
+    log probs; the other inputs' columns zero)."""
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[:, : probs.shape[0]] = probs.log().T
+    return router
