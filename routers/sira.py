@@ -27,6 +27,7 @@ from torch import nn
 from lorahub_engine.dispatch import RouterOutput, TokenLayout
 from routers.base import Router, masked_mean
 from routers.config import SiRAConfig
+from routers.distributed import process_rank
 
 NONE = -1
 
@@ -114,8 +115,8 @@ class SiRARouter(Router):
 
     def _dropout(self, idx: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Drop each pair with probability p (index -1: not computed); the survivors' gates / (1 - p)."""
-        if self._generator is None or self._generator.device != idx.device:
-            self._generator = torch.Generator(idx.device).manual_seed(self.seed)
+        if self._generator is None or self._generator.device != idx.device:  # each data-parallel rank its own masks
+            self._generator = torch.Generator(idx.device).manual_seed(self.seed + process_rank())
         p = self.config.gate_dropout
         drop = torch.rand(idx.shape, generator=self._generator, device=idx.device) < p
         return torch.where(drop, NONE, idx), torch.where(drop, torch.zeros_like(gates), gates / (1 - p))
