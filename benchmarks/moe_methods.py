@@ -34,13 +34,37 @@ CONFIGS = {
 }
 
 
-def mixture(ctx: Context, typed: bool) -> list[tuple]:
+def mixture(base, zoo, typed: bool) -> list[tuple]:
     """MIXTURE_PER_TASK train examples of each zoo task (as mole_mixture trains on); typed: with the task family's
     group (0 for the first half of the sorted families, 1 for the rest) as a third field."""
-    families = sorted({get_task(name).family for name in ctx.zoo.names})
+    families = sorted({get_task(name).family for name in zoo.names})
     group = {f: int(i >= len(families) / 2) for i, f in enumerate(families)}
-    return [(*pair, group[get_task(name).family]) if typed else pair for name in ctx.zoo.names
-            for pair in task_pairs(ctx.base, name, "train", MIXTURE_PER_TASK, seed=1)]
+    return [(*pair, group[get_task(name).family]) if typed else pair for name in zoo.names
+            for pair in task_pairs(base, name, "train", MIXTURE_PER_TASK, seed=1)]
+
+
+def train_moe(base, zoo, method: str, folder: Path, progress: bool = False) -> Path:
+    """`method`'s MoE ("sira" / "loramoe") trained on the mixture of the zoo's tasks, saved to folder; base left
+    clean."""
+    model = base.model
+    try:
+        attach_router(model, CONFIGS[method])
+        with torch.enable_grad():
+            train_router(model, base.tokenizer, mixture(base, zoo, typed=method == "loramoe"), steps=MIXTURE_STEPS,
+                         lr=MOE_LR, seed=0, progress=progress)
+        save_router(model, folder)
+    finally:
+        le.detach(model)
+    return folder
+
+
+def train_multitask_lora(base, zoo, progress: bool = False) -> le.LoraAdapter:
+    """One LoRA trained on the same mixture, its rank matched to SiRA's trainable parameters."""
+    rank = matched_rank(base.model, CONFIGS["sira"])
+    spec = TrainSpec(r=rank, alpha=2.0 * rank, steps=MIXTURE_STEPS, rows_per_adapter=8, lr=MOE_LR)
+    with torch.enable_grad():
+        adapters, _ = train_adapters(base, {"multitask": mixture(base, zoo, typed=False)}, spec, progress=progress)
+    return adapters[0]
 
 
 def _trained_router(ctx: Context, method: str) -> Path:
@@ -48,16 +72,7 @@ def _trained_router(ctx: Context, method: str) -> Path:
     key = (method, "mixture")
     if key not in ctx.cache:
         folder = Path(tempfile.mkdtemp(prefix=f"{method}_mixture.")) / "router"
-        model = ctx.base.model
-        try:
-            attach_router(model, CONFIGS[method])
-            with torch.enable_grad():
-                train_router(model, ctx.base.tokenizer, mixture(ctx, typed=method == "loramoe"), steps=MIXTURE_STEPS,
-                             lr=MOE_LR, seed=0, progress=False)
-            save_router(model, folder)
-        finally:
-            le.detach(model)
-        ctx.cache[key] = folder
+        ctx.cache[key] = train_moe(ctx.base, ctx.zoo, method, folder)
     return ctx.cache[key]
 
 
@@ -92,11 +107,7 @@ def multitask_lora(ctx: Context) -> MethodOutput:
     """One LoRA trained on the training-task mixture, as many trainable parameters as sira."""
     key = ("multitask_lora",)
     if key not in ctx.cache:
-        rank = matched_rank(ctx.base.model, CONFIGS["sira"])
-        spec = TrainSpec(r=rank, alpha=2.0 * rank, steps=MIXTURE_STEPS, rows_per_adapter=8, lr=MOE_LR)
-        with torch.enable_grad():
-            adapters, _ = train_adapters(ctx.base, {"multitask": mixture(ctx, typed=False)}, spec, progress=False)
-        ctx.cache[key] = adapters[0]
+        ctx.cache[key] = train_multitask_lora(ctx.base, ctx.zoo)
     adapter = ctx.cache[key]
     model = ctx.base.model
     with le.attached(model, [adapter]):
