@@ -68,8 +68,7 @@ class TokenRouting:
     def coefficients(self, scale: torch.Tensor) -> torch.Tensor:
         """coef[p] = gates[t, j] * scale[e] for valid pairs, 0 for idx == -1. Shape [T*k], at least fp32: two ops per
         call, the masking of gates done once per routing (and again only if gates change)."""
-        # Gates made under torch.inference_mode (a learned router's, there) have no version counter: redone each call.
-        version = None if self.gates.is_inference() else self.gates._version
+        version = _version(self.gates)
         if self._pairs is None or version is None or self._pairs[0] != version:
             dtype = torch.promote_types(self.gates.dtype, torch.float32)
             valid = self.idx >= 0
@@ -87,20 +86,25 @@ class TokenRouting:
         once per routing (again only if gates change), the scales once per scale tensor and version."""
         if self.idx.is_cuda or self.idx.shape[1] != 1 or self.gates.requires_grad:
             return None
-        T = self.idx.shape[0]
-        if self._uniform is None or self._uniform[0] != self.gates._version:
+        T, version = self.idx.shape[0], _version(self.gates)
+        if self._uniform is None or version is None or self._uniform[0] != version:
             same = T == 1 or (T > 1 and self.idx.stride(0) == 0 and self.gates.stride(0) == 0)
-            self._uniform = (self.gates._version, int(self.idx[0, 0]), float(self.gates[0, 0])) if same else (
-                self.gates._version, None, None)
+            self._uniform = (version, int(self.idx[0, 0]), float(self.gates[0, 0])) if same else (version, None, None)
         _, expert, gate = self._uniform
         if expert is None:
             return None
         if expert < 0:
             return 0.0
-        cached = self._scales.get(id(scale))
-        if cached is None or cached[0] is not scale or cached[1] != scale._version:
-            cached = self._scales[id(scale)] = (scale, scale._version, scale.tolist())  # holds scale: its id stays its
+        cached, version = self._scales.get(id(scale)), _version(scale)
+        if cached is None or cached[0] is not scale or version is None or cached[1] != version:
+            cached = self._scales[id(scale)] = (scale, version, scale.tolist())  # holds scale: its id stays its
         return gate * cached[2][expert]
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """t's in-place version counter; None for a tensor made under torch.inference_mode (it keeps none: whatever is
+    cached from it is recomputed at every call)."""
+    return None if t.is_inference() else t._version
 
 
 def grouped_lora(

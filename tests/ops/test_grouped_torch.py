@@ -220,3 +220,18 @@ def test_gates_made_under_inference_mode_route_as_any_other():
         torch.testing.assert_close(grouped_lora_routed(x, A, B, scale, routing), expected)
         routing.gates.mul_(2)  # and changed in place there: the next call follows
         torch.testing.assert_close(grouped_lora_routed(x, A, B, scale, routing), 2 * expected)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_one_expert_for_every_token_under_inference_mode(T):
+    """The uniform plan's float coefficient reads no version counter from inference tensors (gates and a scale made
+    in the mode, changed in place there)."""
+    x, A, B, scale, _, _ = make_case(T=T, E=3, r=2, d_in=8, d_out=6, k=1, seed=7)
+    idx = torch.full((1, 1), 2).expand(T, 1)  # one row expanded over its tokens (stride 0), as a layer routes it
+    expected = grouped_lora_reference(x, A, B, scale, idx, torch.ones(T, 1))
+    with torch.inference_mode():
+        gates, scale = torch.ones(1, 1).expand(T, 1), scale.clone()
+        routing = TokenRouting(idx, gates)
+        torch.testing.assert_close(grouped_lora_routed(x, A, B, scale, routing), expected)
+        scale.mul_(3)
+        torch.testing.assert_close(grouped_lora_routed(x, A, B, scale, routing), 3 * expected)
