@@ -7,7 +7,7 @@ import torch
 from lorahub_engine.dispatch import TokenLayout
 from routers import LoRAMoEConfig, RouterError, attach_router, sample_types
 from routers.loramoe import LoRAMoERouter, localized_balance_loss
-from tests.routers.conftest import fresh, one_hot_router, run_layer
+from tests.routers.conftest import assert_gradients_match, fresh, make_trainable, one_hot_router, run_layer
 
 CLOSE = {"atol": 1e-5, "rtol": 1e-5}
 # 2 examples x 2 positions; example 1's first position is padding (with probabilities that would skew Q)
@@ -50,12 +50,7 @@ def test_gradients_of_x_experts_and_router_match_a_dense_einsum_reference(llama)
     model = attach_router(fresh(llama), config)
     layer = model.model.layers[0].mlp.up_proj
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        layer.lora_B.normal_(generator=g)
-        layer.router.weight.normal_(generator=g)
-    layer.router.train()
-    layer.lora_A.requires_grad_(True)
-    layer.lora_B.requires_grad_(True)
+    make_trainable(layer, g)
     x = torch.randn(2, 5, layer.lora_A.shape[2], generator=g, requires_grad=True)
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     probe = torch.randn(2, 5, layer.lora_B.shape[1], generator=g)
@@ -76,10 +71,7 @@ def test_gradients_of_x_experts_and_router_match_a_dense_einsum_reference(llama)
     ((y_ref * probe.reshape(10, -1)).sum() + balance).backward()
     torch.testing.assert_close(y.reshape(10, -1), y_ref, **CLOSE)
     torch.testing.assert_close(out.aux["balance"], balance, **CLOSE)
-    torch.testing.assert_close(x.grad.reshape(10, -1), xr.grad, **CLOSE)
-    torch.testing.assert_close(layer.lora_A.grad, A.grad, **CLOSE)
-    torch.testing.assert_close(layer.lora_B.grad, B.grad, **CLOSE)
-    torch.testing.assert_close(layer.router.weight.grad, W.grad, **CLOSE)
+    assert_gradients_match(x, layer, xr, W, A, B, **CLOSE)
 
 
 def test_expert_groups_and_sample_types_are_validated(llama):

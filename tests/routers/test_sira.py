@@ -9,7 +9,7 @@ import lorahub_engine.lora_layer as lora_layer
 from lorahub_engine.dispatch import TokenLayout
 from routers import RouterError, SiRAConfig, attach_router
 from routers.sira import SiRARouter, capacity_keep
-from tests.routers.conftest import fresh, one_hot_router, run_layer
+from tests.routers.conftest import assert_gradients_match, fresh, make_trainable, one_hot_router, run_layer
 
 CLOSE = {"atol": 1e-5, "rtol": 1e-5}
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -109,12 +109,7 @@ def test_gradients_of_x_experts_and_router_match_a_dense_einsum_reference_with_t
     model = attach_router(fresh(llama), config)
     layer = model.model.layers[1].mlp.down_proj
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        layer.lora_B.normal_(generator=g)
-        layer.router.weight.normal_(generator=g)
-    layer.router.train()
-    layer.lora_A.requires_grad_(True)
-    layer.lora_B.requires_grad_(True)
+    make_trainable(layer, g)
     x = torch.randn(2, 5, layer.lora_A.shape[2], generator=g, requires_grad=True)  # (rows, L, in)
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     probe = torch.randn(2, 5, layer.lora_B.shape[1], generator=g)
@@ -144,10 +139,7 @@ def test_gradients_of_x_experts_and_router_match_a_dense_einsum_reference_with_t
     torch.testing.assert_close(y.reshape(10, -1), y_ref, **CLOSE)
     torch.testing.assert_close(out.aux["balance"], balance, **CLOSE)
     torch.testing.assert_close(out.aux["z"], z, **CLOSE)
-    torch.testing.assert_close(x.grad.reshape(10, -1), xr.grad, **CLOSE)
-    torch.testing.assert_close(layer.lora_A.grad, A.grad, **CLOSE)
-    torch.testing.assert_close(layer.lora_B.grad, B.grad, **CLOSE)
-    torch.testing.assert_close(layer.router.weight.grad, W.grad, **CLOSE)
+    assert_gradients_match(x, layer, xr, W, A, B, **CLOSE)
 
 
 def test_default_targets_are_the_layer_stacks_linears_and_experts_may_differ_by_layer(llama):
