@@ -48,7 +48,6 @@ class TokenRouting:
         self._plans: dict[tuple[str, int], object] = {}
         self._pairs: tuple | None = None  # (gates' version, masked gates [T*k], clamped idx [T*k])
         self._uniform: tuple | None = None  # (gates' version, expert, gate) when every token uses one expert
-        self._scales: dict[int, tuple] = {}  # id(scale) -> (scale, its version, its values as floats)
 
     @property
     def num_tokens(self) -> int:
@@ -83,7 +82,7 @@ class TokenRouting:
         """The one coefficient gates[t, 0] * scale[e] of every token as a Python float when every token uses the same
         single expert e (k = 1; one token, or one row expanded over the tokens) and gates are the same for all, on the
         CPU (reading a value back is free there; on CUDA it would wait for the device); None otherwise. The gate is read
-        once per routing (again only if gates change), the scales once per scale tensor and version."""
+        once per routing (again only if gates change), which every layer of the forward shares."""
         if self.idx.is_cuda or self.idx.shape[1] != 1 or self.gates.requires_grad:
             return None
         T, version = self.idx.shape[0], _version(self.gates)
@@ -95,10 +94,7 @@ class TokenRouting:
             return None
         if expert < 0:
             return 0.0
-        cached, version = self._scales.get(id(scale)), _version(scale)
-        if cached is None or cached[0] is not scale or version is None or cached[1] != version:
-            cached = self._scales[id(scale)] = (scale, version, scale.tolist())  # holds scale: its id stays its
-        return gate * cached[2][expert]
+        return gate * float(scale[expert])
 
 
 def _version(t: torch.Tensor) -> int | None:

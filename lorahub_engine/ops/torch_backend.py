@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -290,14 +290,13 @@ class SegmentPlan:
 class UniformPlan:
     """Every token routes to the same k experts (a single token, or one row expanded over the tokens): shrink and
     expand are one matmul each over all tokens with the k experts' factors side by side (for k = 1 views of the
-    bank, kept per bank while its storage stays, and the coefficient, a float, is the expand's alpha); nothing sorted,
+    bank, and the coefficient, a float, is the expand's alpha); nothing sorted,
     nothing read back from the device per call."""
 
     experts: tuple[int, ...]  # (k,) -1 = none
     index: torch.Tensor  # (k,) the experts, -1 read as 0 (its pairs are masked)
     num_tokens: int
     num_experts: int
-    _views: dict = field(default_factory=dict, compare=False, repr=False)  # id(bank) -> (bank, data_ptr, view)
 
     @property
     def scalar_coefficient(self) -> bool:
@@ -308,22 +307,13 @@ class UniformPlan:
         return "uniform"
 
     def _side_by_side(self, W: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """W [E, r, n] -> the k experts' [r, n] stacked, [k*r, n] (transposed: [E, n, r] -> [k*r, n]). For k = 1 a
-        view of W, made once per bank (an nn.Parameter, read at every call of its layer) while its storage stays."""
-        if len(self.experts) > 1:
-            side = W.index_select(0, self.index)  # (k, r, n) or (k, n, r)
-            return (side.transpose(1, 2) if transpose else side).flatten(0, 1)
-        if not isinstance(W, torch.nn.Parameter):
-            return self._expert_view(W, transpose)
-        key = (id(W), transpose)
-        hit = self._views.get(key)
-        if hit is None or hit[0] is not W or hit[1] != W.data_ptr():
-            hit = self._views[key] = (W, W.data_ptr(), self._expert_view(W, transpose))  # holds W: its id stays its
-        return hit[2]
-
-    def _expert_view(self, W: torch.Tensor, transpose: bool) -> torch.Tensor:
-        view = W.select(0, max(self.experts[0], 0))  # (r, n) or (n, r)
-        return view.t() if transpose else view
+        """W [E, r, n] -> the k experts' [r, n] stacked, [k*r, n] (transposed: [E, n, r] -> [k*r, n]); for k = 1 a
+        view of W, no copy."""
+        if len(self.experts) == 1:
+            view = W.select(0, max(self.experts[0], 0))  # (r, n) or (n, r)
+            return view.t() if transpose else view
+        side = W.index_select(0, self.index)  # (k, r, n) or (k, n, r)
+        return (side.transpose(1, 2) if transpose else side).flatten(0, 1)
 
     def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         u = _as(torch.nn.functional.linear(x, self._side_by_side(A)), accum_dtype(x.dtype))  # (T, k*r) = (T*k, r)
