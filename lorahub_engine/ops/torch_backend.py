@@ -5,10 +5,11 @@ one row expanded over the tokens: stride 0) gets a `UniformPlan`: one matmul eac
 factors taken as views, nothing sorted, nothing read back per call; what a layer call costs there is a few torch
 calls. Any other routing gets a `SegmentPlan`, whose primitives each pick a walk and work out its metadata on first
 use (once per routing, shared by every layer that gets it); none loops in Python over more than a few dozen experts:
-- dense (`DensePlan`), for a narrow bank (E * r <= DENSE_COLUMNS: 16 experts of rank 8) and at least DENSE_MIN_PAIRS
-  pairs: one matmul each way over all tokens against the whole bank side by side, the pairs' experts picked by a gather (shrink) or a scatter (expand,
-  outer) of rank-r rows. E / k times the multiply-adds the pairs need, at a matmul's speed and threads: on a CPU
-  faster than walking the pairs there, 2-16x at hundreds of tokens (benchmarks/RESULTS.md). Any routing.
+- dense (`DensePlan`), for a narrow bank (E * r <= DENSE_COLUMNS_PER_SLOT * k: 8 experts of rank 8 for one slot, 16
+  for two) and at least DENSE_MIN_PAIRS pairs: one matmul each way over all tokens against the whole bank side by
+  side, the pairs' experts picked by a gather (shrink) or a scatter (expand, outer) of rank-r rows. E / k times the
+  multiply-adds the pairs need, at a matmul's speed and threads: on a CPU faster than walking the pairs there, up to
+  5x for top-k routings over hundreds of tokens (`benchmarks/bench_walks.py`). Any routing.
 - compiled (fp32 / fp64, with a C++ compiler: `native`): the pairs in tiles of NATIVE_TILE consecutive tokens and by
   expert within a tile (one stable sort on the device; pairs without an expert stay in the walk and the kernels skip
   them); the kernels read and update the tile's activation rows where they lie, in cache, while each expert's weights
@@ -40,8 +41,9 @@ MIN_RUN = 16  # shorter runs gather more weight rows than the activation rows th
 MIN_SEGMENT = 64  # mean tokens per expert from which one mm per expert beats padded blocks
 GATHER_BYTES = 1 << 25  # run layout: gathered expert weights (or per-chunk products) per bmm, at most
 NATIVE_TILE = 128  # segment layout, compiled walk: tokens whose activation rows stay in cache (L2) together
-DENSE_COLUMNS = 128  # a bank of at most this many columns (experts x rank) is walked densely, as one matmul,
-DENSE_MIN_PAIRS = 64  # by a routing of at least this many pairs (fewer, as in decoding: the compiled walk is as fast)
+DENSE_COLUMNS_PER_SLOT = 64  # a bank of at most this many columns (experts x rank) per slot is walked densely, as
+DENSE_MIN_PAIRS = 64  # one matmul, by a routing of at least this many pairs (fewer, as in decoding: the pairs' walk is
+# as fast); wider banks cost more in the dense walk's extra multiply-adds than the pairs' walk loses (bench_walks)
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -195,9 +197,10 @@ class SegmentPlan:
         return self.idx.numel()
 
     def walk(self, rank: int, *tensors: torch.Tensor) -> str:
-        """"dense" for a bank of at most DENSE_COLUMNS columns (num_experts x rank) and DENSE_MIN_PAIRS pairs or more,
-        else "compiled" where the kernels take these tensors, else `torch_walk`."""
-        if self.num_experts * rank <= DENSE_COLUMNS and self.num_pairs >= DENSE_MIN_PAIRS:
+        """"dense" for a bank of at most DENSE_COLUMNS_PER_SLOT columns (num_experts x rank) per slot and at least
+        DENSE_MIN_PAIRS pairs, else "compiled" where the kernels take these tensors, else `torch_walk`."""
+        T, k = self.shape
+        if self.num_experts * rank <= DENSE_COLUMNS_PER_SLOT * k and T * k >= DENSE_MIN_PAIRS:
             return "dense"
         return "compiled" if native.supports(*tensors) else self.torch_walk
 

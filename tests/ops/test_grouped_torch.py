@@ -11,7 +11,7 @@ from tests.ops.reference import grouped_lora_reference
 def walk(request, monkeypatch):
     """Every test three times: per-token layouts walked by the compiled kernels, by torch ops alone (no compiler),
     and densely over the whole bank (which the backend picks for narrow banks: forced here for every bank)."""
-    monkeypatch.setattr(torch_backend, "DENSE_COLUMNS", 10**9 if request.param == "dense" else 0)
+    monkeypatch.setattr(torch_backend, "DENSE_COLUMNS_PER_SLOT", 10**9 if request.param == "dense" else 0)
     monkeypatch.setattr(torch_backend, "DENSE_MIN_PAIRS", 0)
     if request.param == "torch":
         monkeypatch.setattr(native, "library", lambda: None)

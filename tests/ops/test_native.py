@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(native.library() is None and not IN_CI,
 @pytest.fixture(autouse=True)
 def no_dense_walk(monkeypatch):
     """The kernels' own walk for every bank here (the backend walks narrow banks densely)."""
-    monkeypatch.setattr(torch_backend, "DENSE_COLUMNS", 0)
+    monkeypatch.setattr(torch_backend, "DENSE_COLUMNS_PER_SLOT", 0)
 
 
 def test_the_kernels_are_built():

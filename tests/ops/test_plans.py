@@ -135,14 +135,15 @@ def test_per_token_gates_keep_the_tensor_coefficients():
     assert TokenRouting(torch.tensor([[0, 1]]), None).uniform_coefficient(torch.ones(3)) is None  # k = 2
 
 
-@pytest.mark.parametrize("E,r,T,walk_name", [(16, 8, 32, "dense"), (32, 4, 40, "dense"), (16, 8, 31, "compiled"),
-                                             (17, 8, 32, "compiled"), (64, 8, 60, "compiled")])
-def test_narrow_banks_walk_densely_by_default(E, r, T, walk_name, monkeypatch):
-    """E * r <= DENSE_COLUMNS (128) and T * k >= DENSE_MIN_PAIRS (64): the whole bank as one matmul; wider banks and
-    fewer pairs walk the pairs."""
-    monkeypatch.setattr(torch_backend, "DENSE_COLUMNS", 128)
+@pytest.mark.parametrize("E,r,k,T,walk_name", [(16, 8, 2, 32, "dense"), (8, 8, 1, 64, "dense"), (32, 4, 3, 40, "dense"),
+                                               (16, 8, 2, 31, "compiled"), (16, 8, 1, 64, "compiled"),
+                                               (17, 8, 2, 32, "compiled")])
+def test_narrow_banks_walk_densely_by_default(E, r, k, T, walk_name, monkeypatch):
+    """E * r <= 64 * k columns and T * k >= 64 pairs: the whole bank as one matmul; wider banks and fewer pairs walk
+    the pairs."""
+    monkeypatch.setattr(torch_backend, "DENSE_COLUMNS_PER_SLOT", 64)
     monkeypatch.setattr(torch_backend, "DENSE_MIN_PAIRS", 64)
-    x, A, B, scale, idx, gates = make_case(T, E, r, 12, 9, 2, seed=E, dtype=torch.float32)
+    x, A, B, scale, idx, gates = make_case(T, E, r, 12, 9, k, seed=E, dtype=torch.float32)
     plan = torch_backend.plan(idx, E)
     expected = walk_name if native.supports(x, A) or walk_name == "dense" else plan.torch_walk
     assert plan.walk(r, x, A) == expected

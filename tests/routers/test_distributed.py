@@ -66,7 +66,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    torch_backend.DENSE_COLUMNS = 0
+    torch_backend.DENSE_COLUMNS_PER_SLOT = 0
     try:
         for case, (config, _) in CASES.items():
             model, tokenizer = routed(config)
@@ -124,7 +124,7 @@ def shard_mean_reference(config) -> tuple[dict, list[float]]:
 
 @pytest.mark.parametrize("case", CASES)
 def test_ranks_agree_with_each_other_and_with_one_process(ranks, case, monkeypatch):
-    monkeypatch.setattr(torch_backend, "DENSE_COLUMNS", 0)  # the ranks' walk
+    monkeypatch.setattr(torch_backend, "DENSE_COLUMNS_PER_SLOT", 0)  # the ranks' walk
     config, pooled = CASES[case]
     (state0, history0), (state1, history1) = ranks[case]
     assert state0.keys() == state1.keys()
