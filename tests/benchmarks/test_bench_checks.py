@@ -104,3 +104,19 @@ def test_retrieval_compose_check_fails_on_a_wrong_union(monkeypatch):
     monkeypatch.setattr(le, "routing", union_without_gates)
     with pytest.raises(AssertionError):
         bench_retrieval.compose_cost(n_adapters=6, rows=4, seq=5, k=2, repeats=1)
+
+
+def test_bench_walks_forces_each_walk_and_restores_the_defaults(monkeypatch):
+    from benchmarks import bench_walks
+    from lorahub_engine.ops import torch_backend
+
+    defaults = torch_backend.DENSE_COLUMNS_PER_SLOT, torch_backend.DENSE_MIN_PAIRS
+    walks = []
+    monkeypatch.setattr(torch_backend.DensePlan, "shrink", lambda self, x, A, f=torch_backend.DensePlan.shrink:
+                        walks.append("dense") or f(self, x, A))
+    args = bench_walks.case(4, 2, 512, 2, "token", torch.Generator().manual_seed(0))
+    ref = grouped_lora_reference(*args)
+    torch.testing.assert_close(bench_walks.walked("pairs", *args), ref, rtol=1e-4, atol=1e-5)
+    assert walks == []
+    torch.testing.assert_close(bench_walks.walked("dense", *args), ref, rtol=1e-4, atol=1e-5)
+    assert walks == ["dense"] and (torch_backend.DENSE_COLUMNS_PER_SLOT, torch_backend.DENSE_MIN_PAIRS) == defaults
