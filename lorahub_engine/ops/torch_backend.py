@@ -5,8 +5,8 @@ one row expanded over the tokens: stride 0) gets a `UniformPlan`: one matmul eac
 factors taken as views, nothing sorted, nothing read back per call; what a layer call costs there is a few torch
 calls. Any other routing gets a `SegmentPlan`, whose primitives each pick a walk and work out its metadata on first
 use (once per routing, shared by every layer that gets it); none loops in Python over more than a few dozen experts:
-- dense (`DensePlan`), for a narrow bank (E * r <= DENSE_COLUMNS_PER_SLOT * k: 8 experts of rank 8 for one slot, 16
-  for two) and at least DENSE_MIN_PAIRS pairs: one matmul each way over all tokens against the whole bank side by
+- dense (`DensePlan`), for a narrow bank (E * r <= DENSE_COLUMNS_PER_SLOT * k per thread, up to 2: at one thread 8
+  experts of rank 8 for one slot, 16 for two) and at least DENSE_MIN_PAIRS pairs: one matmul each way over all tokens against the whole bank side by
   side, the pairs' experts picked by a gather (shrink) or a scatter (expand, outer) of rank-r rows. E / k times the
   multiply-adds the pairs need, at a matmul's speed and threads: on a CPU faster than walking the pairs there, up to
   5x for top-k routings over hundreds of tokens (`benchmarks/bench_walks.py`). Any routing.
@@ -41,9 +41,11 @@ MIN_RUN = 16  # shorter runs gather more weight rows than the activation rows th
 MIN_SEGMENT = 64  # mean tokens per expert from which one mm per expert beats padded blocks
 GATHER_BYTES = 1 << 25  # run layout: gathered expert weights (or per-chunk products) per bmm, at most
 NATIVE_TILE = 128  # segment layout, compiled walk: tokens whose activation rows stay in cache (L2) together
-DENSE_COLUMNS_PER_SLOT = 64  # a bank of at most this many columns (experts x rank) per slot is walked densely, as
-DENSE_MIN_PAIRS = 64  # one matmul, by a routing of at least this many pairs (fewer, as in decoding: the pairs' walk is
-# as fast); wider banks cost more in the dense walk's extra multiply-adds than the pairs' walk loses (bench_walks)
+DENSE_COLUMNS_PER_SLOT = 64  # a bank of at most this many columns (experts x rank) per slot and thread is walked
+DENSE_MIN_PAIRS = 64  # densely, as one matmul, by a routing of at least this many pairs (fewer, as in decoding: the
+# pairs' walk is as fast); wider banks cost more in the dense walk's extra multiply-adds than the pairs' walk loses.
+# The dense walk's matmuls use a second thread, the pairs' walk does not: twice the columns at 2 threads or more
+# (measured at 1 and 2 threads, benchmarks/bench_walks.py; more threads are not counted, unmeasured).
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -197,10 +199,12 @@ class SegmentPlan:
         return self.idx.numel()
 
     def walk(self, rank: int, *tensors: torch.Tensor) -> str:
-        """"dense" for a bank of at most DENSE_COLUMNS_PER_SLOT columns (num_experts x rank) per slot and at least
-        DENSE_MIN_PAIRS pairs, else "compiled" where the kernels take these tensors, else `torch_walk`."""
+        """"dense" for a bank of at most DENSE_COLUMNS_PER_SLOT columns (num_experts x rank) per slot and thread (1 or
+        2) and at least DENSE_MIN_PAIRS pairs, else "compiled" where the kernels take these tensors, else
+        `torch_walk`."""
         T, k = self.shape
-        if self.num_experts * rank <= DENSE_COLUMNS_PER_SLOT * k and T * k >= DENSE_MIN_PAIRS:
+        threads = min(torch.get_num_threads(), 2)
+        if self.num_experts * rank <= DENSE_COLUMNS_PER_SLOT * k * threads and T * k >= DENSE_MIN_PAIRS:
             return "dense"
         return "compiled" if native.supports(*tensors) else self.torch_walk
 

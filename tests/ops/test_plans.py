@@ -138,9 +138,9 @@ def test_per_token_gates_keep_the_tensor_coefficients():
 @pytest.mark.parametrize("E,r,k,T,walk_name", [(16, 8, 2, 32, "dense"), (8, 8, 1, 64, "dense"), (32, 4, 3, 40, "dense"),
                                                (16, 8, 2, 31, "compiled"), (16, 8, 1, 64, "compiled"),
                                                (17, 8, 2, 32, "compiled")])
-def test_narrow_banks_walk_densely_by_default(E, r, k, T, walk_name, monkeypatch):
-    """E * r <= 64 * k columns and T * k >= 64 pairs: the whole bank as one matmul; wider banks and fewer pairs walk
-    the pairs."""
+def test_narrow_banks_walk_densely_by_default(E, r, k, T, walk_name, monkeypatch, one_thread):
+    """E * r <= 64 * k columns and T * k >= 64 pairs (one thread): the whole bank as one matmul; wider banks and fewer
+    pairs walk the pairs."""
     monkeypatch.setattr(torch_backend, "DENSE_COLUMNS_PER_SLOT", 64)
     monkeypatch.setattr(torch_backend, "DENSE_MIN_PAIRS", 64)
     x, A, B, scale, idx, gates = make_case(T, E, r, 12, 9, k, seed=E, dtype=torch.float32)
@@ -148,3 +148,18 @@ def test_narrow_banks_walk_densely_by_default(E, r, k, T, walk_name, monkeypatch
     expected = walk_name if native.supports(x, A) or walk_name == "dense" else plan.torch_walk
     assert plan.walk(r, x, A) == expected
     assert_matches_reference(x, A, B, scale, idx, gates)
+
+
+def test_two_threads_walk_twice_the_columns_densely(monkeypatch):
+    x, A, B, scale, idx, gates = make_case(64, 16, 8, 12, 9, 1, seed=5, dtype=torch.float32)  # 128 columns, 1 slot
+    monkeypatch.setattr(torch_backend, "DENSE_COLUMNS_PER_SLOT", 64)
+    monkeypatch.setattr(torch_backend, "DENSE_MIN_PAIRS", 64)
+    plan, threads = torch_backend.plan(idx, 16), torch.get_num_threads()
+    try:
+        walks = []
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            walks.append(plan.walk(8, x, A))
+    finally:
+        torch.set_num_threads(threads)
+    assert walks[0] != "dense" and walks[1:] == ["dense", "dense"]
