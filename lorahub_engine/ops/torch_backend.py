@@ -6,10 +6,11 @@ factors taken as views, nothing sorted, nothing read back per call; what a layer
 calls. Any other routing gets a `SegmentPlan`, whose primitives each pick a walk and work out its metadata on first
 use (once per routing, shared by every layer that gets it); none loops in Python over more than a few dozen experts:
 - dense (`DensePlan`), for a narrow bank (E * r <= DENSE_COLUMNS_PER_SLOT * k per thread, up to 2: at one thread 8
-  experts of rank 8 for one slot, 16 for two) and at least DENSE_MIN_PAIRS pairs: one matmul each way over all tokens against the whole bank side by
-  side, the pairs' experts picked by a gather (shrink) or a scatter (expand, outer) of rank-r rows. E / k times the
-  multiply-adds the pairs need, at a matmul's speed and threads: on a CPU faster than walking the pairs there, up to
-  5x for top-k routings over hundreds of tokens (`benchmarks/bench_walks.py`). Any routing.
+  experts of rank 8 for one slot, 16 for two) and at least DENSE_MIN_PAIRS pairs: one matmul each way over all
+  tokens against the whole bank side by side, the pairs' experts picked by a gather (shrink) or a scatter (expand,
+  outer) of rank-r rows. E / k times the multiply-adds the pairs need, at a matmul's speed and threads: on a CPU
+  faster than walking the pairs there, up to 5x for top-k routings over hundreds of tokens
+  (`benchmarks/bench_walks.py`). Any routing.
 - compiled (fp32 / fp64, with a C++ compiler: `native`): the pairs in tiles of NATIVE_TILE consecutive tokens and by
   expert within a tile (one stable sort on the device; pairs without an expert stay in the walk and the kernels skip
   them); the kernels read and update the tile's activation rows where they lie, in cache, while each expert's weights
