@@ -62,7 +62,7 @@ def answers(base, items, routed=contextlib.nullcontext, batch: int = 50) -> list
     return out
 
 
-def run_methods(base, zoo, items, output: Path) -> dict:
+def method_runs(base, zoo, items, output: Path) -> dict:
     """{method: answers-producing thunk} over the mixed set; each runs with the base clean and leaves it clean."""
     names, tasks = zoo.names, sorted({t for t, _, _ in items})
     merges = {"merge_uniform_zoo": (names, "task_arithmetic", {}), "merge_uniform_set": (tasks, "task_arithmetic", {}),
@@ -103,7 +103,6 @@ def run_methods(base, zoo, items, output: Path) -> dict:
         with torch.enable_grad():
             folder = train_moe(base, zoo, method, Path(tempfile.mkdtemp(prefix=f"{method}_mixture.")) / "router",
                                progress=True)
-
         try:
             load_router(base.model, folder)
             out = answers(base, items)
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = {"base": args.base, "tasks": args.tasks, "n_test": args.n_test}
     old = json.loads(output.read_text()) if args.resume and output.exists() else {}
     scores = dict(old.get("exact_match", {})) if old.get("config") == config else {}
-    methods = run_methods(base, zoo, items, output)
+    methods = method_runs(base, zoo, items, output)
     for name in [m for m in METHODS if m in args.methods or m in REQUIRED]:
         if name in scores:
             continue

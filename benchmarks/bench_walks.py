@@ -64,13 +64,12 @@ def run(threads: int, repeats: int, clock) -> list[dict]:
                                   "pairs": lambda: walked("pairs", *args), "dense": lambda: walked("dense", *args)},
                                  torch.device("cpu"), repeats, desc=f"E={E} r={r} {name}", clock=clock)
                 ms = {w: 1e3 * s for w, s in timing["median"].items()}
+                over = {w: ms[w] / ms["base"] for w in ("pairs", "dense")}
                 rows.append({"threads": threads, "E": E, "r": r, "routing": name, "ms": ms,
-                             "pairs/dense": ms["pairs"] / ms["dense"],
-                             "over_base": {w: ms[w] / ms["base"] for w in ("pairs", "dense")}})
+                             "pairs/dense": ms["pairs"] / ms["dense"], "over_base": over})
                 print(f"{threads} thr  E={E:3d} r={r} ({E * r:3d} cols)  {name:15s}  pairs {ms['pairs']:7.3f} ms  "
                       f"dense {ms['dense']:7.3f} ms  pairs/dense {rows[-1]['pairs/dense']:5.2f}  "
-                      f"over base: pairs {rows[-1]['over_base']['pairs']:.2f} dense {rows[-1]['over_base']['dense']:.2f}",
-                      flush=True)
+                      f"over base: pairs {over['pairs']:.2f} dense {over['dense']:.2f}", flush=True)
     return rows
 
 
