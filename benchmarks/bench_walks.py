@@ -1,13 +1,13 @@
-"""The torch backend's walks side by side: the dense walk (the whole bank as one matmul each way) against the pairs'
-own walk (compiled kernels, or torch ops without a compiler), and the base projection they are added to.
+"""The torch backend's walks side by side on the same routings: compiled (the kernels walk the pairs), runs (batched
+matmuls over chunks of constant routing, where the routing has them), dense (the whole bank as one matmul each way);
+the walk the backend picks by itself; and the base projection they are added to.
 
     HF_HUB_OFFLINE=1 python -m benchmarks.bench_walks [--threads 1 2] [--repeats 5] [--clock wall|process]
 
 Grid: banks of E experts of rank r (E * r from 32 to 512 columns), routings one expert per row (rows of 64 tokens, or
 one token each) and top-k per token with softmax gates, a 576 -> 576 projection (SmolLM2-135M's q_proj), no grad.
-Prints ms per call of each walk, the walks' ratio (> 1: dense faster), and each walk's time over the base
-projection's; checks both walks against each other (fp32, 1e-4). Where the backend walks densely by default:
-`torch_backend.DENSE_COLUMNS_PER_SLOT` and `DENSE_MIN_PAIRS`.
+Prints ms per call of each walk, the walk the backend picks and its time over the fastest walk's, and each walk's
+time over the base projection's; checks every walk against the compiled one (fp32, 1e-4).
 """
 
 from __future__ import annotations
@@ -40,13 +40,22 @@ def case(E: int, r: int, T: int, k: int, per: str, g: torch.Generator):
 
 
 def walked(walk: str, *args) -> torch.Tensor:
-    """The op with the backend's walk forced: "dense" for every bank, or "pairs" for none."""
-    columns, pairs = torch_backend.DENSE_COLUMNS_PER_SLOT, torch_backend.DENSE_MIN_PAIRS
-    torch_backend.DENSE_COLUMNS_PER_SLOT, torch_backend.DENSE_MIN_PAIRS = (10**9, 0) if walk == "dense" else (0, 0)
+    """The op with the backend's walk forced ("compiled", "runs", "dense"), or as the backend picks it ("picked")."""
+    forced = {"compiled": {"DENSE_COLUMNS_PER_SLOT": 0, "MIN_RUN": 10**9}, "runs": {"DENSE_COLUMNS_PER_SLOT": 0},
+              "dense": {"DENSE_COLUMNS_PER_SLOT": 10**9, "DENSE_MIN_PAIRS": 0, "MIN_RUN": 10**9}, "picked": {}}[walk]
+    defaults = {name: getattr(torch_backend, name) for name in forced}
+    for name, value in forced.items():
+        setattr(torch_backend, name, value)
     try:
         return grouped_lora(*args, backend="torch")
     finally:
-        torch_backend.DENSE_COLUMNS_PER_SLOT, torch_backend.DENSE_MIN_PAIRS = columns, pairs
+        for name, value in defaults.items():
+            setattr(torch_backend, name, value)
+
+
+def picked_walk(x, A, idx) -> str:
+    plan = torch_backend.plan(idx, A.shape[0])
+    return plan.walk(A.shape[1], x, A)
 
 
 def run(threads: int, repeats: int, clock) -> list[dict]:
@@ -58,18 +67,24 @@ def run(threads: int, repeats: int, clock) -> list[dict]:
         for E, r in BANKS:
             for name, (T, k, per) in ROUTINGS.items():
                 args = case(E, r, T, k, per, g)
-                torch.testing.assert_close(walked("dense", *args), walked("pairs", *args), rtol=1e-4, atol=1e-4)
-                x = args[0]
-                timing = measure({"base": lambda: torch.nn.functional.linear(x, weight),
-                                  "pairs": lambda: walked("pairs", *args), "dense": lambda: walked("dense", *args)},
-                                 torch.device("cpu"), repeats, desc=f"E={E} r={r} {name}", clock=clock)
+                x, A, idx = args[0], args[1], args[4]
+                walks = ["compiled", "runs", "dense"] if torch_backend.plan(idx, E).runs is not None else [
+                    "compiled", "dense"]
+                reference = walked("compiled", *args)
+                for walk in walks[1:] + ["picked"]:
+                    torch.testing.assert_close(walked(walk, *args), reference, rtol=1e-4, atol=1e-4)
+                cases = {"base": lambda: torch.nn.functional.linear(x, weight)}
+                cases.update({w: (lambda w=w: walked(w, *args)) for w in walks + ["picked"]})
+                timing = measure(cases, torch.device("cpu"), repeats, desc=f"E={E} r={r} {name}", clock=clock)
                 ms = {w: 1e3 * s for w, s in timing["median"].items()}
-                over = {w: ms[w] / ms["base"] for w in ("pairs", "dense")}
-                rows.append({"threads": threads, "E": E, "r": r, "routing": name, "ms": ms,
-                             "pairs/dense": ms["pairs"] / ms["dense"], "over_base": over})
-                print(f"{threads} thr  E={E:3d} r={r} ({E * r:3d} cols)  {name:15s}  pairs {ms['pairs']:7.3f} ms  "
-                      f"dense {ms['dense']:7.3f} ms  pairs/dense {rows[-1]['pairs/dense']:5.2f}  "
-                      f"over base: pairs {over['pairs']:.2f} dense {over['dense']:.2f}", flush=True)
+                best = min(ms[w] for w in walks)
+                row = {"threads": threads, "E": E, "r": r, "routing": name, "ms": ms, "picked": picked_walk(x, A, idx),
+                       "picked/best": ms["picked"] / best, "over_base": {w: ms[w] / ms["base"] for w in walks}}
+                rows.append(row)
+                print(f"{threads} thr  E={E:3d} r={r} ({E * r:3d} cols)  {name:15s}  "
+                      + "  ".join(f"{w} {ms[w]:7.3f}" for w in walks)
+                      + f"  ms; picks {row['picked']} ({row['picked/best']:.2f} of the best)  over base: "
+                      + " ".join(f"{w} {v:.2f}" for w, v in row["over_base"].items()), flush=True)
     return rows
 
 

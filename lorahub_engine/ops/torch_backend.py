@@ -4,21 +4,23 @@
 one row expanded over the tokens: stride 0) gets a `UniformPlan`: one matmul each way over all tokens, the bank's
 factors taken as views, nothing sorted, nothing read back per call; what a layer call costs there is a few torch
 calls. Any other routing gets a `SegmentPlan`, whose primitives each pick a walk and work out its metadata on first
-use (once per routing, shared by every layer that gets it); none loops in Python over more than a few dozen experts:
+use (once per routing, shared by every layer that gets it); none loops in Python over more than a few dozen experts.
+The first that applies (`SegmentPlan.walk`; speeds from `benchmarks/bench_walks.py`):
+- runs (`RunPlan`; torch ops), for routings constant over runs of at least MIN_RUN consecutive tokens (a batch
+  routed per row: an adapter per request, a retrieval mixture, a LoraHub population). The tokens are cut into C
+  chunks of L rows (L = the gcd of the run lengths); shrink and expand are one bmm each over the chunks, with each
+  chunk's k experts' weights gathered (k*r x in per chunk, small next to L x in activations): 2-4x faster than the
+  compiled walk on rows of 64 tokens, as fast as the dense walk or faster.
 - dense (`DensePlan`), for a narrow bank (E * r <= DENSE_COLUMNS_PER_SLOT * k per thread, up to 2: at one thread 8
   experts of rank 8 for one slot, 16 for two) and at least DENSE_MIN_PAIRS pairs: one matmul each way over all
   tokens against the whole bank side by side, the pairs' experts picked by a gather (shrink) or a scatter (expand,
-  outer) of rank-r rows. E / k times the multiply-adds the pairs need, at a matmul's speed and threads: on a CPU
-  faster than walking the pairs there, up to 5x for top-k routings over hundreds of tokens
-  (`benchmarks/bench_walks.py`). Any routing.
+  outer) of rank-r rows. E / k times the multiply-adds the pairs need, at a matmul's speed and threads: faster than
+  walking the pairs there, up to 5x for top-k routings over hundreds of tokens. Any routing.
 - compiled (fp32 / fp64, with a C++ compiler: `native`): the pairs in tiles of NATIVE_TILE consecutive tokens and by
   expert within a tile (one stable sort on the device; pairs without an expert stay in the walk and the kernels skip
   them); the kernels read and update the tile's activation rows where they lie, in cache, while each expert's weights
-  stay in registers. Any routing, per row or per token.
-- runs (`RunPlan`; torch ops), for routings constant over runs of consecutive tokens (a batch routed per row: one
-  adapter for every token, an adapter per request, a retrieval mixture, a LoraHub population). The tokens are cut
-  into C chunks of L rows (L = the gcd of the run lengths); shrink and expand are one bmm each over the chunks, with
-  each chunk's k experts' weights gathered (k*r x in per chunk, small next to L x in activations).
+  stay in registers. Any routing: per token over a wide bank, and decoding (one token per row).
+Without the compiled kernels, the torch walks:
 - segments (torch ops), for per-token routings whose experts get many tokens each: one mm per expert segment
   between a gather and a scatter, no padding.
 - blocks (`BlockPlan`; torch ops), for per-token routings over many experts with few tokens each (large E, decoding):
@@ -200,9 +202,11 @@ class SegmentPlan:
         return self.idx.numel()
 
     def walk(self, rank: int, *tensors: torch.Tensor) -> str:
-        """"dense" for a bank of at most DENSE_COLUMNS_PER_SLOT columns (num_experts x rank) per slot and thread (1 or
-        2) and at least DENSE_MIN_PAIRS pairs, else "compiled" where the kernels take these tensors, else
-        `torch_walk`."""
+        """"runs" where the routing has them; else "dense" for a bank of at most DENSE_COLUMNS_PER_SLOT columns
+        (num_experts x rank) per slot and thread (1 or 2) and at least DENSE_MIN_PAIRS pairs; else "compiled" where
+        the kernels take these tensors, else `torch_walk` (benchmarks/bench_walks.py measures each choice)."""
+        if self.runs is not None:
+            return "runs"
         T, k = self.shape
         threads = min(torch.get_num_threads(), 2)
         if self.num_experts * rank <= DENSE_COLUMNS_PER_SLOT * k * threads and T * k >= DENSE_MIN_PAIRS:

@@ -110,13 +110,16 @@ def test_bench_walks_forces_each_walk_and_restores_the_defaults(monkeypatch):
     from benchmarks import bench_walks
     from lorahub_engine.ops import torch_backend
 
-    defaults = torch_backend.DENSE_COLUMNS_PER_SLOT, torch_backend.DENSE_MIN_PAIRS
-    walks = []
-    monkeypatch.setattr(torch_backend.DensePlan, "shrink", lambda self, x, A, f=torch_backend.DensePlan.shrink:
-                        walks.append("dense") or f(self, x, A))
-    args = bench_walks.case(4, 2, 512, 2, "token", torch.Generator().manual_seed(0))
+    names = ("DENSE_COLUMNS_PER_SLOT", "DENSE_MIN_PAIRS", "MIN_RUN")
+    defaults = [getattr(torch_backend, n) for n in names]
+    seen = []
+    for plan in (torch_backend.DensePlan, torch_backend.RunPlan):
+        monkeypatch.setattr(plan, "shrink", lambda self, x, A, f=plan.shrink, n=plan.__name__: seen.append(n)
+                            or f(self, x, A))
+    args = bench_walks.case(4, 2, 512, 1, "row", torch.Generator().manual_seed(0))  # 8 rows of 64 tokens
     ref = grouped_lora_reference(*args)
-    torch.testing.assert_close(bench_walks.walked("pairs", *args), ref, rtol=1e-4, atol=1e-5)
-    assert walks == []
-    torch.testing.assert_close(bench_walks.walked("dense", *args), ref, rtol=1e-4, atol=1e-5)
-    assert walks == ["dense"] and (torch_backend.DENSE_COLUMNS_PER_SLOT, torch_backend.DENSE_MIN_PAIRS) == defaults
+    for walk, plan in [("compiled", None), ("runs", "RunPlan"), ("dense", "DensePlan")]:
+        seen.clear()
+        torch.testing.assert_close(bench_walks.walked(walk, *args), ref, rtol=1e-4, atol=1e-5)
+        assert seen == ([plan] if plan else [])
+        assert [getattr(torch_backend, n) for n in names] == defaults

@@ -9,10 +9,13 @@ from tests.ops.reference import grouped_lora_reference
 
 @pytest.fixture(params=["native", "torch", "dense"], autouse=True)
 def walk(request, monkeypatch):
-    """Every test three times: per-token layouts walked by the compiled kernels, by torch ops alone (no compiler),
-    and densely over the whole bank (which the backend picks for narrow banks: forced here for every bank)."""
+    """Every test three times: walked by the compiled kernels, by torch ops alone (no compiler: runs where the routing
+    has them, else segments or blocks), and densely over the whole bank (which the backend picks for narrow banks:
+    forced here for every bank); the first and the last take row-routed cases too (no runs)."""
     monkeypatch.setattr(torch_backend, "DENSE_COLUMNS_PER_SLOT", 10**9 if request.param == "dense" else 0)
     monkeypatch.setattr(torch_backend, "DENSE_MIN_PAIRS", 0)
+    if request.param != "torch":  # runs come first where a routing has them
+        monkeypatch.setattr(torch_backend, "MIN_RUN", 10**9)
     if request.param == "torch":
         monkeypatch.setattr(native, "library", lambda: None)
     elif request.param == "native" and native.library() is None:
@@ -122,10 +125,11 @@ def row_routed_case(rows, run, k, E, r, seed, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("rows,run,k,E,r", [(1, 16, 1, 1, 1), (4, 16, 2, 3, 3), (6, 24, 3, 5, 8), (3, 32, 4, 16, 16)])
-def test_row_routed_batches_find_their_runs_and_match_reference(rows, run, k, E, r):
+def test_row_routed_batches_find_their_runs_and_match_reference(rows, run, k, E, r, walk):
     x, A, B, scale, idx, gates = row_routed_case(rows, run, k, E, r, seed=rows + run)
     chosen = torch_backend.plan(idx, E)
-    assert chosen.runs is not None and chosen.runs.run % run == 0
+    if walk == "torch":  # (the other two walk them without runs)
+        assert chosen.runs is not None and chosen.runs.run % run == 0
     assert_matches_reference(x, A, B, scale, idx, gates)
 
 
