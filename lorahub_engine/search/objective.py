@@ -7,29 +7,39 @@
 
 Candidate p's weights become the "fusion" gates of its rows: every LoRA layer mixes the N adapters' factors by
 LoraHub's rule (A = sum_i w_i sqrt(s_i) A_i, B likewise, see le.merge(method="lorahub")) and applies the result
-through the grouped op; mode="mixture" applies each adapter's delta with its weight (sum_i w_i dW_i). P candidates x n examples are one batch of P*n rows (candidate-major), so a population
-costs one forward (or ceil(P*n / batch_size) forwards), never a merge of state dicts.
-Index legend: P candidates, N adapters, n examples.
+through the grouped op; mode="mixture" applies each adapter's delta with its weight (sum_i w_i dW_i). The examples
+run in groups of equal length; P candidates x the n_g examples of a group are one batch of P*n_g rows
+(candidate-major), so a population costs one forward per group (or ceil(P*n_g / batch_size)), never a merge of state
+dicts. Index legend: P candidates, N adapters, n examples, n_g examples of one group.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from lorahub_engine.attach import attached_names, routing
 from lorahub_engine.fewshot import Batch, encode_examples, example_losses
+from lorahub_engine.search.groups import length_groups, take, whole_batch
+from lorahub_engine.search.prefix import FrozenPrefix, frozen_layers
 
 
 class FewShotObjective:
     """Mean answer cross-entropy of the examples under each candidate weight vector (no l1 term).
 
     row_losses(model, batch) -> [rows] is what each example scores (default: its mean answer-token CE; the
-    unsupervised fit passes the entropy of the first answer token instead)."""
+    unsupervised fit passes the entropy of the first answer token instead).
+
+    Two savings, each exact (same losses within float rounding) and each optional for comparison:
+    by_length runs the examples in groups of equal length, padding trimmed (groups.py); reuse_prefix runs the
+    decoder layers below the lowest adapted one once, at construction, and reuses their output for every
+    candidate (prefix.py), after checking on the examples that this gives the full forward's losses (else the
+    full forward). The model's layers below the adapters must not change while the objective is in use."""
 
     def __init__(self, model, batch: Batch, batch_size: int | None = None, mode: str = "fusion",
-                 row_losses=example_losses):
+                 row_losses=example_losses, *, by_length: bool = True, reuse_prefix: bool = True):
         self.model = model
         self.mode = mode  # "fusion": LoraHub's factor mix; "mixture": sum_i w_i dW_i
         self.row_losses = row_losses
@@ -37,10 +47,17 @@ class FewShotObjective:
         self.device = next(model.parameters()).device
         self.batch = batch  # the n examples, encoded once
         self.batch_size = batch_size
+        self.groups = length_groups(batch) if by_length else whole_batch(batch)
+        self.prefix = self._checked_prefix() if reuse_prefix else None
 
     @property
     def num_examples(self) -> int:
         return self.batch.input_ids.shape[0]
+
+    @property
+    def reused_layers(self) -> int:
+        """How many decoder layers each candidate skips (their stored output is reused); 0: the full forward."""
+        return len(self.prefix.layers) if self.prefix is not None else 0
 
     def cross_entropy(self, weights: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """weights [P, N] -> [P] float32: mean over the examples of each example's mean answer-token CE."""
@@ -50,29 +67,63 @@ class FewShotObjective:
         """weights [P, N] -> [P, n] float32: each example's mean answer-token CE under each candidate;
         differentiable in the weights with grad=True (the gates of the routing then require grad)."""
         with torch.set_grad_enabled(grad):
-            return self._example_losses(torch.as_tensor(weights, dtype=torch.float32, device=self.device))
+            weights = torch.as_tensor(weights, dtype=torch.float32, device=self.device)
+            return self._example_losses(weights, self.prefix.reuse if self.prefix is not None else _no_reuse)
 
-    def _example_losses(self, weights: torch.Tensor) -> torch.Tensor:
+    def _example_losses(self, weights: torch.Tensor, layers) -> torch.Tensor:
+        """[P, n] losses; layers(group, rows) is the context each forward of a group's example rows runs in."""
         if weights.dim() != 2 or weights.shape[1] != self.num_adapters:
             raise ValueError(f"weights must be [candidates, {self.num_adapters}], got {tuple(weights.shape)}")
         P, n = weights.shape[0], self.num_examples
-        rows = P * n
-        size = self.batch_size or rows
-        losses = torch.cat([self._losses(weights, start, min(start + size, rows)) for start in range(0, rows, size)])
-        return losses.view(P, n)
+        losses, places = [], []
+        for g, group in enumerate(self.groups):
+            n_g = len(group.examples)
+            rows = P * n_g  # candidate-major: row j is the group's example j % n_g under candidate j // n_g
+            size = self.batch_size or rows
+            for start in range(0, rows, size):
+                row = torch.arange(start, min(start + size, rows))
+                candidate, example = row // n_g, row % n_g
+                with layers(g, example):
+                    losses.append(self._losses(weights, candidate, take(group.batch, example)))
+                places.append(candidate * n + group.examples[example])  # where each loss goes in [P * n]
+        order = torch.argsort(torch.cat(places)).to(self.device)
+        return torch.cat(losses)[order].view(P, n)
 
-    def _losses(self, weights: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Per-row losses of rows start..stop-1; row j is example j % n under candidate j // n."""
-        row = torch.arange(start, stop, device=self.device)
-        candidate, example = row // self.num_examples, (row % self.num_examples).cpu()
-        batch = _take(self.batch, example).to(self.device)
+    def _losses(self, weights: torch.Tensor, candidate: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Per-row losses of `batch`, whose row j is scored under candidate candidate[j]."""
         if weights.shape[0] == 1:  # one candidate: one routing row that every batch row shares
             idx, gates = torch.arange(self.num_adapters, device=self.device)[None, :], weights
         else:
-            gates = weights[candidate]  # [rows, N]
+            gates = weights[candidate.to(self.device)]  # [rows, N]
             idx = torch.arange(self.num_adapters, device=self.device).expand_as(gates)
         with routing(self.model, idx, gates, mode=self.mode):
-            return self.row_losses(self.model, batch)
+            return self.row_losses(self.model, batch.to(self.device))
+
+    @torch.no_grad()
+    def _checked_prefix(self) -> FrozenPrefix | None:
+        """A FrozenPrefix holding the frozen layers' output for every example, if the cached path gives the full
+        forward's losses on the examples (checked under one candidate; the frozen layers do not see candidates)."""
+        layers = frozen_layers(self.model)
+        if not layers:
+            return None
+        prefix = FrozenPrefix(layers)
+        check = torch.linspace(-1.0, 1.0, self.num_adapters, device=self.device)[None]  # [1, N]
+        full = self._example_losses(check, prefix.capture)
+        if not prefix.supported:
+            return None
+        try:
+            cached = self._example_losses(check, prefix.reuse)
+        except Exception:  # a model whose forward does not take the stored outputs: the full forward it is
+            return None
+        return prefix if torch.allclose(cached, full, rtol=0.0, atol=PREFIX_TOLERANCE) else None
+
+
+PREFIX_TOLERANCE = 1e-5  # max |loss difference| between the cached and the full forward for the cache to be used
+
+
+@contextlib.contextmanager
+def _no_reuse(group: int, rows: torch.Tensor):
+    yield
 
 
 def encode_pairs(model, tokenizer, examples: Sequence[tuple[str, str]]) -> Batch:
@@ -85,7 +136,3 @@ def encode_pairs(model, tokenizer, examples: Sequence[tuple[str, str]]) -> Batch
 def l1_penalty(weights: torch.Tensor, l1: float) -> torch.Tensor:
     """LoraHub's regularizer: l1 * mean_i |w_i| per candidate; weights [P, N] -> [P]."""
     return l1 * torch.as_tensor(weights).abs().mean(-1)
-
-
-def _take(batch: Batch, rows: torch.Tensor) -> Batch:
-    return Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows], batch.is_seq2seq)
