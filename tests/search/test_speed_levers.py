@@ -1,0 +1,203 @@
+"""The objective's two savings change no loss: examples grouped by length (padding trimmed) and the layers below the
+lowest adapted one run once (their output reused) give, each alone and together, the padded full forward's losses
+and the merge-and-rerun reference's, on tiny Llama / Qwen2 / GPT-2 / T5, adapters on all layers or on upper ones."""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import transformers as tf
+
+import lorahub_engine as le
+from lorahub_engine.fewshot import IGNORE, encode_examples, example_losses
+from lorahub_engine.search import FewShotObjective, encode_pairs
+from lorahub_engine.search.groups import length_groups
+from lorahub_engine.search.prefix import FrozenPrefix, frozen_layers
+from tests.search.conftest import mixed_adapters, tiny_t5_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# prompts of 5, 8, 6, 10 and 5 tokens (with <s>), answers of 1 or 2 words (+ eos): three lengths share no group
+EXAMPLES = [("plural of cat answer", "cats"), ("plural of dog of dog answer", "dogs"),
+            ("plural of cow cow answer", "cows cows"), ("plural of hen of hen of hen answer", "hens"),
+            ("plural of pig answer", "pigs")]
+WEIGHTS = torch.tensor([[0.8, -0.4, 1.2], [-1.5, 0.3, 0.0], [0.0, 0.0, 0.0], [0.2, 1.1, -0.7]])
+LEVERS = {"lengths": dict(by_length=True, reuse_prefix=False), "prefix": dict(by_length=False, reuse_prefix=True),
+          "both": dict(by_length=True, reuse_prefix=True)}
+PLAIN = dict(by_length=False, reuse_prefix=False)
+
+
+def three_layers(config_cls, model_cls, tokenizer, **sizes):
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2, **sizes)
+    return model_cls(config).eval()
+
+
+MODELS = {  # factory, LoRA targets, decoder layers (None: seq2seq)
+    "llama": (lambda tok: three_layers(tf.LlamaConfig, tf.LlamaForCausalLM, tok, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=64), ["q_proj", "v_proj", "down_proj"], 3),
+    "qwen2": (lambda tok: three_layers(tf.Qwen2Config, tf.Qwen2ForCausalLM, tok, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=64), ["q_proj", "v_proj", "up_proj"], 3),
+    "gpt2": (lambda tok: three_layers(tf.GPT2Config, tf.GPT2LMHeadModel, tok, n_embd=32, n_layer=3, n_head=4,
+                                      n_positions=64), ["c_attn", "c_fc"], 3),
+    "t5": (tiny_t5_for, ["q", "v", "wo"], None),
+}
+
+
+def upper_only(adapters, lowest: int):
+    """The adapters without their modules in decoder layers below `lowest` (seq2seq: without the encoder's)."""
+    def keep(path):
+        index = next((int(p) for p in path.split(".") if p.isdigit()), 0)
+        return index >= lowest and not path.startswith("encoder.")
+    return [a.with_modules({p: m for p, m in a.modules.items() if keep(p)}) for a in adapters]
+
+
+@pytest.fixture(scope="module", params=[(m, where) for m in MODELS for where in ("all", "upper")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def case(request, tokenizer):
+    name, where = request.param
+    factory, targets, _ = MODELS[name]
+    base = factory(tokenizer)
+    adapters = mixed_adapters(base, targets)
+    if where == "upper":
+        adapters = upper_only(adapters, 2)
+    return name, where, base, adapters
+
+
+def objective(base, adapters, tokenizer, **levers):
+    model = le.attach(copy.deepcopy(base), adapters)
+    return FewShotObjective(model, encode_pairs(model, tokenizer, EXAMPLES), **levers)
+
+
+@torch.no_grad()
+def merged_losses(base, tokenizer, adapters, weights):
+    """Reference [P, n]: per candidate, the LoraHub merge folded into a copy of the base, one padded batch."""
+    rows = []
+    for w in weights.tolist():
+        model = le.merge_into_base(copy.deepcopy(base), le.merge(adapters, w, method="lorahub"))
+        rows.append(example_losses(model, encode_pairs(model, tokenizer, EXAMPLES)))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("lever", list(LEVERS))
+def test_each_lever_gives_the_full_forwards_and_the_merged_references_losses(case, tokenizer, lever):
+    name, where, base, adapters = case
+    expected = merged_losses(base, tokenizer, adapters, WEIGHTS)
+    plain = objective(base, adapters, tokenizer, **PLAIN)
+    fast = objective(base, adapters, tokenizer, **LEVERS[lever])
+    torch.testing.assert_close(plain.example_losses(WEIGHTS), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.example_losses(WEIGHTS), expected, atol=1e-5, rtol=0)  # a population
+    one_by_one = torch.cat([fast.example_losses(w[None]) for w in WEIGHTS])
+    torch.testing.assert_close(one_by_one, expected, atol=1e-5, rtol=0)
+    fast.batch_size = 3  # chunks of 3 rows within each group
+    torch.testing.assert_close(fast.example_losses(WEIGHTS), expected, atol=1e-5, rtol=0)
+    assert expected.unique().numel() == expected.numel()  # every candidate and example scores differently
+
+
+def test_the_prefix_covers_exactly_the_layers_below_the_adapters(case, tokenizer):
+    name, where, base, adapters = case
+    layers = MODELS[name][2]
+    reused = objective(base, adapters, tokenizer).reused_layers
+    assert reused == (2 if where == "upper" and layers is not None else 0)
+
+
+@torch.no_grad()
+def test_reused_layers_compute_nothing(tokenizer):
+    factory, targets, _ = MODELS["llama"]
+    base = factory(tokenizer)
+    fast = objective(base, upper_only(mixed_adapters(base, targets), 2), tokenizer)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for layer in fast.model.model.layers[:2]
+             for m in layer.modules() if m is not layer]
+    fast.example_losses(WEIGHTS)
+    assert not calls
+    for h in hooks:
+        h.remove()
+    fast.model.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))
+    FewShotObjective(fast.model, fast.batch, reuse_prefix=False).example_losses(WEIGHTS)
+    assert calls  # the same hook fires on the full forward
+    assert "forward" not in vars(fast.model.model.layers[0])  # the layers' own forward is back after each call
+
+
+def test_gradients_in_the_weights_are_those_of_the_full_forward(tokenizer):
+    factory, targets, _ = MODELS["gpt2"]
+    base = factory(tokenizer)
+    adapters = upper_only(mixed_adapters(base, targets), 2)
+    grads = []
+    for levers in (PLAIN, LEVERS["both"]):
+        weights = WEIGHTS[:2].clone().requires_grad_(True)
+        objective(base, adapters, tokenizer, **levers).cross_entropy(weights, grad=True).sum().backward()
+        grads.append(weights.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-5)
+    assert grads[0].abs().sum() > 0
+
+
+@torch.no_grad()
+def test_a_cached_path_that_disagrees_with_the_full_forward_is_not_used(tokenizer, monkeypatch):
+    """A capture that stores slightly wrong hidden states, or a model that refuses the stored output: the check at
+    construction turns the prefix off and the losses stay the full forward's."""
+    factory, targets, _ = MODELS["llama"]
+    base = factory(tokenizer)
+    adapters = upper_only(mixed_adapters(base, targets), 2)
+    expected = merged_losses(base, tokenizer, adapters, WEIGHTS)
+    capture = FrozenPrefix.capture
+
+    def off_by_a_little(self, group, rows):
+        with capture(self, group, rows):
+            yield
+        for stored in self.stored.values():
+            for h in stored.values():
+                h.add_(1e-3)
+
+    monkeypatch.setattr(FrozenPrefix, "capture", contextlib.contextmanager(off_by_a_little))
+    fast = objective(base, adapters, tokenizer)
+    assert fast.reused_layers == 0
+    torch.testing.assert_close(fast.example_losses(WEIGHTS), expected, atol=1e-5, rtol=0)
+    monkeypatch.setattr(FrozenPrefix, "capture", capture)
+
+    @contextlib.contextmanager
+    def refused(self, group, rows):
+        raise TypeError("this model's loop wants something else")
+        yield
+
+    monkeypatch.setattr(FrozenPrefix, "reuse", refused)
+    fast = objective(base, adapters, tokenizer)
+    assert fast.reused_layers == 0
+    torch.testing.assert_close(fast.example_losses(WEIGHTS), expected, atol=1e-5, rtol=0)
+
+
+def test_frozen_layers_need_one_stack_and_every_lora_layer_inside_it(tokenizer):
+    factory, targets, _ = MODELS["llama"]
+    base = factory(tokenizer)
+    adapters = upper_only(mixed_adapters(base, targets), 2)
+    model = le.attach(copy.deepcopy(base), adapters)
+    assert frozen_layers(model) == list(model.model.layers[:2])
+    le.detach(model)
+    head = adapters[0].with_modules({**adapters[0].modules, "lm_head": le.init_adapter(
+        base, "head", ["lm_head"]).modules["lm_head"]})
+    model = le.attach(copy.deepcopy(base), [head, *adapters[1:]])
+    assert frozen_layers(model) == []  # a LoRA layer outside the stack: its place in the forward is unknown
+    assert frozen_layers(le.attach(copy.deepcopy(base), mixed_adapters(base, targets))) == []  # layer 0 adapted
+
+
+def test_length_groups_partition_the_examples_and_trim_only_padding(tokenizer):
+    causal = encode_examples(tokenizer, [x for x, _ in EXAMPLES], [y for _, y in EXAMPLES])
+    seq2seq = encode_examples(tokenizer, [x for x, _ in EXAMPLES], [y for _, y in EXAMPLES], is_seq2seq=True)
+    for batch in (causal, seq2seq):
+        groups = length_groups(batch)
+        assert sorted(torch.cat([g.examples for g in groups]).tolist()) == list(range(len(EXAMPLES)))
+        assert len(groups) == 4  # lengths 10, 8, 6, 5 + 5 (the seq2seq encoder: the prompts' lengths)
+        for g in groups:
+            mask = g.batch.attention_mask
+            assert bool(mask.all())  # equal lengths: no padding left
+            for row, e in enumerate(g.examples.tolist()):
+                real = batch.attention_mask[e].bool()
+                assert g.batch.input_ids[row].tolist() == batch.input_ids[e][real].tolist()
+                answer = batch.labels[e][batch.labels[e] != IGNORE].tolist()
+                assert g.batch.labels[row][g.batch.labels[row] != IGNORE].tolist() == answer
+            if batch.is_seq2seq:  # labels keep the group's longest answer and nothing after it
+                assert bool((g.batch.labels[:, -1] != IGNORE).any())
