@@ -9,8 +9,9 @@ Candidate p's weights become the "fusion" gates of its rows: every LoRA layer mi
 LoraHub's rule (A = sum_i w_i sqrt(s_i) A_i, B likewise, see le.merge(method="lorahub")) and applies the result
 through the grouped op; mode="mixture" applies each adapter's delta with its weight (sum_i w_i dW_i). The examples
 run in groups of equal length; P candidates x the n_g examples of a group are one batch of P*n_g rows
-(candidate-major), so a population costs one forward per group (or ceil(P*n_g / batch_size)), never a merge of state
-dicts. Index legend: P candidates, N adapters, n examples, n_g examples of one group.
+(candidate-major), so a population costs one forward per group (or ceil(P*n_g / batch_size)), plus one of the shared
+opening tokens, never a merge of state dicts. Index legend: P candidates, N adapters, n examples, n_g examples of one
+group.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch
 
 from lorahub_engine.attach import attached_names, routing
 from lorahub_engine.fewshot import Batch, encode_examples, example_losses
-from lorahub_engine.search.groups import length_groups, take, whole_batch
+from lorahub_engine.search.groups import Group, length_groups, take, trim, whole_batch
 from lorahub_engine.search.prefix import FrozenPrefix, frozen_layers
+from lorahub_engine.search.prompt import SharedPrompt
 
 
 class FewShotObjective:
@@ -32,14 +34,17 @@ class FewShotObjective:
     row_losses(model, batch) -> [rows] is what each example scores (default: its mean answer-token CE; the
     unsupervised fit passes the entropy of the first answer token instead).
 
-    Two savings, each exact (same losses within float rounding) and each optional for comparison:
-    by_length runs the examples in groups of equal length, padding trimmed (groups.py); reuse_prefix runs the
-    decoder layers below the lowest adapted one once, at construction, and reuses their output for every
-    candidate (prefix.py), after checking on the examples that this gives the full forward's losses (else the
-    full forward). The model's layers below the adapters must not change while the objective is in use."""
+    Three savings, each exact (the same losses within float rounding) and each optional, for comparison:
+    by_length runs the examples in groups of equal length, padding trimmed (groups.py); share_prompt runs the tokens
+    every example opens with once per candidate and lets each example read them from a KV cache (prompt.py);
+    reuse_prefix runs the decoder layers below the lowest adapted one once, at construction, and reuses their output
+    for every candidate (prefix.py). The last two are checked on the examples at construction against the full
+    forward and left off where they disagree. The model's layers below the adapters must not change while the
+    objective is in use."""
 
     def __init__(self, model, batch: Batch, batch_size: int | None = None, mode: str = "fusion",
-                 row_losses=example_losses, *, by_length: bool = True, reuse_prefix: bool = True):
+                 row_losses=example_losses, *, by_length: bool = True, share_prompt: bool = True,
+                 reuse_prefix: bool = True):
         self.model = model
         self.mode = mode  # "fusion": LoraHub's factor mix; "mixture": sum_i w_i dW_i
         self.row_losses = row_losses
@@ -47,12 +52,22 @@ class FewShotObjective:
         self.device = next(model.parameters()).device
         self.batch = batch  # the n examples, encoded once
         self.batch_size = batch_size
-        self.groups = length_groups(batch) if by_length else whole_batch(batch)
+        self.by_length = by_length
+        self.prompt = SharedPrompt.find(model, batch) if share_prompt else None
+        self.groups = self._grouped()
+        if self.prompt is not None and not self._prompt_agrees():
+            self.prompt = None
+            self.groups = self._grouped()
         self.prefix = self._checked_prefix() if reuse_prefix else None
 
     @property
     def num_examples(self) -> int:
         return self.batch.input_ids.shape[0]
+
+    @property
+    def shared_tokens(self) -> int:
+        """How many opening tokens run once per candidate instead of once per example (0: none)."""
+        return len(self.prompt.ids) if self.prompt is not None else 0
 
     @property
     def reused_layers(self) -> int:
@@ -75,50 +90,96 @@ class FewShotObjective:
         if weights.dim() != 2 or weights.shape[1] != self.num_adapters:
             raise ValueError(f"weights must be [candidates, {self.num_adapters}], got {tuple(weights.shape)}")
         P, n = weights.shape[0], self.num_examples
+        cache = self._prompt_cache(weights)
         losses, places = [], []
-        for g, group in enumerate(self.groups):
-            n_g = len(group.examples)
-            rows = P * n_g  # candidate-major: row j is the group's example j % n_g under candidate j // n_g
-            size = self.batch_size or rows
-            for start in range(0, rows, size):
-                row = torch.arange(start, min(start + size, rows))
-                candidate, example = row // n_g, row % n_g
-                with layers(g, example):
-                    losses.append(self._losses(weights, candidate, take(group.batch, example)))
-                places.append(candidate * n + group.examples[example])  # where each loss goes in [P * n]
+        for g in range(len(self.groups)):
+            group_losses, group_places = self._group_losses(weights, g, layers, cache)
+            losses += group_losses
+            places += group_places
         order = torch.argsort(torch.cat(places)).to(self.device)
         return torch.cat(losses)[order].view(P, n)
 
+    def _group_losses(self, weights: torch.Tensor, g: int, layers, cache) -> tuple[list, list]:
+        """Group g's losses per forward, and where each goes in the [P * n] result (candidate * n + example)."""
+        group, n = self.groups[g], self.num_examples
+        n_g = len(group.examples)
+        rows = weights.shape[0] * n_g  # candidate-major: row j is the group's example j % n_g under candidate j // n_g
+        size = self.batch_size or rows
+        losses, places = [], []
+        for start in range(0, rows, size):
+            row = torch.arange(start, min(start + size, rows))
+            candidate, example = row // n_g, row % n_g
+            after_prompt = self.prompt.attached(cache, candidate) if cache is not None else contextlib.nullcontext()
+            with layers(g, example), after_prompt:
+                losses.append(self._losses(weights, candidate, take(group.batch, example)))
+            places.append(candidate * n + group.examples[example])
+        return losses, places
+
     def _losses(self, weights: torch.Tensor, candidate: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Per-row losses of `batch`, whose row j is scored under candidate candidate[j]."""
+        with self._routed(weights, candidate):
+            return self.row_losses(self.model, batch.to(self.device))
+
+    def _prompt_cache(self, weights: torch.Tensor):
+        """The shared prompt's KV cache under each of the P candidates (row p: candidate p), or None."""
+        if self.prompt is None:
+            return None
+        candidates = torch.arange(weights.shape[0])
+        with self._routed(weights, candidates):
+            return self.prompt.run(len(candidates))
+
+    def _routed(self, weights: torch.Tensor, candidate: torch.Tensor):
+        """The routing under which batch row j runs candidate candidate[j]."""
         if weights.shape[0] == 1:  # one candidate: one routing row that every batch row shares
             idx, gates = torch.arange(self.num_adapters, device=self.device)[None, :], weights
         else:
             gates = weights[candidate.to(self.device)]  # [rows, N]
             idx = torch.arange(self.num_adapters, device=self.device).expand_as(gates)
-        with routing(self.model, idx, gates, mode=self.mode):
-            return self.row_losses(self.model, batch.to(self.device))
+        return routing(self.model, idx, gates, mode=self.mode)
+
+    def _grouped(self) -> list[Group]:
+        rows = self.prompt.suffix if self.prompt is not None else self.batch
+        return length_groups(rows) if self.by_length else whole_batch(rows)
+
+    def _check_weights(self) -> torch.Tensor:
+        """The candidate the savings are checked under [1, N] (any: they must not depend on it)."""
+        return torch.linspace(-1.0, 1.0, self.num_adapters, device=self.device)[None]
+
+    def _smallest_group(self) -> int:
+        return min(range(len(self.groups)), key=lambda g: self.groups[g].batch.input_ids.numel())
+
+    @torch.no_grad()
+    def _prompt_agrees(self) -> bool:
+        """Whether the shared-prompt path gives the full forward's losses on the smallest group of examples."""
+        g, check = self._smallest_group(), self._check_weights()
+        examples = self.groups[g].examples
+        full = self._losses(check, torch.zeros(len(examples), dtype=torch.long), trim(take(self.batch, examples)))
+        try:
+            shared = torch.cat(self._group_losses(check, g, _no_reuse, self._prompt_cache(check))[0])
+        except Exception:  # a model whose forward does not take the cache this way: no sharing
+            return False
+        return torch.allclose(shared, full, rtol=0.0, atol=TOLERANCE)
 
     @torch.no_grad()
     def _checked_prefix(self) -> FrozenPrefix | None:
-        """A FrozenPrefix holding the frozen layers' output for every example, if the cached path gives the full
-        forward's losses on the examples (checked under one candidate; the frozen layers do not see candidates)."""
+        """A FrozenPrefix holding the frozen layers' output for every example, if reusing it gives the full
+        forward's losses (checked on the smallest group under one candidate: the frozen layers see no candidate)."""
         layers = frozen_layers(self.model)
         if not layers:
             return None
-        prefix = FrozenPrefix(layers)
-        check = torch.linspace(-1.0, 1.0, self.num_adapters, device=self.device)[None]  # [1, N]
-        full = self._example_losses(check, prefix.capture)
+        prefix, check = FrozenPrefix(layers), self._check_weights()
+        full = self._example_losses(check, prefix.capture)  # [1, n], storing the frozen layers' output
         if not prefix.supported:
             return None
+        g = self._smallest_group()
         try:
-            cached = self._example_losses(check, prefix.reuse)
+            cached = torch.cat(self._group_losses(check, g, prefix.reuse, self._prompt_cache(check))[0])
         except Exception:  # a model whose forward does not take the stored outputs: the full forward it is
             return None
-        return prefix if torch.allclose(cached, full, rtol=0.0, atol=PREFIX_TOLERANCE) else None
+        return prefix if torch.allclose(cached, full[0, self.groups[g].examples], rtol=0.0, atol=TOLERANCE) else None
 
 
-PREFIX_TOLERANCE = 1e-5  # max |loss difference| between the cached and the full forward for the cache to be used
+TOLERANCE = 1e-5  # max |loss difference| from the full forward for a saving to be used
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
-"""The objective's two savings change no loss: examples grouped by length (padding trimmed) and the layers below the
-lowest adapted one run once (their output reused) give, each alone and together, the padded full forward's losses
-and the merge-and-rerun reference's, on tiny Llama / Qwen2 / GPT-2 / T5, adapters on all layers or on upper ones."""
+"""The objective's savings change no loss: examples grouped by length (padding trimmed), the shared opening tokens run
+once per candidate (a KV cache), and the layers below the lowest adapted one run once (their output reused) give,
+each alone and together, the padded full forward's losses and the merge-and-rerun reference's, on tiny Llama / Qwen2
+/ GPT-2 / T5, adapters on all layers or on upper ones."""
 
 import contextlib
 import copy
@@ -14,18 +15,21 @@ from lorahub_engine.fewshot import IGNORE, encode_examples, example_losses
 from lorahub_engine.search import FewShotObjective, encode_pairs
 from lorahub_engine.search.groups import length_groups
 from lorahub_engine.search.prefix import FrozenPrefix, frozen_layers
+from lorahub_engine.search.prompt import SharedPrompt, shared_length, without_prompt
 from tests.search.conftest import mixed_adapters, tiny_t5_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# prompts of 5, 8, 6, 10 and 5 tokens (with <s>), answers of 1 or 2 words (+ eos): three lengths share no group
-EXAMPLES = [("plural of cat answer", "cats"), ("plural of dog of dog answer", "dogs"),
-            ("plural of cow cow answer", "cows cows"), ("plural of hen of hen of hen answer", "hens"),
-            ("plural of pig answer", "pigs")]
+OPENING = "answer plural of answer plural of answer plural of"  # 9 words every prompt opens with
+# prompts of 9 + 5, 8, 6, 10 and 5 tokens (with <s>), answers of 1 or 2 words (+ eos): three lengths share no group
+EXAMPLES = [(f"{OPENING} {x}", y) for x, y in [
+    ("plural of cat answer", "cats"), ("plural of dog of dog answer", "dogs"), ("plural of cow cow answer", "cows cows"),
+    ("plural of hen of hen of hen answer", "hens"), ("plural of pig answer", "pigs")]]
+SHARED = 1 + 9 + 2  # <s>, the opening, "plural of"
 WEIGHTS = torch.tensor([[0.8, -0.4, 1.2], [-1.5, 0.3, 0.0], [0.0, 0.0, 0.0], [0.2, 1.1, -0.7]])
-LEVERS = {"lengths": dict(by_length=True, reuse_prefix=False), "prefix": dict(by_length=False, reuse_prefix=True),
-          "both": dict(by_length=True, reuse_prefix=True)}
-PLAIN = dict(by_length=False, reuse_prefix=False)
+NONE = dict(by_length=False, share_prompt=False, reuse_prefix=False)
+LEVERS = {"lengths": {**NONE, "by_length": True}, "prompt": {**NONE, "share_prompt": True},
+          "prefix": {**NONE, "reuse_prefix": True}, "all": {}}
 
 
 def three_layers(config_cls, model_cls, tokenizer, **sizes):
@@ -87,7 +91,7 @@ def merged_losses(base, tokenizer, adapters, weights):
 def test_each_lever_gives_the_full_forwards_and_the_merged_references_losses(case, tokenizer, lever):
     name, where, base, adapters = case
     expected = merged_losses(base, tokenizer, adapters, WEIGHTS)
-    plain = objective(base, adapters, tokenizer, **PLAIN)
+    plain = objective(base, adapters, tokenizer, **NONE)
     fast = objective(base, adapters, tokenizer, **LEVERS[lever])
     torch.testing.assert_close(plain.example_losses(WEIGHTS), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(fast.example_losses(WEIGHTS), expected, atol=1e-5, rtol=0)  # a population
@@ -98,11 +102,14 @@ def test_each_lever_gives_the_full_forwards_and_the_merged_references_losses(cas
     assert expected.unique().numel() == expected.numel()  # every candidate and example scores differently
 
 
-def test_the_prefix_covers_exactly_the_layers_below_the_adapters(case, tokenizer):
+def test_savings_apply_where_they_can(case, tokenizer):
+    """Causal models share the 12 opening tokens; the prefix is exactly the layers below the adapters."""
     name, where, base, adapters = case
-    layers = MODELS[name][2]
-    reused = objective(base, adapters, tokenizer).reused_layers
-    assert reused == (2 if where == "upper" and layers is not None else 0)
+    causal = MODELS[name][2] is not None
+    fast = objective(base, adapters, tokenizer)
+    assert fast.reused_layers == (2 if where == "upper" and causal else 0)
+    assert fast.shared_tokens == (SHARED if causal else 0)
+    assert len(fast.groups) == 4
 
 
 @torch.no_grad()
@@ -110,16 +117,17 @@ def test_reused_layers_compute_nothing(tokenizer):
     factory, targets, _ = MODELS["llama"]
     base = factory(tokenizer)
     fast = objective(base, upper_only(mixed_adapters(base, targets), 2), tokenizer)
-    calls = []
-    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for layer in fast.model.model.layers[:2]
-             for m in layer.modules() if m is not layer]
+    lengths = []  # the token count of every input the frozen layers' modules see
+    hooks = [m.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[-2]))
+             for layer in fast.model.model.layers[:2] for m in layer.modules() if m is not layer and
+             isinstance(m, torch.nn.Linear)]
     fast.example_losses(WEIGHTS)
-    assert not calls
+    assert lengths and set(lengths) == {SHARED}  # only the shared prompt's forward, never an example's own tokens
+    lengths.clear()
+    FewShotObjective(fast.model, fast.batch, reuse_prefix=False).example_losses(WEIGHTS)
+    assert set(lengths) > {SHARED}  # the same hooks see the examples' tokens on the full forward
     for h in hooks:
         h.remove()
-    fast.model.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))
-    FewShotObjective(fast.model, fast.batch, reuse_prefix=False).example_losses(WEIGHTS)
-    assert calls  # the same hook fires on the full forward
     assert "forward" not in vars(fast.model.model.layers[0])  # the layers' own forward is back after each call
 
 
@@ -128,7 +136,7 @@ def test_gradients_in_the_weights_are_those_of_the_full_forward(tokenizer):
     base = factory(tokenizer)
     adapters = upper_only(mixed_adapters(base, targets), 2)
     grads = []
-    for levers in (PLAIN, LEVERS["both"]):
+    for levers in (NONE, LEVERS["all"]):
         weights = WEIGHTS[:2].clone().requires_grad_(True)
         objective(base, adapters, tokenizer, **levers).cross_entropy(weights, grad=True).sum().backward()
         grads.append(weights.grad)
@@ -201,3 +209,46 @@ def test_length_groups_partition_the_examples_and_trim_only_padding(tokenizer):
                 assert g.batch.labels[row][g.batch.labels[row] != IGNORE].tolist() == answer
             if batch.is_seq2seq:  # labels keep the group's longest answer and nothing after it
                 assert bool((g.batch.labels[:, -1] != IGNORE).any())
+
+
+@torch.no_grad()
+def test_a_shared_prompt_that_disagrees_with_the_full_forward_is_not_used(tokenizer, monkeypatch):
+    """Positions after the prompt off by one, or a model that refuses the cache: the check at construction turns
+    sharing off and the losses stay the full forward's."""
+    factory, targets, _ = MODELS["qwen2"]
+    base = factory(tokenizer)
+    adapters = mixed_adapters(base, targets)
+    expected = merged_losses(base, tokenizer, adapters, WEIGHTS)
+    attached = SharedPrompt.attached
+
+    @contextlib.contextmanager
+    def shifted(self, cache, rows):
+        def hook(module, args, kwargs):
+            kwargs["position_ids"] = kwargs["position_ids"] + 1
+            return args, kwargs
+
+        with attached(self, cache, rows):
+            handle = self.model.register_forward_pre_hook(hook, with_kwargs=True)
+            try:
+                yield
+            finally:
+                handle.remove()
+
+    for planted in (shifted, contextlib.contextmanager(lambda self, cache, rows: (yield self.model.no_such_thing))):
+        monkeypatch.setattr(SharedPrompt, "attached", planted)
+        fast = objective(base, adapters, tokenizer)
+        assert fast.shared_tokens == 0 and len(fast.groups) == 4
+        torch.testing.assert_close(fast.example_losses(WEIGHTS), expected, atol=1e-5, rtol=0)
+
+
+def test_the_shared_opening_stops_before_the_position_that_predicts_an_answer(tokenizer):
+    same_prompt = encode_examples(tokenizer, ["plural of cat answer"] * 2, ["cats", "dogs"])
+    assert shared_length(same_prompt) == 4  # <s> plural of cat | answer: "answer" predicts the first answer token
+    batch = encode_examples(tokenizer, [x for x, _ in EXAMPLES], [y for _, y in EXAMPLES])
+    assert shared_length(batch) == SHARED
+    rest = without_prompt(batch, SHARED)
+    for row in range(len(EXAMPLES)):
+        real, left = batch.attention_mask[row].bool(), rest.attention_mask[row].bool()
+        assert batch.input_ids[row][real][SHARED:].tolist() == rest.input_ids[row][left].tolist()
+        assert batch.labels[row][real][SHARED:].tolist() == rest.labels[row][left].tolist()
+    assert SharedPrompt.find(tiny_t5_for(tokenizer), batch) is None  # seq2seq: none
