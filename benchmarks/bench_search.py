@@ -11,12 +11,13 @@ down of layers 14-29 of 30).
   merge_and_rerun   LoraHub's released code: per candidate, merge the factors (le.merge "lorahub"), fold them into
                     a fresh copy of the base, run the examples (one padded batch)
   padded_*          the engine as it was: adapters attached once, each candidate only sets the fusion gates; one
-                    padded batch of the examples (by_length=False, reuse_prefix=False)
-  lengths_*         the examples in groups of equal length, padding trimmed (by_length=True)
-  prefix_*          the layers below the lowest adapted one run once, their output reused (reuse_prefix=True)
-  fast_*            both (FewShotObjective's defaults)
+                    padded batch of the examples (by_length, share_prompt, reuse_prefix all False)
+  lengths_*         the examples in groups of equal length, padding trimmed (by_length=True only)
+  prompt_*          the opening tokens all examples share run once per candidate, a KV cache (share_prompt=True only)
+  prefix_*          the layers below the lowest adapted one run once, their output reused (reuse_prefix=True only)
+  fast_*            all three (FewShotObjective's defaults)
   *_one_by_one / *_population_8 / *_population_all: 1, 8 or all candidates per batched forward
-  fast_setup        building the default FewShotObjective (the prefix capture and its check), once per search
+  fast_setup        building the default FewShotObjective (its checks and the prefix capture), once per search
 The optimizer is left out (it proposes the same number of points in every way). Every way must give the same
 cross-entropies (checked); the script prints ms per candidate, the speedups over merge_and_rerun, and the speedup
 of one search of 40 candidates one by one (fast_setup + 40 x fast_one_by_one against 40 x merge_and_rerun).
@@ -40,11 +41,12 @@ from lorahub_engine.fewshot import example_losses
 from lorahub_engine.search import FewShotObjective, encode_pairs, random_modules
 
 TASK, MODULES, SEED, SEARCH = "navigate", 20, 0, 40  # SEARCH: LoraHub's budget, candidates of one search
-LEVERS = {"padded": dict(by_length=False, reuse_prefix=False), "lengths": dict(by_length=True, reuse_prefix=False),
-          "prefix": dict(by_length=False, reuse_prefix=True), "fast": dict(by_length=True, reuse_prefix=True)}
+NONE = dict(by_length=False, share_prompt=False, reuse_prefix=False)
+LEVERS = {"padded": NONE, "lengths": {**NONE, "by_length": True}, "prompt": {**NONE, "share_prompt": True},
+          "prefix": {**NONE, "reuse_prefix": True}, "fast": {}}
 WAYS = {  # base -> (lever, population) per way; population None = all candidates in one forward
     "tiny": [(lever, p) for lever in LEVERS for p in (1, 8, None)],
-    "smollm2": [("padded", 1), ("padded", 8), ("lengths", 1), ("prefix", 1), ("fast", 1), ("fast", 8)],
+    "smollm2": [("padded", 1), ("padded", 8), ("lengths", 1), ("prompt", 1), ("prefix", 1), ("fast", 1), ("fast", 8)],
 }
 
 
@@ -112,6 +114,7 @@ def time_set(model, adapters, batch, weights, ways, repeats: int, clock: str) ->
               "speedup_over_merge_and_rerun": {n: mr / t for n, t in per_candidate.items()},
               "reused_layers": {lever: o.reused_layers for lever, o in objectives.items()},
               "length_groups": {lever: len(o.groups) for lever, o in objectives.items()},
+              "shared_tokens": {lever: o.shared_tokens for lever, o in objectives.items()},
               "timings_s": timings}
     if "fast" in objectives:
         setup_s = timings["median"]["fast_setup"]
@@ -146,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
               "sets": results}
     print(json.dumps(result["env"]))
     for set_name, r in results.items():
-        print(f"{set_name}: reused layers {r['reused_layers']}, length groups {r['length_groups']}")
+        print(f"{set_name}: reused layers {r['reused_layers']}, shared tokens {r['shared_tokens']}, "
+              f"length groups {r['length_groups']}")
         for name, t in r["seconds_per_candidate"].items():
             print(f"  {name:26s} {t * 1e3:8.2f} ms / candidate   {r['speedup_over_merge_and_rerun'][name]:5.2f}x")
         if "search_speedup" in r:
