@@ -18,7 +18,7 @@ import copy
 
 import torch
 
-from lorahub_engine.fewshot import IGNORE, Batch, _accepts, _cache_argument, _left_pad
+from lorahub_engine.fewshot import IGNORE, Batch, _accepts, _cache_argument, _left_pad, context_length
 
 MIN_SAVED_TOKENS = 32  # sharing costs one more forward per evaluation: worth it once it saves (n - 1) * p >= this
 
@@ -58,10 +58,12 @@ class SharedPrompt:
 
     @classmethod
     def find(cls, model, batch: Batch) -> SharedPrompt | None:
-        """The shared opening of the batch's examples, or None (seq2seq, a model without a KV cache argument, or
-        too little shared to pay for the extra forward)."""
-        n = batch.input_ids.shape[0]
+        """The shared opening of the batch's examples, or None (seq2seq, a model without a KV cache argument,
+        inputs longer than the model reads, or too little shared to pay for the extra forward)."""
+        n, limit = batch.input_ids.shape[0], context_length(model)
         if batch.is_seq2seq or n < 2 or not _accepts(model, "use_cache"):
+            return None
+        if limit is not None and batch.input_ids.shape[1] > limit:  # cut from the left, the opening first: keep all
             return None
         p = shared_length(batch)
         if (n - 1) * p < MIN_SAVED_TOKENS:
