@@ -29,12 +29,10 @@ def shared_length(batch: Batch) -> int:
     rows = [ids[mask.bool()] for ids, mask in zip(batch.input_ids, batch.attention_mask)]  # real tokens
     answers = [int((labels[mask.bool()] != IGNORE).float().argmax()) for labels, mask in
                zip(batch.labels, batch.attention_mask)]  # first answer index of each row
-    limit = min(answers) - 1
-    first = rows[0]
-    p = 0
-    while p < limit and all(bool(row[p] == first[p]) for row in rows):
-        p += 1
-    return p
+    width = min(len(row) for row in rows)
+    heads = torch.stack([row[:width] for row in rows])  # [n, width]
+    same = (heads == heads[0]).all(0).long()  # [width]: 1 where every row has the first row's token
+    return min(int(same.cumprod(0).sum()), min(answers) - 1)
 
 
 def without_prompt(batch: Batch, p: int) -> Batch:
