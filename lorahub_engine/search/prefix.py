@@ -5,7 +5,8 @@ layer computes the same hidden states under every candidate. `FrozenPrefix` stor
 for every example (captured on one ordinary forward) and, inside `reuse(group, rows)`, makes those layers return the
 stored output instead of computing: the model's own forward still runs (embeddings, masks, positions, the upper
 layers, the head), only the frozen layers' work is skipped. The SmolLM2 zoo adapts layers 14-29 of 30: about half of
-each candidate's forward.
+each candidate's forward. With a shared prompt (prompt.py) the prompt's own forward still runs every layer (the KV
+cache needs each layer's keys and values); the examples' forwards skip the frozen ones.
 
 Decoder-only transformers models whose blocks are one nn.ModuleList of `config.num_hidden_layers` (Llama, Qwen2,
 Mistral, GPT-2, ...); seq2seq models and any LoRA layer outside that list keep the full forward. `frozen_layers`

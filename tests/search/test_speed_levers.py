@@ -66,8 +66,8 @@ def case(request, tokenizer):
     factory, targets, _ = MODELS[name]
     base = factory(tokenizer)
     adapters = mixed_adapters(base, targets)
-    if where == "upper":
-        adapters = upper_only(adapters, 2)
+    if where == "upper":  # the top layer only (T5, 2 layers: the decoder's second block)
+        adapters = upper_only(adapters, 2 if MODELS[name][2] else 1)
     return name, where, base, adapters
 
 
