@@ -59,7 +59,8 @@ class SharedPrompt:
         """The shared opening of the batch's examples, or None (seq2seq, a model without a KV cache argument,
         inputs longer than the model reads, or too little shared to pay for the extra forward)."""
         n, limit = batch.input_ids.shape[0], context_length(model)
-        if batch.is_seq2seq or n < 2 or not _accepts(model, "use_cache"):
+        seq2seq = batch.is_seq2seq or getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        if seq2seq or n < 2 or not _accepts(model, "use_cache"):
             return None
         if limit is not None and batch.input_ids.shape[1] > limit:  # cut from the left, the opening first: keep all
             return None

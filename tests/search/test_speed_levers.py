@@ -21,7 +21,8 @@ from tests.search.conftest import mixed_adapters, tiny_t5_for
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 OPENING = "answer plural of answer plural of answer plural of"  # 9 words every prompt opens with
-# prompts of 9 + 5, 8, 6, 10 and 5 tokens (with <s>), answers of 1 or 2 words (+ eos): three lengths share no group
+# prompts of 9 + 5, 8, 6, 10 and 5 tokens (with <s>), answers of 1 or 2 words (+ eos): causal rows of 16, 18, 18,
+# 20, 16 tokens (3 groups), seq2seq encoder inputs of 14, 17, 15, 19, 14 (4 groups)
 EXAMPLES = [(f"{OPENING} {x}", y) for x, y in [
     ("plural of cat answer", "cats"), ("plural of dog of dog answer", "dogs"), ("plural of cow cow answer", "cows cows"),
     ("plural of hen of hen of hen answer", "hens"), ("plural of pig answer", "pigs")]]
@@ -109,7 +110,7 @@ def test_savings_apply_where_they_can(case, tokenizer):
     fast = objective(base, adapters, tokenizer)
     assert fast.reused_layers == (2 if where == "upper" and causal else 0)
     assert fast.shared_tokens == (SHARED if causal else 0)
-    assert len(fast.groups) == 4
+    assert len(fast.groups) == (3 if causal else 4)
 
 
 @torch.no_grad()
@@ -195,10 +196,10 @@ def test_frozen_layers_need_one_stack_and_every_lora_layer_inside_it(tokenizer):
 def test_length_groups_partition_the_examples_and_trim_only_padding(tokenizer):
     causal = encode_examples(tokenizer, [x for x, _ in EXAMPLES], [y for _, y in EXAMPLES])
     seq2seq = encode_examples(tokenizer, [x for x, _ in EXAMPLES], [y for _, y in EXAMPLES], is_seq2seq=True)
-    for batch in (causal, seq2seq):
+    for batch, count in ((causal, 3), (seq2seq, 4)):
         groups = length_groups(batch)
         assert sorted(torch.cat([g.examples for g in groups]).tolist()) == list(range(len(EXAMPLES)))
-        assert len(groups) == 4  # lengths 10, 8, 6, 5 + 5 (the seq2seq encoder: the prompts' lengths)
+        assert len(groups) == count
         for g in groups:
             mask = g.batch.attention_mask
             assert bool(mask.all())  # equal lengths: no padding left
@@ -237,7 +238,7 @@ def test_a_shared_prompt_that_disagrees_with_the_full_forward_is_not_used(tokeni
     for planted in (shifted, contextlib.contextmanager(lambda self, cache, rows: (yield self.model.no_such_thing))):
         monkeypatch.setattr(SharedPrompt, "attached", planted)
         fast = objective(base, adapters, tokenizer)
-        assert fast.shared_tokens == 0 and len(fast.groups) == 4
+        assert fast.shared_tokens == 0 and len(fast.groups) == 3
         torch.testing.assert_close(fast.example_losses(WEIGHTS), expected, atol=1e-5, rtol=0)
 
 
@@ -251,4 +252,6 @@ def test_the_shared_opening_stops_before_the_position_that_predicts_an_answer(to
         real, left = batch.attention_mask[row].bool(), rest.attention_mask[row].bool()
         assert batch.input_ids[row][real][SHARED:].tolist() == rest.input_ids[row][left].tolist()
         assert batch.labels[row][real][SHARED:].tolist() == rest.labels[row][left].tolist()
+    seq2seq = encode_examples(tokenizer, [x for x, _ in EXAMPLES], [y for _, y in EXAMPLES], is_seq2seq=True)
     assert SharedPrompt.find(tiny_t5_for(tokenizer), batch) is None  # seq2seq: none
+    assert SharedPrompt.find(tiny_t5_for(tokenizer), seq2seq) is None
