@@ -142,18 +142,19 @@ class FewShotObjective:
         return length_groups(rows) if self.by_length else whole_batch(rows)
 
     def _check_weights(self) -> torch.Tensor:
-        """The candidate the savings are checked under [1, N] (any: they must not depend on it)."""
-        return torch.linspace(-1.0, 1.0, self.num_adapters, device=self.device)[None]
-
-    def _smallest_group(self) -> int:
-        return min(range(len(self.groups)), key=lambda g: self.groups[g].batch.input_ids.numel())
+        """Two candidates [2, N] the savings are checked under (any: the savings must not depend on them; two, so
+        that rows mapped to the wrong candidate show)."""
+        ramp = torch.linspace(-1.0, 1.0, self.num_adapters, device=self.device)
+        return torch.stack([ramp, ramp.flip(0) * 0.5])
 
     @torch.no_grad()
     def _prompt_agrees(self) -> bool:
-        """Whether the shared-prompt path gives the full forward's losses on the smallest group of examples."""
-        g, check = self._smallest_group(), self._check_weights()
-        examples = self.groups[g].examples
-        full = self._losses(check, torch.zeros(len(examples), dtype=torch.long), trim(take(self.batch, examples)))
+        """Whether the shared-prompt path gives the full forward's losses on the smallest group of examples, under
+        two candidates."""
+        g = min(range(len(self.groups)), key=lambda i: self.groups[i].batch.input_ids.numel())
+        check, examples = self._check_weights(), self.groups[g].examples
+        whole = trim(take(self.batch, examples))
+        full = torch.cat([self._losses(w[None], torch.zeros(len(examples), dtype=torch.long), whole) for w in check])
         try:
             shared = torch.cat(self._group_losses(check, g, _no_reuse, self._prompt_cache(check))[0])
         except Exception:  # a model whose forward does not take the cache this way: no sharing
@@ -163,20 +164,19 @@ class FewShotObjective:
     @torch.no_grad()
     def _checked_prefix(self) -> FrozenPrefix | None:
         """A FrozenPrefix holding the frozen layers' output for every example, if reusing it gives the full
-        forward's losses (checked on the smallest group under one candidate: the frozen layers see no candidate)."""
+        forward's losses (checked on every example under one candidate: the frozen layers see no candidate)."""
         layers = frozen_layers(self.model)
         if not layers:
             return None
-        prefix, check = FrozenPrefix(layers), self._check_weights()
+        prefix, check = FrozenPrefix(layers), self._check_weights()[:1]
         full = self._example_losses(check, prefix.capture)  # [1, n], storing the frozen layers' output
         if not prefix.supported:
             return None
-        g = self._smallest_group()
         try:
-            cached = torch.cat(self._group_losses(check, g, prefix.reuse, self._prompt_cache(check))[0])
+            cached = self._example_losses(check, prefix.reuse)
         except Exception:  # a model whose forward does not take the stored outputs: the full forward it is
             return None
-        return prefix if torch.allclose(cached, full[0, self.groups[g].examples], rtol=0.0, atol=TOLERANCE) else None
+        return prefix if torch.allclose(cached, full, rtol=0.0, atol=TOLERANCE) else None
 
 
 TOLERANCE = 1e-5  # max |loss difference| from the full forward for a saving to be used
