@@ -28,7 +28,7 @@ import lorahub_engine as le
 from benchmarks.bases import load_base
 from benchmarks.router_methods import train_mixture_router
 from benchmarks.taskworld import accuracy, examples, format_prompt, get_task
-from benchmarks.taskworld_zoo import load_zoo
+from benchmarks.taskworld_zoo import load_zoo, load_zoo_index
 from lorahub_engine._io import write_json_atomic
 from lorahub_engine.compose import assignment, retrieve
 from lorahub_engine.fewshot import generate_answers
@@ -72,9 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
         with le.attached(base.model, list(zoo)):
             ids = torch.tensor([names.index(t) for t, _, _ in items])
             scores["oracle"] = accuracy(answers(base, items, lambda r: le.routing(base.model, ids[r])), truth)
-            from retrieval import AdapterIndex
-
-            hits = retrieve(AdapterIndex.build(zoo), [format_prompt(get_task(t).instruction, x) for t, x, _ in items], 3)
+            prompts = [format_prompt(get_task(t).instruction, x) for t, x, _ in items]
+            hits = retrieve(load_zoo_index(base.name, zoo), prompts, 3)
             idx, gates = assignment(hits, names, 3)
             scores["retrieval_mixture"] = accuracy(
                 answers(base, items, lambda r: le.routing(base.model, idx[r], gates[r])), truth)

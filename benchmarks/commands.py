@@ -16,13 +16,14 @@ def add_build_zoo(commands) -> None:
                             description="Train the benchmark zoo through the engine (all adapters of a group "
                                         "jointly); cached in $LORAHUB_CACHE, resumable by group.")
     add_taskworld_options(p, base_help="base model the adapters train on")
-    p.add_argument("--out", help="also write the finished zoo to this folder (e.g. benchmarks/assets/tiny_zoo)")
+    p.add_argument("--out", help="also write the finished zoo to this folder (e.g. benchmarks/assets/tiny_zoo) and "
+                                 "its retrieval index beside it (OUT_index)")
     p.set_defaults(run=run_build_zoo)
 
 
 def add_taskworld_options(p: argparse.ArgumentParser, base_help: str) -> None:
     """--base, --extra-tasks and --threads: what every taskworld command reads before it starts."""
-    p.add_argument("--base", default="tiny", choices=("tiny", "smollm2"), help=base_help + " (default: tiny)")
+    p.add_argument("--base", default="tiny", choices=("tiny", "smollm2"), help=base_help)
     p.add_argument("--extra-tasks", action="append", default=[], help="module that registers more tasks")
     add_threads(p)
 
@@ -38,11 +39,17 @@ def apply_taskworld_options(args: argparse.Namespace) -> None:
 
 def run_build_zoo(args: argparse.Namespace) -> int:
     from benchmarks.bases import load_base
+    import lorahub_engine as le
     from benchmarks.taskworld_zoo import build_zoo
+    from retrieval import AdapterIndex
 
     apply_taskworld_options(args)
     folder = build_zoo(load_base(args.base), out=args.out, progress=show_progress())
     print(f"zoo: {folder}")
+    if args.out:
+        index = Path(args.out).with_name(Path(args.out).name + "_index")
+        AdapterIndex.build(le.AdapterZoo.load(folder, lazy=True)).save(index)
+        print(f"retrieval index: {index}")
     return 0
 
 

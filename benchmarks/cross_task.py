@@ -43,7 +43,7 @@ PRESETS = {"smollm2": {"tasks": ["last_alphabetically", "sort_words_desc", "sent
                                  "sum_of_extremes", "review_and_topic", "navigate"],
                        "seeds": 3, "n_test": 50,
                        "methods": ["zero_shot", "icl", "best_single", "uniform_retrieved", "ties", "retrieval_mixture",
-                                   "lorahub", "retrieval_lorahub", "upper_shots_lora"]}}
+                                   "lorahub", "retrieval_lorahub", "upper_shots_lora", "arrow"]}}
 
 
 def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Sequence[str] | None = None,
@@ -54,8 +54,9 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
     seeds, tokens per query, seconds per run, info). With `out`, writes the report files there.
 
     base: "tiny" / "smollm2" or a loaded `Base`; zoo: default `benchmarks.taskworld_zoo.load_zoo(base)`; index:
-    default `AdapterIndex.build(zoo)` over the manifest's sample prompts. runs: a JSON file where each finished (task,
-    method, seed) is stored at once and found again by a rerun (benchmarks/runs.py).
+    default `load_zoo_index` (the zoo's shipped index, else one built over the manifest's sample prompts). runs: a
+    JSON file where each finished (task, method, seed) is stored at once and found again by a rerun
+    (benchmarks/runs.py).
     """
     base = _base(base)
     settings = settings or Settings(shots=shots, n_test=n_test)
@@ -69,9 +70,9 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
 
         zoo = load_zoo(base, progress=progress)
     if index is None:
-        from retrieval import AdapterIndex
+        from benchmarks.taskworld_zoo import load_zoo_index
 
-        index = AdapterIndex.build(zoo)
+        index = load_zoo_index(base.name, zoo)
     store = None if runs is None else RunStore(runs, {"base": base.name, "settings": asdict(settings),
                                                       "seeds": list(seeds), "zoo": zoo.names})
     cache: dict = {}

@@ -32,8 +32,7 @@ def run_demo(task: str | None = None, methods: tuple[str, ...] = DEMO_METHODS, k
     from benchmarks import methods as registry
     from benchmarks.bases import load_base
     from benchmarks.harness import Context, Settings
-    from benchmarks.taskworld_zoo import load_zoo, require_zoo
-    from retrieval import AdapterIndex
+    from benchmarks.taskworld_zoo import load_zoo, load_zoo_index, require_zoo
 
     task = task or DEMO_TASK
     unknown = [m for m in methods if m not in COMPOSITIONS]
@@ -50,8 +49,8 @@ def run_demo(task: str | None = None, methods: tuple[str, ...] = DEMO_METHODS, k
     steps.set_postfix_str("loading the zoo")
     zoo = load_zoo(base, progress=progress)
     steps.update()
-    steps.set_postfix_str("indexing the zoo (sentence embeddings of its sample prompts)")
-    index = AdapterIndex.build(zoo)
+    steps.set_postfix_str("loading the zoo's retrieval index (sentence embeddings of its sample prompts)")
+    index = load_zoo_index(base.name, zoo)
     steps.update()
     settings = Settings(n_test=n_test, k=k)
     test = [tuple(e) for e in examples(task, "test", n_test, seed=0)]

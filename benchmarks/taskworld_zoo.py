@@ -35,6 +35,7 @@ from lorahub_engine.errors import AdapterFileError
 ASSETS = Path(__file__).parent / "assets"
 TINY_ZOO = ASSETS / "tiny_zoo"
 SHIPPED = {"tiny": TINY_ZOO, "smollm2": ASSETS / "smollm2_zoo"}
+SHIPPED_INDEX = {name: ASSETS / f"{name}_zoo_index" for name in SHIPPED}  # each shipped zoo's retrieval index
 BUILT_ON_DEMAND = ("tiny",)  # bases whose zoo builds in minutes; others must be built on purpose
 BUILD_RECORD = "build.json"
 GROUP_RECORD = "group.json"
@@ -211,6 +212,19 @@ def load_zoo(base, tasks: list[str] | None = None, recipe: ZooRecipe | None = No
     if base.name not in BUILT_ON_DEMAND:
         raise ZooMissingError(_missing(base.name))
     return le.AdapterZoo.load(build_zoo(base, tasks, recipe, progress=progress))
+
+
+def load_zoo_index(base_name: str, zoo: le.AdapterZoo):
+    """The retrieval index shipped with the base's zoo when it indexes exactly these adapters, else one built now
+    from the zoo's sample prompts (`AdapterIndex.build(zoo)`, which is how the shipped one was made)."""
+    from retrieval import AdapterIndex
+
+    folder = SHIPPED_INDEX.get(base_name)
+    if folder is not None and folder.is_dir():
+        index = AdapterIndex.load(folder)
+        if sorted(index.names) == sorted(zoo.names):
+            return index
+    return AdapterIndex.build(zoo)
 
 
 def _advance(bar, loss: float) -> None:

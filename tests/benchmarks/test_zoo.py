@@ -131,6 +131,22 @@ def test_shipped_tiny_zoo_matches_the_shipped_base_and_the_recipe():
     assert recorded == zoo_hash(base, list_tasks(held_out=False), ZooRecipe())
 
 
+@pytest.mark.parametrize("name", ["tiny", "smollm2"])
+def test_shipped_index_indexes_the_shipped_zoo(name):
+    """Fails when a shipped zoo changed without its index: `lorahub-engine build-zoo --base NAME --out
+    benchmarks/assets/NAME_zoo` writes both."""
+    from retrieval import AdapterIndex
+
+    zoo = le.AdapterZoo.load(zoo_module.SHIPPED[name], lazy=True)
+    shipped = AdapterIndex.load(zoo_module.SHIPPED_INDEX[name])
+    fresh = AdapterIndex.build(zoo, embedder=shipped.embedder)
+    assert shipped.names == zoo.names
+    queries = [adapter.metadata["samples"][0] for adapter in zoo][:12]
+    for got, want in zip(shipped.search(queries, k=3), fresh.search(queries, k=3)):
+        assert [n for n, _ in got] == [n for n, _ in want]
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-5)
+
+
 def test_build_into_out_saves_groups_beside_it_and_refuses_foreign_groups(micro, cache):
     out = cache / "assets" / "zoo"
     groups = cache / "assets" / "zoo_groups"
