@@ -15,9 +15,9 @@ down of layers 14-29 of 30).
   lengths_*         the examples in groups of equal length, padding trimmed (by_length=True only)
   prompt_*          the opening tokens all examples share run once per candidate, a KV cache (share_prompt=True only)
   prefix_*          the layers below the lowest adapted one run once, their output reused (reuse_prefix=True only)
-  fast_*            all three (FewShotObjective's defaults)
+  fast_*            all three (opt-in: FewShotObjective's defaults are all off)
   *_one_by_one / *_population_8 / *_population_all: 1, 8 or all candidates per batched forward
-  fast_setup        building the default FewShotObjective (its checks and the prefix capture), once per search
+  fast_setup        building the FewShotObjective with all three (its checks and the prefix capture), once per search
 The optimizer is left out (it proposes the same number of points in every way). Every way must give the same
 cross-entropies (checked); the script prints ms per candidate, the speedups over merge_and_rerun, and the speedup
 of one search of 40 candidates one by one (fast_setup + 40 x fast_one_by_one against 40 x merge_and_rerun).
@@ -43,7 +43,8 @@ from lorahub_engine.search import FewShotObjective, encode_pairs, random_modules
 TASK, MODULES, SEED, SEARCH = "navigate", 20, 0, 40  # SEARCH: LoraHub's budget, candidates of one search
 NONE = dict(by_length=False, share_prompt=False, reuse_prefix=False)
 LEVERS = {"padded": NONE, "lengths": {**NONE, "by_length": True}, "prompt": {**NONE, "share_prompt": True},
-          "prefix": {**NONE, "reuse_prefix": True}, "fast": {}}
+          "prefix": {**NONE, "reuse_prefix": True},
+          "fast": dict(by_length=True, share_prompt=True, reuse_prefix=True)}
 WAYS = {  # base -> (lever, population) per way; population None = all candidates in one forward
     "tiny": [(lever, p) for lever in LEVERS for p in (1, 8, None)],
     "smollm2": [("padded", 1), ("padded", 8), ("lengths", 1), ("prompt", 1), ("prefix", 1), ("fast", 1), ("fast", 8)],
@@ -106,7 +107,7 @@ def time_set(model, adapters, batch, weights, ways, repeats: int, clock: str) ->
         if diff > 1e-4:
             raise AssertionError(f"{name} disagrees with merge_and_rerun by {diff:.2e}")
     if "fast" in objectives:
-        cases["fast_setup"] = lambda: FewShotObjective(attached, batch)
+        cases["fast_setup"] = lambda: FewShotObjective(attached, batch, **LEVERS["fast"])
     timings = measure(cases, torch.device("cpu"), repeats, desc="evaluations", clock=CLOCKS[clock])
     per_candidate = {name: t / len(weights) for name, t in timings["median"].items() if name != "fast_setup"}
     mr = per_candidate["merge_and_rerun"]

@@ -34,7 +34,8 @@ class FewShotObjective:
     row_losses(model, batch) -> [rows] is what each example scores (default: its mean answer-token CE; the
     unsupervised fit passes the entropy of the first answer token instead).
 
-    Three savings, each exact (the same losses within float rounding) and each optional, for comparison:
+    Three savings, opt-in (off by default until a disagreement measured on SmolLM2 is explained, see
+    benchmarks/RESULTS.md), each exact on the tiny test models (the same losses within float rounding):
     by_length runs the examples in groups of equal length, padding trimmed (groups.py); share_prompt runs the tokens
     every example opens with once per candidate and lets each example read them from a KV cache (prompt.py);
     reuse_prefix runs the decoder layers below the lowest adapted one once, at construction, and reuses their output
@@ -43,8 +44,8 @@ class FewShotObjective:
     objective is in use."""
 
     def __init__(self, model, batch: Batch, batch_size: int | None = None, mode: str = "fusion",
-                 row_losses=example_losses, *, by_length: bool = True, share_prompt: bool = True,
-                 reuse_prefix: bool = True):
+                 row_losses=example_losses, *, by_length: bool = False, share_prompt: bool = False,
+                 reuse_prefix: bool = False):
         self.model = model
         self.mode = mode  # "fusion": LoraHub's factor mix; "mixture": sum_i w_i dW_i
         self.row_losses = row_losses

@@ -24,13 +24,15 @@ OPENING = "answer plural of answer plural of answer plural of"  # 9 words every 
 # prompts of 9 + 5, 8, 6, 10 and 5 tokens (with <s>), answers of 1 or 2 words (+ eos): causal rows of 16, 18, 18,
 # 20, 16 tokens (3 groups), seq2seq encoder inputs of 14, 17, 15, 19, 14 (4 groups)
 EXAMPLES = [(f"{OPENING} {x}", y) for x, y in [
-    ("plural of cat answer", "cats"), ("plural of dog of dog answer", "dogs"), ("plural of cow cow answer", "cows cows"),
-    ("plural of hen of hen of hen answer", "hens"), ("plural of pig answer", "pigs")]]
+    ("plural of cat answer", "cats"), ("plural of dog of dog answer", "dogs"),
+    ("plural of cow cow answer", "cows cows"), ("plural of hen of hen of hen answer", "hens"),
+    ("plural of pig answer", "pigs")]]
 SHARED = 1 + 9 + 2  # <s>, the opening, "plural of"
 WEIGHTS = torch.tensor([[0.8, -0.4, 1.2], [-1.5, 0.3, 0.0], [0.0, 0.0, 0.0], [0.2, 1.1, -0.7]])
 NONE = dict(by_length=False, share_prompt=False, reuse_prefix=False)
 LEVERS = {"lengths": {**NONE, "by_length": True}, "prompt": {**NONE, "share_prompt": True},
-          "prefix": {**NONE, "reuse_prefix": True}, "all": {}}
+          "prefix": {**NONE, "reuse_prefix": True},
+          "all": dict(by_length=True, share_prompt=True, reuse_prefix=True)}
 
 
 def three_layers(config_cls, model_cls, tokenizer, **sizes):
@@ -73,8 +75,9 @@ def case(request, tokenizer):
 
 
 def objective(base, adapters, tokenizer, **levers):
+    """The objective on a copy of `base` with the adapters attached; every saving on unless `levers` say."""
     model = le.attach(copy.deepcopy(base), adapters)
-    return FewShotObjective(model, encode_pairs(model, tokenizer, EXAMPLES), **levers)
+    return FewShotObjective(model, encode_pairs(model, tokenizer, EXAMPLES), **{**LEVERS["all"], **levers})
 
 
 @torch.no_grad()
@@ -125,7 +128,7 @@ def test_reused_layers_compute_nothing(tokenizer):
     fast.example_losses(WEIGHTS)
     assert lengths and set(lengths) == {SHARED}  # only the shared prompt's forward, never an example's own tokens
     lengths.clear()
-    FewShotObjective(fast.model, fast.batch, reuse_prefix=False).example_losses(WEIGHTS)
+    FewShotObjective(fast.model, fast.batch, by_length=True, share_prompt=True).example_losses(WEIGHTS)
     assert set(lengths) > {SHARED}  # the same hooks see the examples' tokens on the full forward
     for h in hooks:
         h.remove()
