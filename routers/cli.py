@@ -3,6 +3,7 @@
     lorahub-engine route train --method mole --zoo ZOO --model M --examples train.jsonl -o ROUTER
     lorahub-engine route eval ROUTER --zoo ZOO --model M --examples test.jsonl
     lorahub-engine route stats ROUTER --zoo ZOO --model M --examples test.jsonl -o usage.png
+    torchrun --nproc-per-node 4 -m lorahub_engine.cli route train ...   # data-parallel; rank 0 writes and prints
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lorahub_engine.search.objective import encode_pairs
 from lorahub_engine.zoo import AdapterZoo
 from routers.api import attach_router, reset_router_stats, router_stats
 from routers.config import ArrowConfig, MoLEConfig
+from routers.distributed import join
 from routers.storage import load_router, save_router, saved_experts
 from routers.train import train_router
 
@@ -43,7 +45,7 @@ def add_route(commands) -> None:
     train.add_argument("--balance-weight", type=float, default=0.5, help="MoLE balance loss weight (default 0.5)")
     train.add_argument("--steps", type=int, default=300, help="training steps")
     train.add_argument("--lr", type=float, default=5e-3, help="learning rate of the gates")
-    train.add_argument("--batch-size", type=int, default=8, help="examples per step")
+    train.add_argument("--batch-size", type=int, default=8, help="examples per step (per rank under torchrun)")
     train.add_argument("--seed", type=int, default=0, help="seed of the gates and the batches")
     train.set_defaults(run=run_route_train)
     for name, run, text in (("eval", run_route_eval, "answer loss and exact match of a saved router"),
@@ -76,12 +78,15 @@ def run_route_train(args: argparse.Namespace) -> int:
     else:
         config = ArrowConfig(top_k=args.top_k or 3, temperature=args.temperature)
     model = attach_router(model, config, experts)
+    ranks = join()  # under torchrun: every rank trains its shard (--batch-size per rank), rank 0 writes
     if args.method == "mole":
         history = train_router(model, tokenizer, read_examples(args.examples), steps=args.steps, lr=args.lr,
                                batch_size=args.batch_size, seed=args.seed)
-        print(f"task loss {history.task[0]:.4f} -> {history.task[-1]:.4f} in {args.steps} steps")
-    save_router(model, args.output)
-    print(f"wrote {args.output} ({args.method}, {len(experts)} experts)")
+        if ranks.main:
+            print(f"task loss {history.task[0]:.4f} -> {history.task[-1]:.4f} in {args.steps} steps")
+    if ranks.main:
+        save_router(model, args.output)
+        print(f"wrote {args.output} ({args.method}, {len(experts)} experts)")
     return 0
 
 

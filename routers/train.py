@@ -5,6 +5,16 @@
 loss = mean answer-token cross-entropy (lorahub_engine.fewshot, as LoraHub's objective) + the routers' auxiliary
 losses (each already weighted, summed by name and averaged over the LoRA layers). Padding never counts: answers are
 masked by their labels, routing statistics by the forward's attention mask.
+
+Data-parallel (started by torchrun or accelerate launch; routers.distributed): each of the W ranks runs this same
+call with the same examples and arguments. A step draws one global batch of batch_size x W examples (the stream
+one process with batch_size x W draws) and rank r takes its r-th contiguous slice of batch_size; the trainable
+gradients are averaged over the ranks before each (identical) Adam step, so every rank ends with the same weights.
+The task loss is a mean over examples, so its gradient is exactly the one process's on the global batch; the
+auxiliary losses (and per-batch limits such as a capacity) are computed on each rank's own batch, as in Switch /
+GShard, and their gradients averaged. `history` holds each value's mean over the ranks, equal on every rank; only
+rank 0 shows progress. torch's global generator is seeded with seed + rank (what draws from it differs by rank).
+One process needs no process group and communicates nothing.
 """
 
 from __future__ import annotations
@@ -14,13 +24,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from lorahub_engine.attach import router_outputs
 from lorahub_engine.fewshot import example_losses
+from lorahub_engine.progress import progress_bar
 from lorahub_engine.search.objective import encode_pairs
 from routers.api import router_parameters, routers_of
 from routers.base import masked_mean
+from routers.distributed import Ranks, join
 from routers.errors import RouterError
 
 
@@ -36,13 +47,16 @@ class RouterHistory:
 
 def train_router(model, tokenizer, examples: Sequence[tuple[str, str]], steps: int = 300, lr: float = 5e-3,
                  batch_size: int = 8, seed: int = 0, progress: bool = True) -> RouterHistory:
-    """Adam on the routers' parameters only, `steps` batches of `batch_size` examples drawn without replacement
-    (reshuffled each pass, `random.Random(seed)`). Every other tensor of the model is left bit-identical."""
+    """Adam on the routers' parameters only, `steps` batches of `batch_size` examples (per rank, see above) drawn
+    without replacement (reshuffled each pass, `random.Random(seed)`). Every other tensor of the model is left
+    bit-identical."""
     examples = _checked(examples, steps, batch_size, lr)
     params = router_parameters(model)
     if not params:
         raise RouterError("this router has nothing to train (Arrow is training-free)")
-    torch.manual_seed(seed)
+    ranks = join()
+    ranks.broadcast_(params)
+    torch.manual_seed(seed + ranks.rank)
     optimizer = torch.optim.Adam(params, lr=lr)
     flags = {p: p.requires_grad for p in model.parameters()}
     routers = list(routers_of(model).values())
@@ -54,9 +68,9 @@ def train_router(model, tokenizer, examples: Sequence[tuple[str, str]], steps: i
             p.requires_grad_(True)
         for router in routers:
             router.train()
-        draws = _batches(len(examples), batch_size, random.Random(seed))
-        for _ in tqdm(range(steps), desc="router", disable=not progress):
-            batch = encode_pairs(model, tokenizer, [examples[i] for i in next(draws)])
+        draws = _batches(len(examples), batch_size * ranks.world, random.Random(seed))
+        for _ in progress_bar(range(steps), progress=progress and ranks.main, desc="router"):
+            batch = encode_pairs(model, tokenizer, [examples[i] for i in ranks.shard(next(draws))])
             batch = batch.to(next(model.parameters()).device)
             with router_outputs(model) as records:
                 task = example_losses(model, batch).mean()
@@ -64,8 +78,9 @@ def train_router(model, tokenizer, examples: Sequence[tuple[str, str]], steps: i
             loss = task + sum(aux.values(), torch.zeros(()))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            ranks.average_gradients_(params)
             optimizer.step()
-            _log(history, loss, task, aux, usage)
+            _log(history, ranks, loss, task, aux, usage)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
@@ -89,12 +104,14 @@ def summarize(records: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tenso
     return aux, usage
 
 
-def _log(history: RouterHistory, loss, task, aux, usage) -> None:
-    history.loss.append(float(loss.detach()))
-    history.task.append(float(task.detach()))
-    for name, value in aux.items():
-        history.aux.setdefault(name, []).append(float(value.detach()))
-    history.usage.append(usage.tolist())
+def _log(history: RouterHistory, ranks: Ranks, loss, task, aux, usage) -> None:
+    """Append the step's values, each averaged over the ranks (one all-reduce)."""
+    values = ranks.mean(torch.cat([torch.stack([loss, task, *aux.values()]).float(), usage.to(loss.device)]))
+    history.loss.append(float(values[0]))
+    history.task.append(float(values[1]))
+    for name, value in zip(aux, values[2:].tolist()):
+        history.aux.setdefault(name, []).append(value)
+    history.usage.append(values[2 + len(aux):].tolist())
 
 
 def _batches(n: int, size: int, rng: random.Random):
