@@ -10,6 +10,9 @@ Tasks: every 5th of the tiny zoo's training tasks; test inputs from their test s
   retrieval_mixture   per input, its top-3 zoo adapters by retrieval, outputs averaged
   arrow               Arrow over the whole zoo, top-3 per token
   mole_mixture        MoLE gates over the whole zoo trained on a mixture of every zoo task's train split
+  sira / loramoe      new trainable experts with their routers (benchmarks/moe_methods.py), trained on the same
+                      mixture; their expert usage per layer is plotted next to the JSON
+  multitask_lora      one LoRA trained on that mixture, as many trainable parameters as sira
 Reported: exact match over the set, and the share of the gap between the best static merge and the oracle
 that each router closes ((method - best_static) / (oracle - best_static)).
 """
@@ -26,13 +29,15 @@ import torch
 
 import lorahub_engine as le
 from benchmarks.bases import load_base
+from benchmarks.moe_methods import train_moe, train_multitask_lora
 from benchmarks.router_methods import train_mixture_router
 from benchmarks.taskworld import accuracy, examples, format_prompt, get_task
 from benchmarks.taskworld_zoo import load_zoo, load_zoo_index
 from lorahub_engine._io import write_json_atomic
 from lorahub_engine.compose import assignment, retrieve
 from lorahub_engine.fewshot import generate_answers
-from routers import ArrowConfig, attach_router, load_router
+from routers import ArrowConfig, attach_router, load_router, router_stats
+from routers.cli import plot_usage
 
 
 def mixed_set(zoo, n_tasks: int, n_test: int) -> list[tuple[str, str, str]]:
@@ -98,9 +103,24 @@ def main(argv: list[str] | None = None) -> dict:
             scores["mole_mixture"] = accuracy(answers(base, items), truth)
         finally:
             le.detach(base.model)
+    for method in ("sira", "loramoe"):
+        folder = train_moe(base, zoo, method, Path(tempfile.mkdtemp(prefix=f"{method}_mixture.")) / "router",
+                           progress=True)
+        with torch.no_grad():
+            load_router(base.model, folder)
+            try:
+                scores[method] = accuracy(answers(base, items), truth)
+                stats = router_stats(base.model)
+                experts = [f"expert{e}" for e in range(len(next(iter(stats.values()))["mean_gate"]))]
+                plot_usage(stats, experts, str(Path(args.output).with_name(f"bench_mixed_tasks_{method}_usage.png")))
+            finally:
+                le.detach(base.model)
+    with le.attached(base.model, [train_multitask_lora(base, zoo, progress=True)]), torch.no_grad():
+        le.set_weights(base.model, [1.0])
+        scores["multitask_lora"] = accuracy(answers(base, items), truth)
     gap = scores["oracle"] - scores["best_static"]
     closed = {m: (scores[m] - scores["best_static"]) / gap if gap else float("nan")
-              for m in ("retrieval_mixture", "arrow", "mole_mixture")}
+              for m in ("retrieval_mixture", "arrow", "mole_mixture", "sira", "loramoe", "multitask_lora")}
     result = {"config": vars(args), "tasks": tasks, "n_items": len(items), "exact_match": scores,
               "gap_closed": closed}
     write_json_atomic(args.output, result)

@@ -1,7 +1,9 @@
-"""Speed of routed forwards (MoLE, Arrow) against the base forward and PEFT's Arrow and X-LoRA, in one run.
+"""Speed of routed forwards (MoLE, Arrow) against the base forward and PEFT's Arrow and X-LoRA, and of the
+trainable-expert MoEs (SiRA, LoRAMoE) against the base, one plain LoRA and two baselines, in one run.
 
     HF_HUB_OFFLINE=1 python -m benchmarks.bench_routers [--repeats 3] [--threads 1 2] [--rows 8] [--seq 128]
-        [--layers 30] [--clock wall|process]   (process: CPU seconds of this process, for 1 thread on a busy box)
+        [--layers 30] [--clock wall|process] [--suite frozen moe]
+    (process: CPU seconds of this process, for 1 thread on a busy box)
 
 Model: a SmolLM2-135M-shaped random Llama (30 layers, hidden 576, intermediate 1536, 9 heads, 3 kv heads, vocab
 512), 16 random adapters with r=8 on all 7 projections, a batch of rows x seq tokens, fp32, torch backend. Cases:
@@ -13,6 +15,10 @@ Model: a SmolLM2-135M-shaped random Llama (30 layers, hidden 576, intermediate 1
   peft_xlora     PEFT's X-LoRA (depth-1 classifier, dense) on the same adapters (two passes per forward)
 Each ratio is the median over repeats of a case's time over the base's timed right before it (benchmarks.timing).
 Also printed: the max |logit difference| between our Arrow and PEFT's (same rule, same adapters).
+Suite "moe" (benchmarks.moe_cases; new experts r=8 on all 7 projections): forwards of lora, sira_top2 (top-2 of 8),
+dense8 and loop8 (the same router, all 8 experts densely / a Python loop over experts), loramoe6 over the base
+forward; training steps of the same over a training step of the base with one plain LoRA r=8 (lora); and
+dense8 / sira_top2, loop8 / sira_top2 side by side, of total times and of the time added to the base's forward.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.timing import CLOCKS, measure, paired_ratio
+from benchmarks.moe_cases import moe_models, training_step
+from benchmarks.timing import CLOCKS, measure, paired_ratio, run_info
 from lorahub_engine._io import write_json_atomic
 from routers import ArrowConfig, MoLEConfig, attach_router
 
@@ -93,6 +100,30 @@ def run(threads: int, models: dict, base, ids, repeats: int, clock: str) -> dict
             "ratio_to_base": {name: paired_ratio(timings, name, "base") for name in models}}
 
 
+def run_moe(threads: int, models: dict, base, ids, repeats: int, clock: str) -> dict:
+    """Forward ratios to the base forward and training-step ratios to the plain LoRA's step, one thread count."""
+    torch.set_num_threads(threads)
+    forward = {"base": lambda: base(ids)}
+    forward.update({name: (lambda m=m: m(input_ids=ids)) for name, m in models.items()})
+    with torch.inference_mode():
+        fwd = measure(forward, torch.device("cpu"), repeats, desc=f"moe forward, {threads} thread(s)",
+                      reference="base", clock=CLOCKS[clock])
+    labels = torch.randint(0, base.config.vocab_size, ids.shape, generator=torch.Generator().manual_seed(SEED))
+    steps = {name: training_step(m, ids, labels) for name, m in models.items()}
+    step = measure(steps, torch.device("cpu"), repeats, desc=f"moe step, {threads} thread(s)", reference="lora",
+                   clock=CLOCKS[clock])
+    forward_ratio = {name: paired_ratio(fwd, name, "base") for name in models}
+    step_ratio = {name: paired_ratio(step, name, "lora") for name in models if name != "lora"}
+    added = {name: (forward_ratio[name] - 1) / max(forward_ratio["sira_top2"] - 1, 1e-9)
+             for name in ("dense8", "loop8")}
+    return {"threads": threads, "forward_seconds_median": fwd["median"], "step_seconds_median": step["median"],
+            "forward_ratio_to_base": forward_ratio, "step_ratio_to_lora_step": step_ratio,
+            "vs_sira_top2": {f"{name}_{kind}": ratios[name] / ratios["sira_top2"]
+                             for kind, ratios in (("forward", forward_ratio), ("step", step_ratio))
+                             for name in ("dense8", "loop8")},
+            "vs_sira_top2_added_forward": added}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -101,30 +132,53 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS))
+    parser.add_argument("--suite", nargs="+", default=["frozen", "moe"], choices=["frozen", "moe"],
+                        help="frozen: MoLE / Arrow / PEFT over 16 given adapters; moe: SiRA / LoRAMoE and baselines")
     parser.add_argument("--output", default="benchmarks/results/bench_routers.json")
     args = parser.parse_args(argv)
     base = build_model(args.layers)
-    with tempfile.TemporaryDirectory() as tmp:
-        adapters, paths = random_adapters(base, Path(tmp))
-        models = routed_models(base, adapters, paths)
     ids = torch.randint(0, 512, (args.rows, args.seq), generator=torch.Generator().manual_seed(SEED))
-    with torch.inference_mode():
-        parity = float((models["arrow_top3"](ids).logits - models["peft_arrow"](input_ids=ids).logits).abs().max())
-    result = {"config": vars(args), "arrow_vs_peft_max_abs_logit_diff": parity,
-              "runs": [run(t, models, base, ids, args.repeats, args.clock) for t in args.threads]}
+    result = {"config": vars(args), "run": run_info()}
+    if "frozen" in args.suite:
+        with tempfile.TemporaryDirectory() as tmp:
+            adapters, paths = random_adapters(base, Path(tmp))
+            models = routed_models(base, adapters, paths)
+        with torch.inference_mode():
+            parity = float((models["arrow_top3"](ids).logits - models["peft_arrow"](input_ids=ids).logits).abs().max())
+        result.update(arrow_vs_peft_max_abs_logit_diff=parity,
+                      runs=[run(t, models, base, ids, args.repeats, args.clock) for t in args.threads])
+        del models
+    if "moe" in args.suite:
+        models = moe_models(base, SEED)
+        result["moe_runs"] = [run_moe(t, models, base, ids, args.repeats, args.clock) for t in args.threads]
     write_json_atomic(args.output, result)
     _print(result)
     return result
 
 
 def _print(result: dict) -> None:
-    print(f"Arrow vs PEFT Arrow: max |logit diff| {result['arrow_vs_peft_max_abs_logit_diff']:.2e}")
-    names = list(result["runs"][0]["ratio_to_base"])
-    print("| threads | base s | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 2) + "|")
-    for r in result["runs"]:
-        print(f"| {r['threads']} | {r['seconds_median']['base']:.2f} | "
-              + " | ".join(f"{r['ratio_to_base'][n]:.2f}x" for n in names) + " |")
+    if "runs" in result:
+        print(f"Arrow vs PEFT Arrow: max |logit diff| {result['arrow_vs_peft_max_abs_logit_diff']:.2e}")
+        _table(result["runs"], "ratio_to_base", "base s", lambda r: r["seconds_median"]["base"])
+    if "moe_runs" in result:
+        print("MoE forward, ratio to the base forward:")
+        _table(result["moe_runs"], "forward_ratio_to_base", "base s", lambda r: r["forward_seconds_median"]["base"])
+        print("MoE training step, ratio to a step of the base with one plain LoRA r=8:")
+        _table(result["moe_runs"], "step_ratio_to_lora_step", "lora step s", lambda r: r["step_seconds_median"]["lora"])
+        print("Baselines over SiRA top-2 (total time; forward's added time over the base):")
+        _table(result["moe_runs"], "vs_sira_top2")
+        _table(result["moe_runs"], "vs_sira_top2_added_forward")
+
+
+def _table(runs: list[dict], key: str, first: str = "", first_value=None) -> None:
+    """One row per thread count: `first` (seconds, when given), then each case's ratio under `key`."""
+    names = list(runs[0][key])
+    head = ["threads", first] if first else ["threads"]
+    print("| " + " | ".join(head + names) + " |")
+    print("|---" * (len(head) + len(names)) + "|")
+    for r in runs:
+        cells = [str(r["threads"])] + ([f"{first_value(r):.2f}"] if first else [])
+        print("| " + " | ".join(cells + [f"{r[key][n]:.2f}x" for n in names]) + " |")
 
 
 if __name__ == "__main__":

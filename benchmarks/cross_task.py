@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import benchmarks.methods  # noqa: F401  (registers the built-in methods)
+import benchmarks.moe_methods  # noqa: F401  (sira, loramoe, multitask_lora)
 import benchmarks.router_methods  # noqa: F401  (the routers: arrow, mole_shots, mole_mixture)
 import benchmarks.search_methods  # noqa: F401  (issue 12's search and fit rows)
 from benchmarks.harness import METHODS, Context, Method, Settings

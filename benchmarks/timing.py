@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+
+from lorahub_engine.progress import progress_bar
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # process: CPU seconds of this process only
 
@@ -39,7 +40,7 @@ def measure(cases: dict[str, Callable[[], object]], device: torch.device, repeat
         _sync(device)
         return (clock() - start) / inner
 
-    for _ in tqdm(range(repeats), desc=desc, leave=False):
+    for _ in progress_bar(range(repeats), desc=desc, leave=False):
         for name, fn in cases.items():
             if reference is not None and name != reference:
                 paired[name].append((timed(cases[reference]), timed(fn)))

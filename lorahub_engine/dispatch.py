@@ -140,7 +140,7 @@ class RowRouting:
         return self._fused
 
     def route(self, layer, x: torch.Tensor, layout: TokenLayout, ctx: ForwardContext):
-        A, B, scale = layer.lora_A, layer.lora_B, layer.lora_scale
+        A, B, scale = layer.bank()
         if self.mode == "fusion":  # one merged expert per distinct row: its k experts' factors mixed
             idx, gates, _ = self.fused()  # (U, k)
             e, w = idx.clamp(min=0), torch.where(idx >= 0, gates, torch.zeros_like(gates))
@@ -184,7 +184,7 @@ class PerTokenRouting:
         if x.shape[0] != self.routing.num_tokens:
             raise ValueError(f"a per-token routing of {self.routing.num_tokens} tokens met {x.shape[0]} tokens "
                              f"({layout.rows} rows x {layout.length})")
-        return layer.lora_A, layer.lora_B, layer.lora_scale, self.routing
+        return *layer.bank(), self.routing
 
 
 @dataclass
@@ -222,7 +222,7 @@ class LearnedRouting:
     def route(self, layer, x: torch.Tensor, layout: TokenLayout, ctx: ForwardContext):
         out = layer.router(x, layout)
         ctx.record(layer.path, out, layout)
-        return layer.lora_A, layer.lora_B, layer.lora_scale, TokenRouting(out.indices, out.gates)
+        return *layer.bank(), TokenRouting(out.indices, out.gates)
 
 
 class Dispatch:

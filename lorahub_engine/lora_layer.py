@@ -49,15 +49,22 @@ class LoraLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
+    def bank(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A [E, r, in], B [E, out, r], scale [E]), read from the module's tables directly (nn.Module's attribute
+        fallback costs a microsecond a name, at every call of every layer)."""
+        return self._parameters["lora_A"], self._parameters["lora_B"], self._buffers["lora_scale"]
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         ctx = self.dispatch.context_for(x)
+        base = self._modules["base"]
         if ctx is None or ctx.spec is None:
-            return self.base(x, *args, **kwargs)
-        tokens = x.reshape(-1, x.shape[-1])  # (T, in), rows-major
+            return base(x, *args, **kwargs)
+        flat = x.dim() == 2
+        tokens = x if flat else x.reshape(-1, x.shape[-1])  # (T, in), rows-major
         # The base runs on the flat tokens so that its output is a tensor of its own, not a view: the delta is added
         # into it in place, and autograd would copy the whole gradient back and forth for an in-place view.
-        out = self.base(tokens, *args, **kwargs)  # (T, out)
+        out = base(tokens, *args, **kwargs)  # (T, out)
         layout = ctx.layout(x)
         A, B, scale, token_routing = ctx.routing(layout).route(self, tokens, layout, ctx)
         out = grouped_lora_routed(tokens, A, B, scale, token_routing, out=out)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out if flat else out.view(*x.shape[:-1], out.shape[-1])

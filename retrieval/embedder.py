@@ -103,14 +103,13 @@ class Embedder:
 
 
 def resolve_embedder(spec: EmbedderSpec) -> Embedder:
-    """An Embedder matching `spec`: its recorded path, or the bundled model if that is what it names."""
-    path = spec.path
+    """An Embedder matching `spec`: this install's bundled model if that is what it names (its recorded path is
+    another install's), else its recorded path."""
+    path = default_model_path() if spec.name == DEFAULT_NAME else spec.path
     if not Path(path).is_dir():
-        if spec.name != DEFAULT_NAME:
-            raise RetrievalError(
-                f"the index's embedder folder {path} ({spec.name}) does not exist here; pass embedder=Embedder(path)"
-            )
-        path = default_model_path()
+        raise RetrievalError(
+            f"the index's embedder folder {path} ({spec.name}) does not exist here; pass embedder=Embedder(path)"
+        )
     embedder = Embedder(path, prefix=spec.prefix)
     spec.check_compatible(embedder.spec)
     return embedder

@@ -1,12 +1,16 @@
-"""attach_router / router_stats / disable_experts: a router over a model's frozen expert bank.
+"""attach_router / router_stats / disable_experts / export_experts: a router per LoRA layer of a model.
 
     model = attach_router(hf_model, MoLEConfig(), experts=adapters)   # attaches the bank, one gate per LoRA layer
     model = attach_router(hf_model, ArrowConfig(top_k=3), experts=adapters)
+    model = attach_router(hf_model, SiRAConfig(num_experts=8, top_k=2))   # new trainable experts, no experts=
     router_stats(model)   # {layer path: {"tokens": [E], "mean_gate": [E], "entropy": float}} over real tokens
+    adapters = export_experts(model)   # SiRA / LoRAMoE: each trained expert as a LoraAdapter
 """
 
 from __future__ import annotations
 
+import contextlib
+import zlib
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -17,16 +21,29 @@ from lorahub_engine.attach import set_router
 from lorahub_engine.lora_layer import LoraLayer
 from routers.arrow import ArrowRouter, prototypes
 from routers.base import Router
-from routers.config import ArrowConfig, MoLEConfig
+from routers.config import ArrowConfig, LoRAMoEConfig, MoLEConfig, SiRAConfig
 from routers.errors import RouterError
+from routers.experts import new_experts
+from routers.loramoe import LoRAMoERouter
 from routers.mole import MoLEGate
+from routers.sira import SiRARouter
+
+Config = MoLEConfig | ArrowConfig | SiRAConfig | LoRAMoEConfig
 
 
-def attach_router(hf_model: nn.Module, config: MoLEConfig | ArrowConfig, experts: Iterable[le.LoraAdapter]
+def attach_router(hf_model: nn.Module, config: Config, experts: Iterable[le.LoraAdapter] | None = None
                   ) -> nn.Module:
-    """Attach `experts` (frozen, in this order) to `hf_model` in place and give every LoRA layer a router."""
-    if not isinstance(config, (MoLEConfig, ArrowConfig)):
-        raise RouterError(f"config must be a MoLEConfig or an ArrowConfig, got {type(config).__name__}")
+    """Give every LoRA layer of `hf_model` (in place) a router. MoLE and Arrow: over `experts`, attached frozen in
+    this order. SiRA and LoRAMoE: over new experts (expert0, expert1, ...; see routers.experts), no `experts`."""
+    if not isinstance(config, (MoLEConfig, ArrowConfig, SiRAConfig, LoRAMoEConfig)):
+        raise RouterError(f"config must be a MoLEConfig, ArrowConfig, SiRAConfig or LoRAMoEConfig, got "
+                          f"{type(config).__name__}")
+    if config.trains_experts:
+        if experts is not None:
+            raise RouterError(f"{config.method} trains its own new experts: call attach_router without experts=")
+        experts, config = new_experts(hf_model, config)
+    elif experts is None:
+        raise RouterError(f"{config.method} routes over given experts: pass experts=[...]")
     experts = list(experts)
     le.attach(hf_model, experts)
     layers = lora_layers(hf_model)
@@ -40,6 +57,8 @@ def update_experts(model: nn.Module, add: Iterable[le.LoraAdapter] = (), remove:
     keeps its learned or computed rows for the experts that stay, and only the new experts get new rows (Arrow:
     their own prototypes; MoLE: zero gate rows)."""
     routers, names = routers_of(model), le.attached_names(model)
+    if next(iter(routers.values())).config.trains_experts:
+        raise RouterError("update_experts changes a bank of given experts (MoLE, Arrow); SiRA and LoRAMoE own theirs")
     unknown = sorted(set(remove) - set(names))
     if unknown:
         raise RouterError(f"cannot remove {unknown}: not among the attached experts {names}")
@@ -72,11 +91,16 @@ def _resized(old: Router, keep: list[int], layer: LoraLayer, added: int) -> Rout
     return router.to(old.disabled.device).train(old.training)
 
 
-def build_router(layer: LoraLayer, config: MoLEConfig | ArrowConfig) -> Router:
-    """A fresh router for one LoRA layer, on the layer's device (Arrow: prototypes from the layer's bank)."""
+def build_router(layer: LoraLayer, config: Config) -> Router:
+    """A fresh router for one LoRA layer, on the layer's device (Arrow: prototypes from the layer's bank; SiRA and
+    LoRAMoE: over the layer's own experts, a prefix of the bank, from a generator seeded by seed and path)."""
     E, _, d_in = layer.lora_A.shape
     if isinstance(config, MoLEConfig):
         router = MoLEGate(d_in, E, config)
+    elif config.trains_experts:
+        own = sum(r > 0 for r in layer.ranks)
+        seed = config.seed * 100_003 + zlib.crc32(layer.path.encode())
+        router = (SiRARouter if isinstance(config, SiRAConfig) else LoRAMoERouter)(d_in, own, config, seed)
     else:
         router = ArrowRouter(prototypes(layer.lora_A.detach(), layer.lora_B.detach()), config)
     return router.to(layer.lora_A.device).eval()
@@ -100,8 +124,9 @@ def disable_experts(model: nn.Module, names: Sequence[str]) -> None:
     unknown = sorted(set(names) - set(bank))
     if unknown:
         raise RouterError(f"cannot disable {unknown}: not among the attached experts {bank}")
+    off = torch.tensor([n in names for n in bank])
     for router in routers_of(model).values():
-        router.disabled.copy_(torch.tensor([n in names for n in bank]))
+        router.disabled.copy_(off[: router.num_experts])  # SiRA / LoRAMoE: a layer may have fewer experts
 
 
 def router_stats(model: nn.Module) -> dict[str, dict]:
@@ -125,5 +150,47 @@ def reset_router_stats(model: nn.Module) -> None:
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable tensors of every router (MoLE: gate weights and temperatures; Arrow: none)."""
-    return [p for router in routers_of(model).values() for p in router.parameters()]
+    """What train_router trains: every router's tensors (MoLE: gate weights and temperatures; Arrow: none; SiRA,
+    LoRAMoE: router weights) and, where the router trains its experts, each layer's expert factors."""
+    routers = routers_of(model)
+    params = [p for router in routers.values() for p in router.parameters()]
+    if next(iter(routers.values())).config.trains_experts:
+        params += [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
+    return params
+
+
+@contextlib.contextmanager
+def sample_types(model: nn.Module, types: Sequence[int | None] | None):
+    """Within the block, every router knows the type of each batch row (LoRAMoE's localized balance reads it; other
+    routers ignore it): an expert-group index, or None for an untyped row. types None: no types."""
+    routers = routers_of(model)
+    config = next(iter(routers.values())).config
+    groups = getattr(config, "expert_groups", None)
+    if types is not None and groups is not None:
+        bad = [t for t in types if t is not None and not 0 <= t < len(groups)]
+        if bad:
+            raise RouterError(f"sample types must be expert-group indices in [0, {len(groups)}), got {bad[:3]}")
+    tensor = None if types is None or all(t is None for t in types) else torch.tensor(
+        [-1 if t is None else t for t in types], device=next(model.parameters()).device)
+    try:
+        for router in routers.values():
+            router.sample_types = tensor
+        yield model
+    finally:
+        for router in routers.values():
+            router.sample_types = None
+
+
+def export_experts(model: nn.Module) -> list[le.LoraAdapter]:
+    """Each trained expert of a SiRA or LoRAMoE model as a LoraAdapter over the modules that have it (bank order;
+    `.save(folder)` writes a PEFT folder). Attached alone, expert i gives the MoE's forward with every gate on i."""
+    config = next(iter(routers_of(model).values())).config
+    if not config.trains_experts:
+        raise RouterError(f"export_experts exports the experts a router trained (SiRA, LoRAMoE); {config.method} "
+                          "routes over the experts you attached")
+    model_id = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "") or None
+    adapters = []
+    for adapter in le.read_adapters(model):
+        conv1d = any(not isinstance(model.get_submodule(p).base, nn.Linear) for p in adapter.modules)
+        adapters.append(adapter.with_modules(adapter.modules, base_model=model_id, fan_in_fan_out=conv1d))
+    return adapters

@@ -28,6 +28,7 @@ class Router(nn.Module):
         self.register_buffer("usage_probs", torch.zeros(num_experts), persistent=False)
         self.register_buffer("usage_entropy", torch.zeros(()), persistent=False)
         self.register_buffer("usage_count", torch.zeros(()), persistent=False)
+        self.sample_types: torch.Tensor | None = None  # [rows] of this forward (-1 = untyped); see api.sample_types
 
     def reset_usage(self) -> None:
         for buffer in (self.usage_tokens, self.usage_probs, self.usage_entropy, self.usage_count):

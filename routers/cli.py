@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from lorahub_engine.cli.options import add_threads, load_language_model, read_examples, set_threads
 from lorahub_engine.fewshot import example_losses, generate_answers
+from lorahub_engine.progress import progress_bar
 from lorahub_engine.search.objective import encode_pairs
 from lorahub_engine.zoo import AdapterZoo
 from routers.api import attach_router, reset_router_stats, router_stats
@@ -106,7 +106,7 @@ def _batches(examples, size):
 def run_route_eval(args: argparse.Namespace) -> int:
     model, tokenizer, examples = _routed(args)
     losses, answers = [], []
-    for chunk in tqdm(_batches(examples, args.batch_size), desc="eval"):
+    for chunk in progress_bar(_batches(examples, args.batch_size), desc="eval"):
         losses += example_losses(model, encode_pairs(model, tokenizer, chunk)).tolist()
         answers += generate_answers(model, tokenizer, [x for x, _ in chunk])
     exact = sum(a == y.strip() for a, (_, y) in zip(answers, examples)) / len(examples)
@@ -120,7 +120,7 @@ def run_route_eval(args: argparse.Namespace) -> int:
 def run_route_stats(args: argparse.Namespace) -> int:
     model, tokenizer, examples = _routed(args)
     reset_router_stats(model)
-    for chunk in tqdm(_batches(examples, args.batch_size), desc="stats"):
+    for chunk in progress_bar(_batches(examples, args.batch_size), desc="stats"):
         batch = encode_pairs(model, tokenizer, chunk)
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
               **({"decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=batch.labels)}

@@ -80,6 +80,11 @@ def join() -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 
+def process_rank() -> int:
+    """This process's rank in the initialized default process group; 0 without one."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Tensors as one float32 vector on the first one's device."""
     device = tensors[0].device

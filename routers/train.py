@@ -1,10 +1,12 @@
-"""train_router: fit a router's gates on (input, answer) examples; experts and base stay frozen.
+"""train_router: fit a router on (input, answer) or (input, answer, type) examples; the base stays frozen.
 
     history = train_router(model, tokenizer, examples, steps=300, lr=5e-3, batch_size=8, seed=0)
 
-loss = mean answer-token cross-entropy (lorahub_engine.fewshot, as LoraHub's objective) + the routers' auxiliary
-losses (each already weighted, summed by name and averaged over the LoRA layers). Padding never counts: answers are
-masked by their labels, routing statistics by the forward's attention mask.
+What trains is `routers.api.router_parameters`: the gates over frozen experts (MoLE), or the routers and their own
+experts together (SiRA, LoRAMoE). loss = mean answer-token cross-entropy (lorahub_engine.fewshot, as LoraHub's
+objective) + the routers' auxiliary losses (each already weighted, summed by name and averaged over the LoRA
+layers). An example's optional third field is its type (an expert-group index or None; LoRAMoE's localized balance
+reads it). Padding never counts: answers are masked by their labels, routing statistics by the attention mask.
 
 Data-parallel (started by torchrun or accelerate launch; routers.distributed): each of the W ranks runs this same
 call with the same examples and arguments. A step draws one global batch of batch_size x W examples (the stream
@@ -29,7 +31,7 @@ from lorahub_engine.attach import router_outputs
 from lorahub_engine.fewshot import example_losses
 from lorahub_engine.progress import progress_bar
 from lorahub_engine.search.objective import encode_pairs
-from routers.api import router_parameters, routers_of
+from routers.api import router_parameters, routers_of, sample_types
 from routers.base import masked_mean
 from routers.distributed import Ranks, join
 from routers.errors import RouterError
@@ -45,9 +47,9 @@ class RouterHistory:
     usage: list[list[float]] = field(default_factory=list)
 
 
-def train_router(model, tokenizer, examples: Sequence[tuple[str, str]], steps: int = 300, lr: float = 5e-3,
+def train_router(model, tokenizer, examples: Sequence[tuple], steps: int = 300, lr: float = 5e-3,
                  batch_size: int = 8, seed: int = 0, progress: bool = True) -> RouterHistory:
-    """Adam on the routers' parameters only, `steps` batches of `batch_size` examples (per rank, see above) drawn
+    """Adam on `router_parameters(model)` only, `steps` batches of `batch_size` examples (per rank, see above) drawn
     without replacement (reshuffled each pass, `random.Random(seed)`). Every other tensor of the model is left
     bit-identical."""
     examples = _checked(examples, steps, batch_size, lr)
@@ -70,9 +72,10 @@ def train_router(model, tokenizer, examples: Sequence[tuple[str, str]], steps: i
             router.train()
         draws = _batches(len(examples), batch_size * ranks.world, random.Random(seed))
         for _ in progress_bar(range(steps), progress=progress and ranks.main, desc="router"):
-            batch = encode_pairs(model, tokenizer, [examples[i] for i in ranks.shard(next(draws))])
+            rows = [examples[i] for i in ranks.shard(next(draws))]
+            batch = encode_pairs(model, tokenizer, [row[:2] for row in rows])
             batch = batch.to(next(model.parameters()).device)
-            with router_outputs(model) as records:
+            with router_outputs(model) as records, sample_types(model, [row[2] for row in rows]):
                 task = example_losses(model, batch).mean()
             aux, usage = summarize(records)
             loss = task + sum(aux.values(), torch.zeros(()))
@@ -91,7 +94,8 @@ def train_router(model, tokenizer, examples: Sequence[tuple[str, str]], steps: i
 
 def summarize(records: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Auxiliary losses by name (summed over forwards, averaged over layers) and usage [E] (each expert's mean
-    probability over real tokens, averaged over layers) of the router records of one or more forwards."""
+    probability over real tokens, averaged over layers; E the most experts of any layer) of the router records of
+    one or more forwards."""
     calls = [record for forward in records for record in forward.values()]
     if not calls:
         raise RouterError("no router ran in the forward: is a routing(...) block overriding the router?")
@@ -99,8 +103,9 @@ def summarize(records: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tenso
     for output, _ in calls:
         for name, value in output.aux.items():
             aux[name] = aux.get(name, 0) + value / len(calls)
-    usage = torch.stack([masked_mean(output.probs.detach().float(), layout.real(output.probs.device))
-                         for output, layout in calls]).mean(0)
+    means = [masked_mean(output.probs.detach().float(), layout.real(output.probs.device)) for output, layout in calls]
+    width = max(len(m) for m in means)  # experts may differ by layer (MoLA): a layer's missing experts count 0
+    usage = torch.stack([torch.nn.functional.pad(m, (0, width - len(m))) for m in means]).mean(0)
     return aux, usage
 
 
@@ -126,10 +131,14 @@ def _batches(n: int, size: int, rng: random.Random):
         pool = pool[size:]
 
 
-def _checked(examples, steps, batch_size, lr) -> list[tuple[str, str]]:
+def _checked(examples, steps, batch_size, lr) -> list[tuple[str, str, int | None]]:
+    """Examples as (input, answer, type) triples (type None where the example has none)."""
     examples = [tuple(e) for e in examples]
-    if not examples or any(len(e) != 2 or not all(isinstance(s, str) for s in e) for e in examples):
-        raise RouterError("examples must be a non-empty list of (input, answer) string pairs")
+    if not examples or any(len(e) not in (2, 3) or not all(isinstance(s, str) for s in e[:2]) for e in examples):
+        raise RouterError("examples must be a non-empty list of (input, answer) or (input, answer, type) tuples")
+    examples = [e if len(e) == 3 else (*e, None) for e in examples]
+    if any(e[2] is not None and (isinstance(e[2], bool) or not isinstance(e[2], int)) for e in examples):
+        raise RouterError("an example's type (its third field) must be an int expert-group index or None")
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise RouterError(f"{name} must be a positive int, got {value!r}")

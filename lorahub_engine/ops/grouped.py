@@ -8,7 +8,8 @@ A backend is a module with four functions over one `plan` it builds from `idx`:
     plan(idx[T,k], num_experts)            -> opaque metadata (pairs grouped by expert)
     shrink(x[T,in], A[E,r,in], plan)       -> u[T*k, r] acc,   u[p] = A[e] @ x[t]          (0 where idx < 0)
     expand(u[T*k,r], B[E,out,r], coef[T*k], plan, out[T,out] | None) -> out,  out[t] += sum_j coef[p] * B[e] @ u[p]
-                                           (out None: a new [T, out] tensor of u's dtype holding the sums)
+                                           (out None: a new [T, out] tensor of u's dtype holding the sums; a plan
+                                           whose `scalar_coefficient` is true also takes coef as one Python float)
     outer(left[T*k,a], right[T,b], plan)   -> g[E,a,b] acc,   g[e] = sum_{p: idx=e} left[p]^T right[t]
 "acc" is the accumulation dtype: fp32 for half inputs, the input's own precision above that.
 The forward and the backward below are written once in terms of these, so every backend trains the same way.
@@ -46,6 +47,7 @@ class TokenRouting:
         self.gates = torch.ones(idx.shape, device=idx.device) if gates is None else gates
         self._plans: dict[tuple[str, int], object] = {}
         self._pairs: tuple | None = None  # (gates' version, masked gates [T*k], clamped idx [T*k])
+        self._uniform: tuple | None = None  # (gates' version, expert, gate) when every token uses one expert
 
     @property
     def num_tokens(self) -> int:
@@ -65,15 +67,40 @@ class TokenRouting:
     def coefficients(self, scale: torch.Tensor) -> torch.Tensor:
         """coef[p] = gates[t, j] * scale[e] for valid pairs, 0 for idx == -1. Shape [T*k], at least fp32: two ops per
         call, the masking of gates done once per routing (and again only if gates change)."""
-        if self._pairs is None or self._pairs[0] != self.gates._version:
+        version = _version(self.gates)
+        if self._pairs is None or version is None or self._pairs[0] != version:
             dtype = torch.promote_types(self.gates.dtype, torch.float32)
             valid = self.idx >= 0
             gates = torch.where(valid, self.gates.detach().to(dtype), 0).reshape(-1)
-            self._pairs = (self.gates._version, gates, self.idx.clamp(min=0).reshape(-1))
+            self._pairs = (version, gates, self.idx.clamp(min=0).reshape(-1))
         _, gates, safe_idx = self._pairs
         if scale.dtype != gates.dtype:
             scale = scale.to(gates.dtype)
         return gates * scale.index_select(0, safe_idx)
+
+    def uniform_coefficient(self, scale: torch.Tensor) -> float | None:
+        """The one coefficient gates[t, 0] * scale[e] of every token as a Python float when every token uses the same
+        single expert e (k = 1; one token, or one row expanded over the tokens) and gates are the same for all, on the
+        CPU (reading a value back is free there; on CUDA it would wait for the device); None otherwise. The gate is read
+        once per routing (again only if gates change), which every layer of the forward shares."""
+        if self.idx.is_cuda or self.idx.shape[1] != 1 or self.gates.requires_grad:
+            return None
+        T, version = self.idx.shape[0], _version(self.gates)
+        if self._uniform is None or version is None or self._uniform[0] != version:
+            same = T == 1 or (T > 1 and self.idx.stride(0) == 0 and self.gates.stride(0) == 0)
+            self._uniform = (version, int(self.idx[0, 0]), float(self.gates[0, 0])) if same else (version, None, None)
+        _, expert, gate = self._uniform
+        if expert is None:
+            return None
+        if expert < 0:
+            return 0.0
+        return gate * float(scale[expert])
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """t's in-place version counter; None for a tensor made under torch.inference_mode (it keeps none: whatever is
+    cached from it is recomputed at every call)."""
+    return None if t.is_inference() else t._version
 
 
 def grouped_lora(
@@ -113,7 +140,9 @@ def grouped_lora_routed(
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
                                     or routing.gates.requires_grad or (out is not None and out.requires_grad)):
         return _GroupedLora.apply(out, x, A, B, scale, routing.gates, routing, impl, plan)
-    return _forward(impl, plan, routing.coefficients(scale), x, A, B, out)[0]
+    # one expert for every token: the coefficient as a float the plan folds into its matmul (no per-call tensor ops)
+    coef = routing.uniform_coefficient(scale) if getattr(plan, "scalar_coefficient", False) else None
+    return _forward(impl, plan, routing.coefficients(scale) if coef is None else coef, x, A, B, out)[0]
 
 
 def resolve_backend(name: str, x: torch.Tensor) -> ModuleType:

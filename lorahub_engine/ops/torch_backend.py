@@ -289,22 +289,31 @@ class SegmentPlan:
 @dataclass(frozen=True)
 class UniformPlan:
     """Every token routes to the same k experts (a single token, or one row expanded over the tokens): shrink and
-    expand are one matmul each over all tokens with the k experts' factors side by side (for k = 1 a view of the
-    bank, no copy); nothing sorted, nothing read back from the device per call."""
+    expand are one matmul each over all tokens with the k experts' factors side by side (for k = 1 views of the
+    bank, and the coefficient, a float, is the expand's alpha); nothing sorted,
+    nothing read back from the device per call."""
 
     experts: tuple[int, ...]  # (k,) -1 = none
     index: torch.Tensor  # (k,) the experts, -1 read as 0 (its pairs are masked)
     num_tokens: int
     num_experts: int
 
+    @property
+    def scalar_coefficient(self) -> bool:
+        """expand takes coef as one float for all tokens (one expert, the same coefficient for every token)."""
+        return len(self.experts) == 1
+
     def walk(self, *tensors: torch.Tensor) -> str:
         return "uniform"
 
-    def _side_by_side(self, W: torch.Tensor) -> torch.Tensor:
-        """W [E, r, n] (a view may do) -> the k experts' [r, n] stacked, [k*r, n]."""
+    def _side_by_side(self, W: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """W [E, r, n] -> the k experts' [r, n] stacked, [k*r, n] (transposed: [E, n, r] -> [k*r, n]); for k = 1 a
+        view of W, no copy."""
         if len(self.experts) == 1:
-            return W.select(0, max(self.experts[0], 0))
-        return W.index_select(0, self.index).flatten(0, 1)
+            view = W.select(0, max(self.experts[0], 0))  # (r, n) or (n, r)
+            return view.t() if transpose else view
+        side = W.index_select(0, self.index)  # (k, r, n) or (k, n, r)
+        return (side.transpose(1, 2) if transpose else side).flatten(0, 1)
 
     def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         u = _as(torch.nn.functional.linear(x, self._side_by_side(A)), accum_dtype(x.dtype))  # (T, k*r) = (T*k, r)
@@ -315,12 +324,15 @@ class UniformPlan:
             u.view(T, k, r)[:, [j for j, e in enumerate(self.experts) if e < 0]] = 0
         return u.view(T * k, r)
 
-    def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor | float,
+               out: torch.Tensor | None) -> torch.Tensor:
         dtype = u.dtype if out is None else out.dtype
-        scaled = _as(u * coef.unsqueeze(1), dtype)  # (T*k, r); empty slots: coef 0
+        Bt = _as(self._side_by_side(B, transpose=True), dtype)  # (k*r, out)
+        if isinstance(coef, float) and u.dtype == dtype:  # one coefficient, no cast: the matmul's alpha
+            return torch.mm(u, Bt).mul_(coef) if out is None else out.addmm_(u, Bt, alpha=coef)
+        scaled = _as(u * (coef if isinstance(coef, float) else coef.unsqueeze(1)), dtype)  # (T*k, r); empty: coef 0
         if len(self.experts) > 1:
             scaled = scaled.view(self.num_tokens, -1)  # (T, k*r)
-        Bt = _as(self._side_by_side(B.transpose(1, 2)), dtype)  # (k*r, out)
         return torch.mm(scaled, Bt) if out is None else out.addmm_(scaled, Bt)
 
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

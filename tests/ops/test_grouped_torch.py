@@ -209,3 +209,29 @@ def test_per_token_layouts_take_half_inputs(T, E):
     half = grouped_lora(x.half(), A.half(), B.half(), scale, idx, gates, backend="torch")
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), ref, rtol=2e-2, atol=5e-2)
+
+
+def test_gates_made_under_inference_mode_route_as_any_other():
+    """A learned router's gates under torch.inference_mode are inference tensors (no version counter)."""
+    x, A, B, scale, idx, gates = make_case(T=12, E=4, r=3, d_in=8, d_out=6, k=2, seed=5)
+    expected = grouped_lora_reference(x, A, B, scale, idx, gates)
+    with torch.inference_mode():
+        routing = TokenRouting(idx.clone(), gates.clone())  # made in the mode, as a router's output is
+        torch.testing.assert_close(grouped_lora_routed(x, A, B, scale, routing), expected)
+        routing.gates.mul_(2)  # and changed in place there: the next call follows
+        torch.testing.assert_close(grouped_lora_routed(x, A, B, scale, routing), 2 * expected)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_one_expert_for_every_token_under_inference_mode(T):
+    """The uniform plan's float coefficient reads no version counter from inference tensors (gates and a scale made
+    in the mode, changed in place there)."""
+    x, A, B, scale, _, _ = make_case(T=T, E=3, r=2, d_in=8, d_out=6, k=1, seed=7)
+    idx = torch.full((1, 1), 2).expand(T, 1)  # one row expanded over its tokens (stride 0), as a layer routes it
+    expected = grouped_lora_reference(x, A, B, scale, idx, torch.ones(T, 1))
+    with torch.inference_mode():
+        gates, scale = torch.ones(1, 1).expand(T, 1), scale.clone()
+        routing = TokenRouting(idx, gates)
+        torch.testing.assert_close(grouped_lora_routed(x, A, B, scale, routing), expected)
+        scale.mul_(3)
+        torch.testing.assert_close(grouped_lora_routed(x, A, B, scale, routing), 3 * expected)

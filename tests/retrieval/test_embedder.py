@@ -63,3 +63,15 @@ def test_spec_compatibility(embedder):
     embedder.spec.check_compatible(Embedder().spec)
     with pytest.raises(EmbedderMismatchError, match="prefix"):
         embedder.spec.check_compatible(Embedder(prefix=TASK_PREFIX).spec)
+
+
+def test_an_index_of_the_bundled_model_resolves_to_this_installs_copy(tmp_path):
+    """A shipped index records the bundled model's path in the install that built it; another install (whose path
+    differs, or where that path holds something else) must use its own copy."""
+    from retrieval.embedder import EmbedderSpec, resolve_embedder
+
+    elsewhere = tmp_path / "model"  # an existing folder at the recorded path that is not this install's model
+    elsewhere.mkdir()
+    for path in (elsewhere, tmp_path / "absent"):
+        embedder = resolve_embedder(EmbedderSpec(DEFAULT_NAME, str(path), None, 384))
+        assert embedder.name == DEFAULT_NAME and embedder.path != str(path)

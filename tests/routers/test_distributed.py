@@ -21,7 +21,7 @@ from lorahub_engine.cli import main
 from lorahub_engine.fewshot import example_losses
 from lorahub_engine.search.objective import encode_pairs
 from lorahub_engine.zoo import AdapterZoo
-from routers import MoLEConfig, attach_router, train_router
+from routers import LoRAMoEConfig, MoLEConfig, SiRAConfig, attach_router, train_router
 from routers.api import router_parameters, routers_of
 from routers.train import _batches, summarize
 from tests.routers.conftest import experts
@@ -41,6 +41,10 @@ CASES = {
     "mole-dense": (MoLEConfig(top_k=None, balance_weight=0.0), True),
     "mole-dense-sequence": (MoLEConfig(top_k=None, granularity="sequence", balance_weight=0.0), True),
     "mole-top2-balance": (MoLEConfig(top_k=2, balance_weight=0.5), False),
+    "sira-top2": (SiRAConfig(num_experts=4, top_k=2, rank=2, capacity_factor=1.0, gate_dropout=0.0,
+                             target_modules=("q_proj", "v_proj", "down_proj")), False),
+    "loramoe-dense": (LoRAMoEConfig(num_experts=3, rank=2, target_modules=("q_proj", "down_proj"),
+                                    balance_weight=0.0), True),
 }
 
 
@@ -48,7 +52,7 @@ def routed(config):
     """A fresh tiny Llama with 3 frozen experts and `config`'s router (the same in every process: seeded)."""
     tokenizer = word_tokenizer(WORDS)
     base = tiny_llama_for(tokenizer)
-    return attach_router(base, config, experts(base, n=3)), tokenizer
+    return attach_router(base, config, None if config.trains_experts else experts(base, n=3)), tokenizer
 
 
 def state(model) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ def test_balance_loss_is_minus_log_prod_of_mean_gates_over_real_tokens():
     out = gate(x, TokenLayout(1, 4, torch.tensor([True, True, True, False])))
     torch.testing.assert_close(out.probs[:3], wanted)
     q = [0.5, 0.2, 0.3]  # column means of `wanted`
-    assert float(out.aux["balance"]) == pytest.approx(0.5 * -math.log(q[0] * q[1] * q[2]), rel=1e-6)
+    assert float(out.aux["balance"].detach()) == pytest.approx(0.5 * -math.log(q[0] * q[1] * q[2]), rel=1e-6)
     assert float(balance_loss(torch.full((4,), 0.25))) == pytest.approx(4 * math.log(4), rel=1e-6)
     assert gate.eval()(x, TokenLayout(1, 4)).aux == {}  # evaluation: no auxiliary loss
 

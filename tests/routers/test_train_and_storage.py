@@ -9,7 +9,7 @@ import torch
 import lorahub_engine as le
 from routers import (ArrowConfig, MoLEConfig, RouterError, attach_router, load_router, reset_router_stats,
                      router_stats, save_router, train_router)
-from tests.routers.conftest import experts, fresh
+from tests.routers.conftest import assert_cached_generate_equals_recompute, experts, fresh
 from tests.tiny_models import tiny_llama_for, word_tokenizer
 
 WORDS = [f"w{i}" for i in range(20)]
@@ -82,13 +82,4 @@ def test_generate_with_kv_cache_equals_a_full_recompute(setup, config):
     model = attach_router(fresh(base), config, bank)
     if isinstance(config, MoLEConfig):
         train_router(model, tokenizer, EXAMPLES, steps=5, lr=5e-2, batch_size=4, progress=False)
-    x = torch.tensor([[0, 0, 1, 5, 6], [1, 7, 8, 9, 10]])
-    mask = (x != 0).long()
-    out = model.generate(x, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None,
-                         output_logits=True, return_dict_in_generate=True)
-    for step, logits in enumerate(out.logits):
-        full = torch.cat([mask, torch.ones(2, step, dtype=torch.long)], 1)
-        with torch.no_grad():
-            ref = model(out.sequences[:, : 5 + step], attention_mask=full,
-                        position_ids=(full.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
-        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    assert_cached_generate_equals_recompute(model)

@@ -1,0 +1,67 @@
+"""Base / ours / PEFT generate side by side on a few SmolLM2-shaped layers (1 request, 1 adapter, 48 new tokens),
+and per LoRA layer call the time each adds over the base; `--profile` adds cProfile of ours (the dispatch's Python).
+
+    HF_HUB_OFFLINE=1 python -m benchmarks.latency_generate_profile [--layers 6] [--rounds 5] [--profile]
+
+CPU seconds of the process (robust on a shared box), best of the rounds, 1 thread. The full 30-layer table at 1
+and 2 threads is benchmarks/bench_latency.py; this is its quick probe of the trivial routing's fixed cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import pstats
+import time
+
+import torch
+
+import lorahub_engine as le
+from benchmarks.bench_latency import NEW_TOKENS, PROMPT, VOCAB, build_causal_lm, peft_model, random_adapters
+
+PROJECTIONS = 7  # LoRA layer calls per decoder layer (every projection adapted)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    base = build_causal_lm(args.layers)
+    adapters = random_adapters(base, 16, g)
+    ours, peft = le.attach(copy.deepcopy(base), adapters[:1]), peft_model(copy.deepcopy(base), adapters[:1])
+    ids = torch.randint(0, VOCAB, (1, PROMPT), generator=g)
+    options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True)
+
+    def routed():
+        with le.routing(ours, torch.zeros(1, 1, dtype=torch.long)):
+            return ours.generate(ids, **options)
+
+    runs = {"base": lambda: base.generate(ids, **options), "ours": routed,
+            "peft": lambda: peft.generate(input_ids=ids, **options)}
+    best = dict.fromkeys(runs, float("inf"))
+    with torch.no_grad():
+        for run in runs.values():
+            run()
+        for _ in range(args.rounds):
+            for name, run in runs.items():
+                start = time.process_time()
+                run()
+                best[name] = min(best[name], time.process_time() - start)
+        calls = NEW_TOKENS * args.layers * PROJECTIONS
+        added = {name: (best[name] - best["base"]) / calls * 1e6 for name in ("ours", "peft")}
+        print({name: round(s, 3) for name, s in best.items()},
+              {f"{name} - base per call (us)": round(us, 1) for name, us in added.items()})
+        if args.profile:
+            profile = cProfile.Profile()
+            profile.runcall(routed)
+            pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+    return {"seconds": best, "added_us_per_call": added}
+
+
+if __name__ == "__main__":
+    main()
