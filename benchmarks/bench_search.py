@@ -1,7 +1,7 @@
 """Cost of a LoraHub search's evaluations: the reference's merge-and-rerun against routing gates on attached adapters.
 
     HF_HUB_OFFLINE=1 python -m benchmarks.bench_search [--base tiny|smollm2] [--candidates 40] [--repeats 3]
-        [--threads 1] [--clock process|wall]
+        [--threads 1] [--clock process|wall] [--ways fast_one_by_one ...]
 
 20 adapters and the 5 few-shot examples of the held-out task `navigate`; the same `--candidates` weight vectors
 (uniform in [-1.5, 1.5], seeded) for every way. Adapter sets: tiny: 20 adapters of its shipped zoo (seeded draw);
@@ -15,12 +15,15 @@ down of layers 14-29 of 30).
   lengths_*         the examples in groups of equal length, padding trimmed (by_length=True only)
   prompt_*          the opening tokens all examples share run once per candidate, a KV cache (share_prompt=True only)
   prefix_*          the layers below the lowest adapted one run once, their output reused (reuse_prefix=True only)
-  fast_*            all three (opt-in: FewShotObjective's defaults are all off)
+  fast_*            all three
+  default_*         FewShotObjective's defaults, what lorahub_search runs (share_prompt and reuse_prefix on,
+                    by_length off: on one CPU thread its extra forwards cost more than the padding they save)
   *_one_by_one / *_population_8 / *_population_all: 1, 8 or all candidates per batched forward
-  fast_setup        building the FewShotObjective with all three (its checks and the prefix capture), once per search
+  default_setup     building the default FewShotObjective (its checks and the prefix capture), once per search
 The optimizer is left out (it proposes the same number of points in every way). Every way must give the same
 cross-entropies (checked); the script prints ms per candidate, the speedups over merge_and_rerun, and the speedup
-of one search of 40 candidates one by one (fast_setup + 40 x fast_one_by_one against 40 x merge_and_rerun).
+of one search of 40 candidates one by one, LoraHub's sequential loop (default_setup + 40 x default_one_by_one against
+40 x merge_and_rerun).
 """
 
 from __future__ import annotations
@@ -44,10 +47,12 @@ TASK, MODULES, SEED, SEARCH = "navigate", 20, 0, 40  # SEARCH: LoraHub's budget,
 NONE = dict(by_length=False, share_prompt=False, reuse_prefix=False)
 LEVERS = {"padded": NONE, "lengths": {**NONE, "by_length": True}, "prompt": {**NONE, "share_prompt": True},
           "prefix": {**NONE, "reuse_prefix": True},
-          "fast": dict(by_length=True, share_prompt=True, reuse_prefix=True)}
+          "fast": dict(by_length=True, share_prompt=True, reuse_prefix=True),
+          "default": {}}  # FewShotObjective's defaults: what lorahub_search uses
 WAYS = {  # base -> (lever, population) per way; population None = all candidates in one forward
     "tiny": [(lever, p) for lever in LEVERS for p in (1, 8, None)],
-    "smollm2": [("padded", 1), ("padded", 8), ("lengths", 1), ("prompt", 1), ("prefix", 1), ("fast", 1), ("fast", 8)],
+    "smollm2": [("padded", 1), ("padded", 8), ("lengths", 1), ("prompt", 1), ("prefix", 1), ("fast", 1), ("fast", 8),
+                ("default", 1), ("default", 8)],
 }
 
 
@@ -99,17 +104,18 @@ def time_set(model, adapters, batch, weights, ways, repeats: int, clock: str) ->
     cases = {"merge_and_rerun": lambda: merge_and_rerun(model, adapters, batch, weights)}
     reference = cases["merge_and_rerun"]()
     attached = le.attach(copy.deepcopy(model), adapters)
-    objectives = {lever: FewShotObjective(attached, batch, **LEVERS[lever]) for lever in {lv for lv, _ in ways}}
+    levers = dict.fromkeys(lever for lever, _ in ways)  # in the ways' order: the same sequence in every process
+    objectives = {lever: FewShotObjective(attached, batch, **LEVERS[lever]) for lever in levers}
     for lever, population in ways:
         name = way_name(lever, population)
         cases[name] = lambda o=objectives[lever], p=population or len(weights): gates(o, weights, p)
         diff = float((cases[name]() - reference).abs().max())
         if diff > 1e-4:
             raise AssertionError(f"{name} disagrees with merge_and_rerun by {diff:.2e}")
-    if "fast" in objectives:
-        cases["fast_setup"] = lambda: FewShotObjective(attached, batch, **LEVERS["fast"])
+    if "default" in objectives:
+        cases["default_setup"] = lambda: FewShotObjective(attached, batch)
     timings = measure(cases, torch.device("cpu"), repeats, desc="evaluations", clock=CLOCKS[clock])
-    per_candidate = {name: t / len(weights) for name, t in timings["median"].items() if name != "fast_setup"}
+    per_candidate = {name: t / len(weights) for name, t in timings["median"].items() if name != "default_setup"}
     mr = per_candidate["merge_and_rerun"]
     result = {"seconds_per_candidate": per_candidate,
               "speedup_over_merge_and_rerun": {n: mr / t for n, t in per_candidate.items()},
@@ -117,10 +123,10 @@ def time_set(model, adapters, batch, weights, ways, repeats: int, clock: str) ->
               "length_groups": {lever: len(o.groups) for lever, o in objectives.items()},
               "shared_tokens": {lever: o.shared_tokens for lever, o in objectives.items()},
               "timings_s": timings}
-    if "fast" in objectives:
-        setup_s = timings["median"]["fast_setup"]
-        result["fast_setup_s"] = setup_s
-        result["search_speedup"] = SEARCH * mr / (setup_s + SEARCH * per_candidate["fast_one_by_one"])
+    if "default_one_by_one" in per_candidate:
+        setup_s = timings["median"]["default_setup"]
+        result["default_setup_s"] = setup_s
+        result["search_speedup"] = SEARCH * mr / (setup_s + SEARCH * per_candidate["default_one_by_one"])
     return result
 
 
@@ -132,20 +138,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="process",
                         help="process: CPU seconds of this process (steady on a shared box); wall: elapsed seconds")
+    parser.add_argument("--ways", nargs="+", default=None, metavar="WAY",
+                        help="time only these ways (e.g. fast_one_by_one; default: every way of the base), "
+                             "merge_and_rerun always")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     info = run_info()
+    ways = [way for way in WAYS[args.base] if args.ways is None or way_name(*way) in args.ways]
+    unknown = set(args.ways or ()) - {way_name(*way) for way in WAYS[args.base]}
+    if unknown:
+        parser.error(f"unknown ways for --base {args.base}: {sorted(unknown)}")
     base, sets, batch = setup(args.base)
     model = base.model.eval()
     rng = np.random.default_rng(SEED)
     weights = torch.from_numpy(rng.uniform(-1.5, 1.5, (args.candidates, MODULES))).float()
     with torch.no_grad():
-        results = {name: time_set(model, adapters, batch, weights, WAYS[args.base], args.repeats, args.clock)
+        results = {name: time_set(model, adapters, batch, weights, ways, args.repeats, args.clock)
                    for name, adapters in sets.items()}
     lengths = batch.attention_mask.sum(-1).tolist()
     result = {"env": {**info, "base": args.base, "clock": args.clock, "repeats": args.repeats,
-                      "candidates": args.candidates, "modules": MODULES, "examples": len(lengths),
+                      "candidates": args.candidates, "ways": [way_name(*way) for way in ways], "modules": MODULES,
+                      "examples": len(lengths),
                       "example_tokens": lengths, "load_avg_end": list(os.getloadavg())},
               "sets": results}
     print(json.dumps(result["env"]))
@@ -155,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, t in r["seconds_per_candidate"].items():
             print(f"  {name:26s} {t * 1e3:8.2f} ms / candidate   {r['speedup_over_merge_and_rerun'][name]:5.2f}x")
         if "search_speedup" in r:
-            print(f"  one search of {SEARCH} one by one (setup {r['fast_setup_s'] * 1e3:.0f} ms): "
+            print(f"  one search of {SEARCH} one by one, defaults (setup {r['default_setup_s'] * 1e3:.0f} ms): "
                   f"{r['search_speedup']:.2f}x over merge_and_rerun")
     out = args.out or Path(__file__).parent / "results" / f"bench_search_{args.base}.json"
     write_json_atomic(out, result, indent=1)
