@@ -258,3 +258,44 @@ def test_the_shared_opening_stops_before_the_position_that_predicts_an_answer(to
     seq2seq = encode_examples(tokenizer, [x for x, _ in EXAMPLES], [y for _, y in EXAMPLES], is_seq2seq=True)
     assert SharedPrompt.find(tiny_t5_for(tokenizer), batch) is None  # seq2seq: none
     assert SharedPrompt.find(tiny_t5_for(tokenizer), seq2seq) is None
+
+
+def _model_state(model):
+    """What an objective may touch on the attached model: instance attributes of its modules (a replaced forward),
+    forward hooks, the dispatch's routing stack and open forwards, train mode, the config's cache switch."""
+    dispatch = getattr(model, "_lorahub_attached").dispatch
+    return ([(name, sorted(k for k in vars(m) if not k.startswith("_") and k not in ("training",)))
+             for name, m in model.named_modules()],
+            [(name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()],
+            len(dispatch.stack), len(dispatch.contexts), model.training, model.config.use_cache)
+
+
+@torch.no_grad()
+def test_objectives_sharing_one_model_leave_each_other_exact(tokenizer):
+    """bench_search's sequence: every combination of savings built on ONE attached model, then evaluated in turn,
+    one by one and as populations, several rounds: each keeps the merge-and-rerun losses, whatever ran before it,
+    and the model's state is what it was before the first objective."""
+    factory, targets, _ = MODELS["llama"]
+    base = factory(tokenizer)
+    for adapters in (mixed_adapters(base, targets), upper_only(mixed_adapters(base, targets), 2)):
+        expected = merged_losses(base, tokenizer, adapters, WEIGHTS)
+        model = le.attach(copy.deepcopy(base), adapters)
+        before = _model_state(model)
+        batch = encode_pairs(model, tokenizer, EXAMPLES)
+        combos = [dict(by_length=a, share_prompt=b, reuse_prefix=c) for a in (False, True) for b in (False, True)
+                  for c in (False, True)]
+        objectives = [FewShotObjective(model, batch, **levers) for levers in combos]
+        for _ in range(2):
+            for o in objectives + objectives[::-1]:
+                torch.testing.assert_close(torch.cat([o.example_losses(w[None]) for w in WEIGHTS]), expected,
+                                           atol=1e-5, rtol=0)
+                torch.testing.assert_close(o.example_losses(WEIGHTS), expected, atol=1e-5, rtol=0)
+                assert _model_state(model) == before
+
+
+def test_defaults_share_the_prompt_and_reuse_the_prefix_but_keep_the_padded_batch(tokenizer):
+    factory, targets, _ = MODELS["llama"]
+    base = factory(tokenizer)
+    model = le.attach(copy.deepcopy(base), upper_only(mixed_adapters(base, targets), 2))
+    default = FewShotObjective(model, encode_pairs(model, tokenizer, EXAMPLES))
+    assert default.shared_tokens == SHARED and default.reused_layers == 2 and len(default.groups) == 1
