@@ -1,7 +1,8 @@
 """Small-batch latency (issue 16): the LoRA layer's fixed cost per call, and generate against PEFT.
 
     HF_HUB_OFFLINE=1 python -m benchmarks.bench_latency [--threads 1 2] [--repeats 3] [--layers 30]
-                                                        [--parts overhead generate] [--clock wall]
+                                                        [--parts overhead generate] [--scenarios 1x1 4x4 32x16]
+                                                        [--clock wall]
 
 Only public APIs (`le.attach`, `le.routing`, `model.generate`), so the script measures whatever layer main has.
 overhead   one 576 -> 576 projection (SmolLM2-135M's q_proj) called `--layers` times per forward (its weights stay
@@ -42,6 +43,7 @@ SEED, EXPERTS, RANK, TOP_K, WIDTH = 0, 16, 8, 2, 576
 TOKENS = {1: (1, 1), 8: (8, 1), 512: (8, 64)}  # tokens -> (rows, tokens per row)
 PROMPT, NEW_TOKENS, VOCAB = 16, 48, 512
 REQUESTS = {"1 request, 1 adapter": (1, 1), "4 requests, 4 adapters": (4, 4), "32 requests, 16 adapters": (32, 16)}
+SCENARIOS = {f"{requests}x{bank}": name for name, (requests, bank) in REQUESTS.items()}  # --scenarios 1x1 4x4 32x16
 
 clock = CLOCKS["wall"]  # set from --clock in main
 
@@ -170,13 +172,14 @@ def build_causal_lm(layers: int) -> nn.Module:
     return model
 
 
-def generate_table(layers: int, repeats: int) -> dict:
+def generate_table(layers: int, repeats: int, scenarios=tuple(SCENARIOS)) -> dict:
     g = torch.Generator().manual_seed(SEED)
     base = build_causal_lm(layers)
     adapters = random_adapters(base, EXPERTS, g)
     peft1, peft16 = peft_model(copy.deepcopy(base), adapters[:1]), peft_model(copy.deepcopy(base), adapters)
     report = {}
-    for scenario, (requests, bank) in REQUESTS.items():
+    for scenario in (SCENARIOS[name] for name in scenarios):
+        requests, bank = REQUESTS[scenario]
         ours = le.attach(copy.deepcopy(base), adapters[:bank])
         peft = peft1 if bank == 1 else peft16
         ids = torch.randint(0, VOCAB, (requests, PROMPT), generator=g)
@@ -244,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=30, help="30 for SmolLM2-135M; fewer for a quick smoke run")
     parser.add_argument("--parts", nargs="+", choices=("overhead", "generate"), default=["overhead", "generate"])
+    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS),
+                        help="generate: requests x adapters")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "bench_latency_cpu.json")
     args = parser.parse_args(argv)
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "overhead" in args.parts:
             entry["overhead_us"] = overhead(args.layers, args.repeats)
         if "generate" in args.parts:
-            entry["generate"] = generate_table(args.layers, args.repeats)
+            entry["generate"] = generate_table(args.layers, args.repeats, args.scenarios)
         _print(threads, entry)
         result["env"]["load_avg_end"] = os.getloadavg()
         write_json_atomic(args.out, result, indent=1)  # after each thread count: a long run keeps what it measured

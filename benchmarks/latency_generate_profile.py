@@ -1,9 +1,11 @@
 """Base / ours / PEFT generate side by side on a few SmolLM2-shaped layers (1 request, 1 adapter, 48 new tokens),
 and per LoRA layer call the time each adds over the base; `--profile` adds cProfile of ours (the dispatch's Python).
 
-    HF_HUB_OFFLINE=1 python -m benchmarks.latency_generate_profile [--layers 6] [--rounds 5] [--profile]
+    HF_HUB_OFFLINE=1 python -m benchmarks.latency_generate_profile [--layers 6] [--rounds 5] [--threads 1]
+                                                                   [--clock process] [--profile]
 
-CPU seconds of the process (robust on a shared box), best of the rounds, 1 thread. The full 30-layer table at 1
+CPU seconds of the process (robust on a shared box; with 2 threads it counts both threads' time: `--clock wall`
+on a quiet machine), best of the rounds, `--threads` torch threads (1). The full 30-layer table at 1
 and 2 threads is benchmarks/bench_latency.py; this is its quick probe of the trivial routing's fixed cost.
 """
 
@@ -13,12 +15,12 @@ import argparse
 import copy
 import cProfile
 import pstats
-import time
 
 import torch
 
 import lorahub_engine as le
 from benchmarks.bench_latency import NEW_TOKENS, PROMPT, VOCAB, build_causal_lm, peft_model, random_adapters
+from benchmarks.timing import CLOCKS
 
 PROJECTIONS = 7  # LoRA layer calls per decoder layer (every projection adapted)
 
@@ -27,9 +29,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="process")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    clock = CLOCKS[args.clock]
     g = torch.Generator().manual_seed(0)
     base = build_causal_lm(args.layers)
     adapters = random_adapters(base, 16, g)
@@ -49,9 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
             run()
         for _ in range(args.rounds):
             for name, run in runs.items():
-                start = time.process_time()
+                start = clock()
                 run()
-                best[name] = min(best[name], time.process_time() - start)
+                best[name] = min(best[name], clock() - start)
         calls = NEW_TOKENS * args.layers * PROJECTIONS
         added = {name: (best[name] - best["base"]) / calls * 1e6 for name in ("ours", "peft")}
         print({name: round(s, 3) for name, s in best.items()},

@@ -159,7 +159,7 @@ def primitive_level(device, dtype, repeats: int, clock) -> dict:
                         device, repeats, inner=inner, desc=f"primitives {name} {scen}", clock=clock)["min"]
             flops = {"shrink": 2 * pairs * d_in * RANK, "expand": 2 * pairs * RANK * d_out,
                      "outer": 2 * pairs * RANK * d_in}
-            walk = plan.walk(x, A) if hasattr(plan, "walk") else "triton"
+            walk = plan.walk(A.shape[1], x, A) if hasattr(plan, "walk") else "triton"
             row = {"walk": walk, "plan_s": t["plan"],
                    **{f"{p}_s": t[p] for p in flops}, **{f"{p}_tflops": flops[p] / t[p] / 1e12 for p in flops}}
             if device.type == "cuda":

@@ -4,15 +4,23 @@
 one row expanded over the tokens: stride 0) gets a `UniformPlan`: one matmul each way over all tokens, the bank's
 factors taken as views, nothing sorted, nothing read back per call; what a layer call costs there is a few torch
 calls. Any other routing gets a `SegmentPlan`, whose primitives each pick a walk and work out its metadata on first
-use (once per routing, shared by every layer that gets it); none loops in Python over more than a few dozen experts:
+use (once per routing, shared by every layer that gets it); none loops in Python over more than a few dozen experts.
+The first that applies (`SegmentPlan.walk`; speeds from `benchmarks/bench_walks.py`):
+- runs (`RunPlan`; torch ops), for routings constant over runs of at least MIN_RUN consecutive tokens (a batch
+  routed per row: an adapter per request, a retrieval mixture, a LoraHub population). The tokens are cut into C
+  chunks of L rows (L = the gcd of the run lengths); shrink and expand are one bmm each over the chunks, with each
+  chunk's k experts' weights gathered (k*r x in per chunk, small next to L x in activations): 2-4x faster than the
+  compiled walk on rows of 64 tokens, as fast as the dense walk or faster.
+- dense (`DensePlan`), for a narrow bank (E * r <= DENSE_COLUMNS_PER_SLOT * k per thread, up to 2: at one thread 8
+  experts of rank 8 for one slot, 16 for two) and at least DENSE_MIN_PAIRS pairs: one matmul each way over all
+  tokens against the whole bank side by side, the pairs' experts picked by a gather (shrink) or a scatter (expand,
+  outer) of rank-r rows. E / k times the multiply-adds the pairs need, at a matmul's speed and threads: faster than
+  walking the pairs there, up to 5x for top-k routings over hundreds of tokens. Any routing.
 - compiled (fp32 / fp64, with a C++ compiler: `native`): the pairs in tiles of NATIVE_TILE consecutive tokens and by
   expert within a tile (one stable sort on the device; pairs without an expert stay in the walk and the kernels skip
   them); the kernels read and update the tile's activation rows where they lie, in cache, while each expert's weights
-  stay in registers. Any routing, per row or per token.
-- runs (`RunPlan`; torch ops), for routings constant over runs of consecutive tokens (a batch routed per row: one
-  adapter for every token, an adapter per request, a retrieval mixture, a LoraHub population). The tokens are cut
-  into C chunks of L rows (L = the gcd of the run lengths); shrink and expand are one bmm each over the chunks, with
-  each chunk's k experts' weights gathered (k*r x in per chunk, small next to L x in activations).
+  stay in registers. Any routing: per token over a wide bank, and decoding (one token per row).
+Without the compiled kernels, the torch walks:
 - segments (torch ops), for per-token routings whose experts get many tokens each: one mm per expert segment
   between a gather and a scatter, no padding.
 - blocks (`BlockPlan`; torch ops), for per-token routings over many experts with few tokens each (large E, decoding):
@@ -36,6 +44,11 @@ MIN_RUN = 16  # shorter runs gather more weight rows than the activation rows th
 MIN_SEGMENT = 64  # mean tokens per expert from which one mm per expert beats padded blocks
 GATHER_BYTES = 1 << 25  # run layout: gathered expert weights (or per-chunk products) per bmm, at most
 NATIVE_TILE = 128  # segment layout, compiled walk: tokens whose activation rows stay in cache (L2) together
+DENSE_COLUMNS_PER_SLOT = 64  # a bank of at most this many columns (experts x rank) per slot and thread is walked
+DENSE_MIN_PAIRS = 64  # densely, as one matmul, by a routing of at least this many pairs (fewer, as in decoding: the
+# pairs' walk is as fast); wider banks cost more in the dense walk's extra multiply-adds than the pairs' walk loses.
+# The dense walk's matmuls use a second thread, the pairs' walk does not: twice the columns at 2 threads or more
+# (measured at 1 and 2 threads, benchmarks/bench_walks.py; more threads are not counted, unmeasured).
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -188,8 +201,16 @@ class SegmentPlan:
     def num_pairs(self) -> int:
         return self.idx.numel()
 
-    def walk(self, *tensors: torch.Tensor) -> str:
-        """"compiled" where the kernels take these tensors, else `torch_walk`."""
+    def walk(self, rank: int, *tensors: torch.Tensor) -> str:
+        """"runs" where the routing has them; else "dense" for a bank of at most DENSE_COLUMNS_PER_SLOT columns
+        (num_experts x rank) per slot and thread (1 or 2) and at least DENSE_MIN_PAIRS pairs; else "compiled" where
+        the kernels take these tensors, else `torch_walk` (benchmarks/bench_walks.py measures each choice)."""
+        if self.runs is not None:
+            return "runs"
+        T, k = self.shape
+        threads = min(torch.get_num_threads(), 2)
+        if self.num_experts * rank <= DENSE_COLUMNS_PER_SLOT * k * threads and T * k >= DENSE_MIN_PAIRS:
+            return "dense"
         return "compiled" if native.supports(*tensors) else self.torch_walk
 
     @property
@@ -212,6 +233,10 @@ class SegmentPlan:
         return order, torch.div(order, k, rounding_mode="floor"), expert.index_select(0, order)
 
     @functools.cached_property
+    def dense(self) -> DensePlan:
+        return DensePlan(self.idx, self.num_experts)
+
+    @functools.cached_property
     def sorted(self) -> Segments:
         return Segments.build(self.idx, self.num_experts)
 
@@ -230,8 +255,8 @@ class SegmentPlan:
         return BlockPlan.build(rows.pair, rows.expert, rows.counts, self.shape)
 
     def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        walk = self.walk(x, A)
-        if walk in ("runs", "blocks"):
+        walk = self.walk(A.shape[1], x, A)
+        if walk in ("dense", "runs", "blocks"):
             return getattr(self, walk).shrink(x, A)
         u = torch.zeros(self.num_pairs, A.shape[1], dtype=accum_dtype(x.dtype), device=x.device)
         if walk == "compiled":
@@ -246,9 +271,12 @@ class SegmentPlan:
 
     def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         fresh = out is None
-        # the kernels write in place: into a new output (zeroed tile by tile, where the rows are about to be used)
-        # or a contiguous one
-        walk = self.walk(u, B) if fresh else self.walk(u, B, out) if out.is_contiguous() else self.torch_walk
+        walk = self.walk(u.shape[1], u, B) if fresh else self.walk(u.shape[1], u, B, out)
+        if walk == "dense":
+            return self.dense.expand(u, B, coef, out)
+        if walk == "compiled" and not (fresh or out.is_contiguous()):
+            walk = self.torch_walk  # the kernels write in place: into a new output (zeroed tile by tile, where the
+            # rows are about to be used) or a contiguous one
         if walk == "compiled":
             pair, token, expert = self.tiled
             target = torch.empty(self.shape[0], B.shape[1], dtype=u.dtype, device=u.device) if fresh else out
@@ -270,8 +298,8 @@ class SegmentPlan:
         return out
 
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        walk = self.walk(left, right)
-        if walk in ("runs", "blocks"):
+        walk = self.walk(left.shape[1], left, right)
+        if walk in ("dense", "runs", "blocks"):
             return getattr(self, walk).outer(left, right)
         g = torch.zeros(self.num_experts, left.shape[1], right.shape[1], dtype=left.dtype, device=left.device)
         if walk == "compiled":
@@ -284,6 +312,55 @@ class SegmentPlan:
             rows_e = right.index_select(0, rows.token[start:stop]).to(left.dtype)  # (n_e, b)
             torch.mm(left_sorted[start:stop].t(), rows_e, out=g[e])
         return g
+
+
+@dataclass(frozen=True)
+class DensePlan:
+    """Every expert of a narrow bank side by side: shrink is one matmul of the tokens with the bank's A as an
+    [E*r, in] matrix, then each pair's r columns picked; expand spreads each pair's scaled rank-r row into its expert's
+    columns of a [T, E*r] matrix (a token's k slots summed there) and adds one matmul with B as [E*r, out]."""
+
+    idx: torch.Tensor  # (T, k), -1 = none
+    num_experts: int
+
+    @functools.cached_property
+    def slot_experts(self) -> torch.Tensor:
+        """(T, k, 1): the expert of each pair, -1 read as 0 (those pairs' rows are zeroed)."""
+        return self.idx.clamp(min=0).unsqueeze(2)
+
+    @functools.cached_property
+    def empty(self) -> torch.Tensor | None:
+        """(T*k, 1) True where a pair has no expert; None when every pair has one."""
+        empty = (self.idx < 0).reshape(-1, 1)
+        return empty if bool(empty.any()) else None
+
+    def _valid_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.empty is None else rows.masked_fill(self.empty, 0)
+
+    def _spread(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [T*k, a] -> [T, E*a]: each pair's row in its expert's a columns (rows of one token's slots that share
+        an expert add up)."""
+        (T, k), a = self.idx.shape, rows.shape[1]
+        spread = rows.new_zeros(T, self.num_experts, a)
+        return spread.scatter_add_(1, self.slot_experts.expand(T, k, a), rows.view(T, k, a)).view(T, -1)
+
+    def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        (T, k), (E, r, d_in) = self.idx.shape, A.shape
+        every = _as(torch.nn.functional.linear(x, A.reshape(E * r, d_in)), accum_dtype(x.dtype))  # (T, E*r)
+        u = every.view(T, E, r).gather(1, self.slot_experts.expand(T, k, r))  # (T, k, r)
+        return self._valid_rows(u.view(T * k, r))
+
+    def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        E, d_out, r = B.shape
+        dtype = u.dtype if out is None else out.dtype
+        spread = _as(self._spread(self._valid_rows(u * coef[:, None])), dtype)  # (T, E*r)
+        bank = _as(B.transpose(1, 2).reshape(E * r, d_out), dtype)  # (E*r, out); a copy unless B is A^T's view
+        return torch.mm(spread, bank) if out is None else out.addmm_(spread, bank)
+
+    def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        a, b = left.shape[1], right.shape[1]
+        spread = self._spread(self._valid_rows(left))  # (T, E*a)
+        return torch.mm(spread.t(), _as(right, left.dtype)).view(self.num_experts, a, b)
 
 
 @dataclass(frozen=True)
@@ -303,7 +380,7 @@ class UniformPlan:
         """expand takes coef as one float for all tokens (one expert, the same coefficient for every token)."""
         return len(self.experts) == 1
 
-    def walk(self, *tensors: torch.Tensor) -> str:
+    def walk(self, rank: int, *tensors: torch.Tensor) -> str:
         return "uniform"
 
     def _side_by_side(self, W: torch.Tensor, transpose: bool = False) -> torch.Tensor:

@@ -104,3 +104,22 @@ def test_retrieval_compose_check_fails_on_a_wrong_union(monkeypatch):
     monkeypatch.setattr(le, "routing", union_without_gates)
     with pytest.raises(AssertionError):
         bench_retrieval.compose_cost(n_adapters=6, rows=4, seq=5, k=2, repeats=1)
+
+
+def test_bench_walks_forces_each_walk_and_restores_the_defaults(monkeypatch):
+    from benchmarks import bench_walks
+    from lorahub_engine.ops import torch_backend
+
+    names = ("DENSE_COLUMNS_PER_SLOT", "DENSE_MIN_PAIRS", "MIN_RUN")
+    defaults = [getattr(torch_backend, n) for n in names]
+    seen = []
+    for plan in (torch_backend.DensePlan, torch_backend.RunPlan):
+        monkeypatch.setattr(plan, "shrink", lambda self, x, A, f=plan.shrink, n=plan.__name__: seen.append(n)
+                            or f(self, x, A))
+    args = bench_walks.case(4, 2, 512, 1, "row", torch.Generator().manual_seed(0))  # 8 rows of 64 tokens
+    ref = grouped_lora_reference(*args)
+    for walk, plan in [("compiled", None), ("runs", "RunPlan"), ("dense", "DensePlan")]:
+        seen.clear()
+        torch.testing.assert_close(bench_walks.walked(walk, *args), ref, rtol=1e-4, atol=1e-5)
+        assert seen == ([plan] if plan else [])
+        assert [getattr(torch_backend, n) for n in names] == defaults

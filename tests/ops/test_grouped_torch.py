@@ -7,12 +7,18 @@ from tests.ci import skip_or_fail
 from tests.ops.reference import grouped_lora_reference
 
 
-@pytest.fixture(params=["native", "torch"], autouse=True)
+@pytest.fixture(params=["native", "torch", "dense"], autouse=True)
 def walk(request, monkeypatch):
-    """Every test twice: per-token layouts walked by the compiled kernels, and by torch ops alone (no compiler)."""
+    """Every test three times: walked by the compiled kernels, by torch ops alone (no compiler: runs where the routing
+    has them, else segments or blocks), and densely over the whole bank (which the backend picks for narrow banks:
+    forced here for every bank); the first and the last take row-routed cases too (no runs)."""
+    monkeypatch.setattr(torch_backend, "DENSE_COLUMNS_PER_SLOT", 10**9 if request.param == "dense" else 0)
+    monkeypatch.setattr(torch_backend, "DENSE_MIN_PAIRS", 0)
+    if request.param != "torch":  # runs come first where a routing has them
+        monkeypatch.setattr(torch_backend, "MIN_RUN", 10**9)
     if request.param == "torch":
         monkeypatch.setattr(native, "library", lambda: None)
-    elif native.library() is None:
+    elif request.param == "native" and native.library() is None:
         skip_or_fail("no C++ compiler here: the compiled kernels cannot be built")
     return request.param
 
@@ -119,16 +125,17 @@ def row_routed_case(rows, run, k, E, r, seed, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("rows,run,k,E,r", [(1, 16, 1, 1, 1), (4, 16, 2, 3, 3), (6, 24, 3, 5, 8), (3, 32, 4, 16, 16)])
-def test_row_routed_batches_find_their_runs_and_match_reference(rows, run, k, E, r):
+def test_row_routed_batches_find_their_runs_and_match_reference(rows, run, k, E, r, walk):
     x, A, B, scale, idx, gates = row_routed_case(rows, run, k, E, r, seed=rows + run)
     chosen = torch_backend.plan(idx, E)
-    assert chosen.runs is not None and chosen.runs.run % run == 0
+    if walk == "torch":  # (the other two walk them without runs)
+        assert chosen.runs is not None and chosen.runs.run % run == 0
     assert_matches_reference(x, A, B, scale, idx, gates)
 
 
 def test_run_layout_walks_chunks_in_groups_when_gathered_weights_are_large(monkeypatch, walk):
-    if walk == "native":
-        pytest.skip("the torch walk of runs only: the compiled walk gathers no weights")
+    if walk != "torch":
+        pytest.skip("the torch walk of runs only: the compiled and dense walks gather no weights")
     monkeypatch.setattr(torch_backend, "GATHER_BYTES", 1)  # one chunk per bmm
     x, A, B, scale, idx, gates = row_routed_case(5, 16, 2, 4, 3, seed=11)
     assert torch_backend.plan(idx, 4).runs is not None

@@ -22,7 +22,7 @@ def uniform_case(T, row, E=5, r=3, dtype=torch.float64, seed=0):
 def test_uniform_routings_plan_one_matmul_and_match_reference(T, row):
     x, A, B, scale, idx, gates = uniform_case(T, row, seed=T + len(row))
     plan = torch_backend.plan(idx, A.shape[0])
-    assert isinstance(plan, torch_backend.UniformPlan) and plan.walk(x, A) == "uniform"
+    assert isinstance(plan, torch_backend.UniformPlan) and plan.walk(A.shape[1], x, A) == "uniform"
     assert_matches_reference(x, A, B, scale, idx, gates)
 
 
@@ -48,7 +48,7 @@ def test_compiled_walk_plans_without_host_side_segments(T, k, walk):
     leaves = [t.clone().requires_grad_() for t in (x, A, B)]
     out = grouped_lora_routed(*leaves, scale, routing, "torch")
     plan = routing.plan(torch_backend, 6)
-    assert plan.walk(x, A) == "compiled" and "sorted" not in vars(plan) and "runs" not in vars(plan)
+    assert plan.walk(A.shape[1], x, A) == "compiled" and "sorted" not in vars(plan) and plan.runs is None
     refs = [t.clone().requires_grad_() for t in (x, A, B)]
     ref = grouped_lora_reference(*refs, scale, idx, gates)
     torch.testing.assert_close(out, ref)
@@ -133,3 +133,33 @@ def test_per_token_gates_keep_the_tensor_coefficients():
     idx = torch.tensor([[1]]).expand(4, -1)
     assert TokenRouting(idx, torch.rand(4, 1)).uniform_coefficient(torch.ones(3)) is None  # gates differ per token
     assert TokenRouting(torch.tensor([[0, 1]]), None).uniform_coefficient(torch.ones(3)) is None  # k = 2
+
+
+@pytest.mark.parametrize("E,r,k,T,walk_name", [(16, 8, 2, 32, "dense"), (8, 8, 1, 64, "dense"), (32, 4, 3, 40, "dense"),
+                                               (16, 8, 2, 31, "compiled"), (16, 8, 1, 64, "compiled"),
+                                               (17, 8, 2, 32, "compiled")])
+def test_narrow_banks_walk_densely_by_default(E, r, k, T, walk_name, monkeypatch, one_thread):
+    """E * r <= 64 * k columns and T * k >= 64 pairs (one thread): the whole bank as one matmul; wider banks and fewer
+    pairs walk the pairs."""
+    monkeypatch.setattr(torch_backend, "DENSE_COLUMNS_PER_SLOT", 64)
+    monkeypatch.setattr(torch_backend, "DENSE_MIN_PAIRS", 64)
+    x, A, B, scale, idx, gates = make_case(T, E, r, 12, 9, k, seed=E, dtype=torch.float32)
+    plan = torch_backend.plan(idx, E)
+    expected = walk_name if native.supports(x, A) or walk_name == "dense" else plan.torch_walk
+    assert plan.walk(r, x, A) == expected
+    assert_matches_reference(x, A, B, scale, idx, gates)
+
+
+def test_two_threads_walk_twice_the_columns_densely(monkeypatch):
+    x, A, B, scale, idx, gates = make_case(64, 16, 8, 12, 9, 1, seed=5, dtype=torch.float32)  # 128 columns, 1 slot
+    monkeypatch.setattr(torch_backend, "DENSE_COLUMNS_PER_SLOT", 64)
+    monkeypatch.setattr(torch_backend, "DENSE_MIN_PAIRS", 64)
+    plan, threads = torch_backend.plan(idx, 16), torch.get_num_threads()
+    try:
+        walks = []
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            walks.append(plan.walk(8, x, A))
+    finally:
+        torch.set_num_threads(threads)
+    assert walks[0] != "dense" and walks[1:] == ["dense", "dense"]

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from lorahub_engine.attach import router_outputs
 from lorahub_engine.cli import main
 from lorahub_engine.fewshot import example_losses
+from lorahub_engine.ops import torch_backend
 from lorahub_engine.search.objective import encode_pairs
 from lorahub_engine.zoo import AdapterZoo
 from routers import LoRAMoEConfig, MoLEConfig, SiRAConfig, attach_router, train_router
@@ -32,7 +33,8 @@ EXAMPLES = [(" ".join(f"w{(i * j) % 20}" for j in range(1, 2 + i % 4)), f"w{(i +
 WORLD, BATCH, STEPS, LR, SEED = 2, 3, 4, 5e-2, 0  # per rank: 3 examples; a step's global batch: 6
 
 # id: (config, pooled). Every case is compared with one process averaging the shards' gradients (the same sums, so
-# equal to rounding). `pooled` cases, whose loss is a smooth mean over examples (no auxiliary loss, no top-k), also
+# equal to rounding; the grouped op's walk is pinned to the compiled one, whose sums are the same in every process,
+# where the dense walk's matmuls were seen to round differently in the suite's process than in a fresh one). `pooled` cases, whose loss is a smooth mean over examples (no auxiliary loss, no top-k), also
 # with one process on the concatenated batch. Not top-k there: its renormalized gates leave gradient coordinates that
 # are exactly 0 in exact arithmetic, and Adam's first steps turn their rounding noise, which depends on the order of
 # the sums, into steps of size lr. A trainable-expert config (SiRA, LoRAMoE; dropout 0) is one more entry: the test
@@ -64,6 +66,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    torch_backend.DENSE_COLUMNS_PER_SLOT = 0
     try:
         for case, (config, _) in CASES.items():
             model, tokenizer = routed(config)
@@ -120,7 +123,8 @@ def shard_mean_reference(config) -> tuple[dict, list[float]]:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_ranks_agree_with_each_other_and_with_one_process(ranks, case):
+def test_ranks_agree_with_each_other_and_with_one_process(ranks, case, monkeypatch):
+    monkeypatch.setattr(torch_backend, "DENSE_COLUMNS_PER_SLOT", 0)  # the ranks' walk
     config, pooled = CASES[case]
     (state0, history0), (state1, history1) = ranks[case]
     assert state0.keys() == state1.keys()

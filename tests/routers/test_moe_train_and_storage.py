@@ -72,7 +72,8 @@ def test_each_exported_expert_alone_equals_the_moe_with_every_gate_on_it(trained
         with torch.no_grad(), le.routing(model, torch.tensor([[e]])):
             forced = model(x).logits
         with torch.no_grad():
-            torch.testing.assert_close(alone(x, adapter_ids=[0, 0]).logits, forced, atol=1e-6, rtol=1e-6)
+            # fp32, two walks (one expert per row; the bank's routing forced): equal to their rounding
+            torch.testing.assert_close(alone(x, adapter_ids=[0, 0]).logits, forced, atol=1e-5, rtol=1e-5)
         adapter.save(tmp_path / adapter.name)
     with torch.no_grad():
         peft = PeftModel.from_pretrained(fresh(base), str(tmp_path / adapters[-1].name))(x).logits
