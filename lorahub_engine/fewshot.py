@@ -163,6 +163,8 @@ def example_losses(model, batch: Batch, **forward_kwargs) -> torch.Tensor:
     context lose their first tokens (see fit_context).
     """
     batch = fit_context(model, batch)
+    if _accepts(model, "use_cache"):  # no KV cache to fill: one forward, nothing decoded after it
+        forward_kwargs = {"use_cache": False, **forward_kwargs}
     if batch.is_seq2seq:
         decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=batch.labels)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,

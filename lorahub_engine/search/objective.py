@@ -7,29 +7,47 @@
 
 Candidate p's weights become the "fusion" gates of its rows: every LoRA layer mixes the N adapters' factors by
 LoraHub's rule (A = sum_i w_i sqrt(s_i) A_i, B likewise, see le.merge(method="lorahub")) and applies the result
-through the grouped op; mode="mixture" applies each adapter's delta with its weight (sum_i w_i dW_i). P candidates x n examples are one batch of P*n rows (candidate-major), so a population
-costs one forward (or ceil(P*n / batch_size) forwards), never a merge of state dicts.
-Index legend: P candidates, N adapters, n examples.
+through the grouped op; mode="mixture" applies each adapter's delta with its weight (sum_i w_i dW_i). The examples
+run in groups of equal length; P candidates x the n_g examples of a group are one batch of P*n_g rows
+(candidate-major), so a population costs one forward per group (or ceil(P*n_g / batch_size)), plus one of the shared
+opening tokens, never a merge of state dicts. Index legend: P candidates, N adapters, n examples, n_g examples of one
+group.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from lorahub_engine.attach import attached_names, routing
 from lorahub_engine.fewshot import Batch, encode_examples, example_losses
+from lorahub_engine.search.groups import Group, length_groups, take, trim, whole_batch
+from lorahub_engine.search.prefix import FrozenPrefix, frozen_layers
+from lorahub_engine.search.prompt import SharedPrompt
 
 
 class FewShotObjective:
     """Mean answer cross-entropy of the examples under each candidate weight vector (no l1 term).
 
     row_losses(model, batch) -> [rows] is what each example scores (default: its mean answer-token CE; the
-    unsupervised fit passes the entropy of the first answer token instead)."""
+    unsupervised fit passes the entropy of the first answer token instead).
+
+    Three savings, each exact (the same losses within float rounding; tests/search/test_speed_levers.py, and
+    benchmarks/bench_search.py against merge-and-rerun on SmolLM2): share_prompt (on by default) runs the tokens
+    every example opens with once per candidate and lets each example read them from a KV cache (prompt.py);
+    reuse_prefix (on by default) runs the decoder layers below the lowest adapted one once, at construction, and
+    reuses their output for every candidate (prefix.py); by_length (off by default: on one CPU thread its extra,
+    smaller forwards cost SmolLM2 more than the padding they save, see benchmarks/RESULTS.md) runs the examples in
+    groups of equal length, padding trimmed (groups.py). share_prompt and reuse_prefix are checked on the examples
+    at construction against the full forward and left off where they disagree. All three off is the padded full
+    forward, LoraHub's computation. The model's layers below the adapters must not change while the objective is in
+    use."""
 
     def __init__(self, model, batch: Batch, batch_size: int | None = None, mode: str = "fusion",
-                 row_losses=example_losses):
+                 row_losses=example_losses, *, by_length: bool = False, share_prompt: bool = True,
+                 reuse_prefix: bool = True):
         self.model = model
         self.mode = mode  # "fusion": LoraHub's factor mix; "mixture": sum_i w_i dW_i
         self.row_losses = row_losses
@@ -37,10 +55,27 @@ class FewShotObjective:
         self.device = next(model.parameters()).device
         self.batch = batch  # the n examples, encoded once
         self.batch_size = batch_size
+        self.by_length = by_length
+        self.prompt = SharedPrompt.find(model, batch) if share_prompt else None
+        self.groups = self._grouped()
+        if self.prompt is not None and not self._prompt_agrees():
+            self.prompt = None
+            self.groups = self._grouped()
+        self.prefix = self._checked_prefix() if reuse_prefix else None
 
     @property
     def num_examples(self) -> int:
         return self.batch.input_ids.shape[0]
+
+    @property
+    def shared_tokens(self) -> int:
+        """How many opening tokens run once per candidate instead of once per example (0: none)."""
+        return len(self.prompt.ids) if self.prompt is not None else 0
+
+    @property
+    def reused_layers(self) -> int:
+        """How many decoder layers each candidate skips (their stored output is reused); 0: the full forward."""
+        return len(self.prefix.layers) if self.prefix is not None else 0
 
     def cross_entropy(self, weights: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """weights [P, N] -> [P] float32: mean over the examples of each example's mean answer-token CE."""
@@ -50,29 +85,112 @@ class FewShotObjective:
         """weights [P, N] -> [P, n] float32: each example's mean answer-token CE under each candidate;
         differentiable in the weights with grad=True (the gates of the routing then require grad)."""
         with torch.set_grad_enabled(grad):
-            return self._example_losses(torch.as_tensor(weights, dtype=torch.float32, device=self.device))
+            weights = torch.as_tensor(weights, dtype=torch.float32, device=self.device)
+            return self._example_losses(weights, self.prefix.reuse if self.prefix is not None else _no_reuse)
 
-    def _example_losses(self, weights: torch.Tensor) -> torch.Tensor:
+    def _example_losses(self, weights: torch.Tensor, layers) -> torch.Tensor:
+        """[P, n] losses; layers(group, rows) is the context each forward of a group's example rows runs in."""
         if weights.dim() != 2 or weights.shape[1] != self.num_adapters:
             raise ValueError(f"weights must be [candidates, {self.num_adapters}], got {tuple(weights.shape)}")
         P, n = weights.shape[0], self.num_examples
-        rows = P * n
-        size = self.batch_size or rows
-        losses = torch.cat([self._losses(weights, start, min(start + size, rows)) for start in range(0, rows, size)])
-        return losses.view(P, n)
+        cache = self._prompt_cache(weights)
+        losses, places = [], []
+        for g in range(len(self.groups)):
+            group_losses, group_places = self._group_losses(weights, g, layers, cache)
+            losses += group_losses
+            places += group_places
+        order = torch.argsort(torch.cat(places)).to(self.device)
+        return torch.cat(losses)[order].view(P, n)
 
-    def _losses(self, weights: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Per-row losses of rows start..stop-1; row j is example j % n under candidate j // n."""
-        row = torch.arange(start, stop, device=self.device)
-        candidate, example = row // self.num_examples, (row % self.num_examples).cpu()
-        batch = _take(self.batch, example).to(self.device)
+    def _group_losses(self, weights: torch.Tensor, g: int, layers, cache) -> tuple[list, list]:
+        """Group g's losses per forward, and where each goes in the [P * n] result (candidate * n + example)."""
+        group, n = self.groups[g], self.num_examples
+        n_g = len(group.examples)
+        rows = weights.shape[0] * n_g  # candidate-major: row j is the group's example j % n_g under candidate j // n_g
+        size = self.batch_size or rows
+        losses, places = [], []
+        for start in range(0, rows, size):
+            row = torch.arange(start, min(start + size, rows))
+            candidate, example = row // n_g, row % n_g
+            after_prompt = self.prompt.attached(cache, candidate) if cache is not None else contextlib.nullcontext()
+            with layers(g, example), after_prompt:
+                losses.append(self._losses(weights, candidate, take(group.batch, example)))
+            places.append(candidate * n + group.examples[example])
+        return losses, places
+
+    def _losses(self, weights: torch.Tensor, candidate: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Per-row losses of `batch`, whose row j is scored under candidate candidate[j]."""
+        with self._routed(weights, candidate):
+            return self.row_losses(self.model, batch.to(self.device))
+
+    def _prompt_cache(self, weights: torch.Tensor):
+        """The shared prompt's KV cache under each of the P candidates (row p: candidate p), or None."""
+        if self.prompt is None:
+            return None
+        candidates = torch.arange(weights.shape[0])
+        with self._routed(weights, candidates):
+            return self.prompt.run(len(candidates))
+
+    def _routed(self, weights: torch.Tensor, candidate: torch.Tensor):
+        """The routing under which batch row j runs candidate candidate[j]."""
         if weights.shape[0] == 1:  # one candidate: one routing row that every batch row shares
             idx, gates = torch.arange(self.num_adapters, device=self.device)[None, :], weights
         else:
-            gates = weights[candidate]  # [rows, N]
+            gates = weights[candidate.to(self.device)]  # [rows, N]
             idx = torch.arange(self.num_adapters, device=self.device).expand_as(gates)
-        with routing(self.model, idx, gates, mode=self.mode):
-            return self.row_losses(self.model, batch)
+        return routing(self.model, idx, gates, mode=self.mode)
+
+    def _grouped(self) -> list[Group]:
+        rows = self.prompt.suffix if self.prompt is not None else self.batch
+        return length_groups(rows) if self.by_length else whole_batch(rows)
+
+    def _check_weights(self) -> torch.Tensor:
+        """Two candidates [2, N] the savings are checked under (any: the savings must not depend on them; two, so
+        that rows mapped to the wrong candidate show)."""
+        ramp = torch.linspace(-1.0, 1.0, self.num_adapters, device=self.device)
+        return torch.stack([ramp, ramp.flip(0) * 0.5])
+
+    @torch.no_grad()
+    def _prompt_agrees(self) -> bool:
+        """Whether the shared-prompt path gives the full forward's losses on the smallest group of examples, under
+        two candidates."""
+        g = min(range(len(self.groups)), key=lambda i: self.groups[i].batch.input_ids.numel())
+        check, examples = self._check_weights(), self.groups[g].examples
+        whole = trim(take(self.batch, examples))
+        full = torch.cat([self._losses(w[None], torch.zeros(len(examples), dtype=torch.long), whole) for w in check])
+        try:
+            shared = torch.cat(self._group_losses(check, g, _no_reuse, self._prompt_cache(check))[0])
+        except Exception:  # a model whose forward does not take the cache this way: no sharing
+            return False
+        return torch.allclose(shared, full, rtol=0.0, atol=TOLERANCE)
+
+    @torch.no_grad()
+    def _checked_prefix(self) -> FrozenPrefix | None:
+        """A FrozenPrefix holding the frozen layers' output for every example, if reusing it gives the full
+        forward's losses (checked on every example under one candidate: the frozen layers see no candidate)."""
+        layers = frozen_layers(self.model)
+        if not layers:
+            return None
+        prefix, check = FrozenPrefix(layers), self._check_weights()[:1]
+        full = self._example_losses(check, prefix.capture)  # [1, n], storing the frozen layers' output
+        if not prefix.supported:
+            return None
+        try:
+            cached = self._example_losses(check, prefix.reuse)
+        except Exception:  # a model whose forward does not take the stored outputs: the full forward it is
+            return None
+        return prefix if torch.allclose(cached, full, rtol=0.0, atol=TOLERANCE) else None
+
+
+# max |loss difference| from the full forward for a saving to be used: float32 rounding through SmolLM2's 30 layers
+# alone reaches 1.05e-5 on a loss of 1.44 (the shared prompt on one example); a wrong cache row, position or stored
+# state costs orders of magnitude more
+TOLERANCE = 1e-4
+
+
+@contextlib.contextmanager
+def _no_reuse(group: int, rows: torch.Tensor):
+    yield
 
 
 def encode_pairs(model, tokenizer, examples: Sequence[tuple[str, str]]) -> Batch:
@@ -85,7 +203,3 @@ def encode_pairs(model, tokenizer, examples: Sequence[tuple[str, str]]) -> Batch
 def l1_penalty(weights: torch.Tensor, l1: float) -> torch.Tensor:
     """LoraHub's regularizer: l1 * mean_i |w_i| per candidate; weights [P, N] -> [P]."""
     return l1 * torch.as_tensor(weights).abs().mean(-1)
-
-
-def _take(batch: Batch, rows: torch.Tensor) -> Batch:
-    return Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows], batch.is_seq2seq)
