@@ -10,7 +10,6 @@ mixed inputs as bench_mixed_tasks; prints exact match and seconds per setting.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -18,8 +17,9 @@ import torch
 import lorahub_engine as le
 from benchmarks.bases import load_base
 from benchmarks.bench_mixed_tasks import answers, mixed_set
+from benchmarks.router_methods import mixture_pairs
 from benchmarks.taskworld import accuracy
-from benchmarks.taskworld_zoo import load_zoo, task_pairs
+from benchmarks.taskworld_zoo import load_zoo
 from lorahub_engine._io import write_json_atomic
 from routers import MoLEConfig, attach_router, train_router
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     zoo = load_zoo(base)
     items = mixed_set(zoo, 12, 25)
     truth = [y for _, _, y in items]
-    pairs = [pair for name in zoo.names for pair in task_pairs(base, name, "train", 8, seed=1)]
+    pairs = mixture_pairs(base, zoo)
     scores = {}
     for name in args.settings or SETTINGS:
         config, steps, lr = SETTINGS[name]

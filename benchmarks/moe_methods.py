@@ -18,9 +18,8 @@ import torch
 
 import lorahub_engine as le
 from benchmarks.harness import Context, MethodOutput, register_method
-from benchmarks.router_methods import MIXTURE_PER_TASK, MIXTURE_STEPS, routed_answers
+from benchmarks.router_methods import MIXTURE_STEPS, mixture_pairs, routed_answers
 from benchmarks.taskworld import get_task
-from benchmarks.taskworld_zoo import task_pairs
 from benchmarks.methods import answer
 from benchmarks.training import TrainSpec, train_adapters
 from lorahub_engine.lora_layer import LoraLayer
@@ -35,12 +34,11 @@ CONFIGS = {
 
 
 def mixture(base, zoo, typed: bool) -> list[tuple]:
-    """MIXTURE_PER_TASK train examples of each zoo task (as mole_mixture trains on); typed: with the task family's
-    group (0 for the first half of the sorted families, 1 for the rest) as a third field."""
+    """`mixture_pairs` (as mole_mixture trains on); typed: with the task family's group (0 for the first half of the
+    sorted families, 1 for the rest) as a third field."""
     families = sorted({get_task(name).family for name in zoo.names})
     group = {f: int(i >= len(families) / 2) for i, f in enumerate(families)}
-    return [(*pair, group[get_task(name).family]) if typed else pair for name in zoo.names
-            for pair in task_pairs(base, name, "train", MIXTURE_PER_TASK, seed=1)]
+    return mixture_pairs(base, zoo, (lambda name: group[get_task(name).family]) if typed else None)
 
 
 def train_moe(base, zoo, method: str, folder: Path, progress: bool = False) -> Path:

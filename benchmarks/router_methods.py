@@ -72,10 +72,16 @@ def _mixture_router(ctx: Context) -> Path:
     return ctx.cache[key]
 
 
+def mixture_pairs(base, zoo, sample_type=None) -> list[tuple]:
+    """MIXTURE_PER_TASK train examples of each zoo task (the zoo's adapters are named after their training tasks):
+    what every router trained on the training-task mixture learns from; with `sample_type(task)`, as a third field."""
+    return [(*pair, sample_type(name)) if sample_type else pair for name in zoo.names
+            for pair in task_pairs(base, name, "train", MIXTURE_PER_TASK, seed=1)]
+
+
 def train_mixture_router(base, zoo, folder: Path, progress: bool = False) -> Path:
-    """MoLE gates over every zoo adapter trained on MIXTURE_PER_TASK train examples of each zoo task (the zoo's
-    adapters are named after their training tasks); saved to folder/router, the base left clean."""
-    pairs = [pair for name in zoo.names for pair in task_pairs(base, name, "train", MIXTURE_PER_TASK, seed=1)]
+    """MoLE gates over every zoo adapter trained on `mixture_pairs`; saved to folder/router, the base left clean."""
+    pairs = mixture_pairs(base, zoo)
     model = base.model
     try:
         attach_router(model, MoLEConfig(top_k=TOP_K), list(zoo))
