@@ -110,7 +110,7 @@ def test_strided_and_contiguous_weight_reads_agree(walk):
 def test_one_expert_folds_its_coefficient_into_the_matmul_and_matches_einsum(dtype, T, expert, with_out):
     """One expert for every token, one gate for all (a row expanded over T tokens, stride 0): the coefficient is a
     float (alpha of the matmul) on the CPU; the result against the einsum reference, with and without `out`, in a
-    bank that is an nn.Parameter (its expert views kept per bank) and again after the bank changes in place."""
+    bank that is an nn.Parameter, and again after the bank and the scales change in place."""
     x, A, B, scale, _, _ = make_case(T, 5, 3, 11, 7, 1, seed=T, dtype=dtype)
     A, B = torch.nn.Parameter(A, requires_grad=False), torch.nn.Parameter(B, requires_grad=False)
     idx, gates = torch.tensor([[expert]]).expand(T, -1), torch.tensor([[0.7]]).expand(T, -1)
@@ -119,14 +119,14 @@ def test_one_expert_folds_its_coefficient_into_the_matmul_and_matches_einsum(dty
     assert routing.uniform_coefficient(scale) == pytest.approx(expected)
     assert routing.plan(torch_backend, 5).scalar_coefficient
     tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float16 else {}
-    for _ in range(2):  # the second time: the bank's views and the scales come from the caches
+    for _ in range(2):  # the second time: the same routing over a bank and scales changed in place
         base = torch.randn(T, 7, dtype=torch.float64).to(dtype)
         ref = grouped_lora_reference(x.double(), A.double(), B.double(), scale.double(), idx, gates.double())
         out = grouped_lora_routed(x, A, B, scale, routing, "torch", out=base.clone() if with_out else None)
         torch.testing.assert_close(out, (ref + (base.double() if with_out else 0)).to(dtype), **tol)
         with torch.no_grad():
-            B.mul_(2)  # in place: the kept views follow
-            scale.mul_(0.5)  # a new version: its floats are read again
+            B.mul_(2)
+            scale.mul_(0.5)  # read per call: the coefficient follows
 
 
 def test_per_token_gates_keep_the_tensor_coefficients():
