@@ -1,11 +1,13 @@
 """LoRAMoE: the localized balancing constraint by hand (typed, untyped, mixed examples; padding excluded), gradients
-of x, experts and router against a dense einsum reference, expert groups validated."""
+of x, experts and router against a dense einsum reference, expert groups validated, a disabled expert out of the
+softmax, sample types on the routers within their block only; the planted breaks these tests were checked with."""
 
 import pytest
 import torch
 
 from lorahub_engine.dispatch import TokenLayout
 from routers import LoRAMoEConfig, RouterError, attach_router, sample_types
+from routers.api import routers_of
 from routers.loramoe import LoRAMoERouter, localized_balance_loss
 from tests.routers.conftest import assert_gradients_match, fresh, make_trainable, one_hot_router, run_layer
 
@@ -85,3 +87,29 @@ def test_expert_groups_and_sample_types_are_validated(llama):
     with pytest.raises(RouterError, match="expert-group indices"):
         with sample_types(model, [0, 2]):
             pass
+
+
+# Planted breaks (issue 13): TABLE
+
+
+def test_a_disabled_expert_gets_no_probability_and_no_pair_and_the_rest_renormalize():
+    r = one_hot_router(LoRAMoERouter(8, 4, LoRAMoEConfig(num_experts=4), seed=0), PROBS)
+    r.disabled[1] = True
+    out = r.eval()(torch.eye(4, 8), LAYOUT)
+    # the real tokens' probabilities without expert 1, over their sum: (.4 .2 .1) / .7, (.1 .3 .4) / .8, (.7 .1 .1) / .9
+    expected = torch.tensor([[4 / 7, 0, 2 / 7, 1 / 7], [1 / 8, 0, 3 / 8, 4 / 8], [7 / 9, 0, 1 / 9, 1 / 9]])
+    torch.testing.assert_close(out.probs[[0, 1, 3]], expected, **CLOSE)
+    torch.testing.assert_close(out.gates[[0, 1, 3]], expected, **CLOSE)
+    assert out.indices.tolist() == [[0, -1, 2, 3], [0, -1, 2, 3], [-1, -1, -1, -1], [0, -1, 2, 3]]
+    assert r.usage_tokens.tolist() == [3, 0, 3, 3]
+
+
+def test_sample_types_reach_every_router_within_the_block_only(llama):
+    model = attach_router(fresh(llama), LoRAMoEConfig(num_experts=4, expert_groups=(2, 2)))
+    routers = routers_of(model).values()
+    with sample_types(model, [1, None, 0]):
+        assert all(r.sample_types.tolist() == [1, -1, 0] for r in routers)
+    # left behind, they would reach the balance of a later training forward (another batch: a RouterError)
+    assert all(r.sample_types is None for r in routers)
+    with sample_types(model, [None, None]):
+        assert all(r.sample_types is None for r in routers)  # no typed row: the plain CV^2

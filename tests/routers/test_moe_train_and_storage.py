@@ -1,15 +1,20 @@
 """SiRA and LoRAMoE end to end: train_router trains experts and routers together (the base bit-identical), aux losses
-in the history, sample types from the examples; save/load without experts= and export_experts round-trip to equal
-logits (an exported expert attached alone = the MoE with every gate on it; PEFT reads the export); router_stats;
-generate with a KV cache under SiRA equals a full recompute."""
+in the history, sample types from the examples, a LoRAMoE step = Adam's first step on the task loss plus the layers'
+mean balance; save/load without experts= (the config too) and export_experts round-trip to equal logits (an exported
+expert attached alone = the MoE with every gate on it; PEFT reads the export); router_stats; generate with a KV cache
+under SiRA equals a full recompute."""
 
 import pytest
 import torch
 from peft import PeftModel
 
 import lorahub_engine as le
+from lorahub_engine.attach import router_outputs
+from lorahub_engine.fewshot import example_losses
+from lorahub_engine.search.objective import encode_pairs
 from routers import (LoRAMoEConfig, MoLEConfig, RouterError, SiRAConfig, attach_router, export_experts, load_router,
-                     reset_router_stats, router_stats, save_router, train_router)
+                     reset_router_stats, router_stats, sample_types, save_router, train_router)
+from routers.api import lora_layers, router_parameters, routers_of
 from tests.routers.conftest import assert_cached_generate_equals_recompute, experts, fresh
 from tests.tiny_models import tiny_llama_for, word_tokenizer
 
@@ -57,6 +62,9 @@ def test_save_and_load_need_no_experts_and_give_equal_logits(trained, setup, tmp
     x = torch.randint(4, 24, (2, 6))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
+    saved = routers_of(model)
+    # the training-only settings too (LoRAMoE's balance_weight, balance_delta, expert_groups), which logits do not show
+    assert all(router.config == saved[path].config for path, router in routers_of(loaded).items())
     with pytest.raises(RouterError, match="without experts="):
         load_router(fresh(base), tmp_path / "router", experts=experts(base, n=2))
 
@@ -109,6 +117,42 @@ def test_export_refuses_a_router_over_given_experts(setup):
 def test_generate_with_kv_cache_under_sira_equals_a_full_recompute(trained):
     model, _, _ = trained
     assert_cached_generate_equals_recompute(model)
+
+
+def test_a_loramoe_training_step_is_adams_first_step_on_the_task_loss_plus_the_layers_mean_balance(setup):
+    """train_router's loss is the mean answer cross-entropy plus the routers' balance averaged over the layer calls,
+    with each example's type on its row. Adam's first step moves each parameter by -lr g / (|g| + eps) (bias-corrected
+    m = g, v = g^2): g is that loss's gradient, computed here on the same four examples."""
+    base, tokenizer = setup
+    config = LoRAMoEConfig(num_experts=4, rank=2, target_modules=("up_proj", "down_proj"), balance_weight=1.0,
+                           balance_delta=0.5, expert_groups=(1, 3))
+    typed = [(f"w{i} w{i + 3}", f"w{i + 1}", i % 2) for i in range(4)]
+
+    def build():
+        model = attach_router(fresh(base), config)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # B = 0 at start would give A no gradient
+            for layer in lora_layers(model).values():
+                layer.lora_B.normal_(generator=g)
+        return model
+
+    reference, model = build(), build()
+    params = [p.requires_grad_(True) for p in router_parameters(reference)]
+    for router in routers_of(reference).values():
+        router.train()
+    with router_outputs(reference) as records, sample_types(reference, [t for _, _, t in typed]):
+        task = example_losses(reference, encode_pairs(reference, tokenizer, [e[:2] for e in typed])).mean()
+    balances = [output.aux["balance"] for forward in records for output, _ in forward.values()]
+    assert len(balances) == 4  # up_proj and down_proj of 2 layers
+    loss = task + sum(balances) / len(balances)
+    grads = torch.autograd.grad(loss, params)
+
+    before = [p.detach().clone() for p in router_parameters(model)]
+    lr = 1e-3
+    history = train_router(model, tokenizer, typed, steps=1, lr=lr, batch_size=4, progress=False)  # all 4, shuffled
+    assert history.loss[0] == pytest.approx(float(loss.detach()), rel=1e-5)
+    for p, old, g in zip(router_parameters(model), before, grads):
+        torch.testing.assert_close(p.detach() - old, -lr * g / (g.abs() + 1e-8), atol=lr * 1e-3, rtol=0)
 
 
 def test_each_examples_type_reaches_the_loramoe_balance_of_its_row(setup, monkeypatch):

@@ -1,6 +1,7 @@
 """SiRA: hand-computed capacity drops, gate dropout only in training, hand-computed Switch balance and z-loss,
 gradients of x, experts and router against a dense einsum reference with the same drops, padding excluded, only the
-k selected experts computed, experts per layer (MoLA), default targets."""
+k selected experts computed, a disabled expert out of the softmax and the top k, experts per layer (MoLA), default
+targets."""
 
 import pytest
 import torch
@@ -54,6 +55,24 @@ def test_capacity_drops_by_hand_count_only_real_tokens_and_renormalize_the_kept_
     assert evaluation.indices.tolist() == [[0, 1], [0, 2], [0, 1], [0, 3], [0, 1], [-1, -1]]
     capped = one_hot_router(router(4, top_k=2, eval_capacity_factor=0.8), PROBS).eval()
     assert capped(torch.eye(6, 8), TokenLayout(1, 6, MASK)).indices.tolist() == out.indices.tolist()
+
+
+def test_a_disabled_expert_gets_no_probability_and_no_slot_and_the_rest_renormalize():
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.4, 0.3, 0.2], [0.2, 0.6, 0.15, 0.05]])
+    top2 = one_hot_router(router(4, top_k=2), probs).eval()
+    top2.disabled[1] = True
+    out = top2(torch.eye(3, 8), TokenLayout(1, 3))
+    # without expert 1: (.4 .2 .1) / .7, (.1 .3 .2) / .6, (.2 .15 .05) / .4; each token's top 2 of those, renormalized
+    rest = torch.tensor([[4 / 7, 0, 2 / 7, 1 / 7], [1 / 6, 0, 1 / 2, 1 / 3], [1 / 2, 0, 3 / 8, 1 / 8]])
+    torch.testing.assert_close(out.probs, rest, **CLOSE)
+    assert out.indices.tolist() == [[0, 2], [2, 3], [0, 2]]
+    torch.testing.assert_close(out.gates, torch.tensor([[2 / 3, 1 / 3], [0.6, 0.4], [4 / 7, 3 / 7]]), **CLOSE)
+    every = one_hot_router(router(4, top_k=4), probs).eval()
+    every.disabled[1] = True
+    out = every(torch.eye(3, 8), TokenLayout(1, 3))
+    assert out.indices.tolist() == [[0, 2, 3, -1], [2, 3, 0, -1], [0, 2, 3, -1]]  # k > enabled experts: no slot
+    torch.testing.assert_close(out.gates, torch.cat([rest[:, [0, 2, 3]].sort(-1, descending=True).values,
+                                                     torch.zeros(3, 1)], 1), **CLOSE)
 
 
 def test_gate_dropout_acts_in_training_only():
