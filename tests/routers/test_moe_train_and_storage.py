@@ -22,7 +22,7 @@ WORDS = [f"w{i}" for i in range(20)]
 EXAMPLES = [(f"w{i} w{(i * 3) % 20}", f"w{(i + 1) % 20}", i % 2) for i in range(12)]
 CONFIGS = [SiRAConfig(num_experts=[2, 4], top_k=2, rank=4, capacity_factor=1.0, gate_dropout=0.1),
            LoRAMoEConfig(num_experts=4, rank=4, target_modules=("gate_proj", "up_proj", "down_proj"),
-                         expert_groups=(2, 2))]
+                         balance_weight=0.05, balance_delta=0.2, expert_groups=(2, 2))]  # balance off its defaults
 
 
 @pytest.fixture(scope="module")
