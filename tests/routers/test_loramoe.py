@@ -89,7 +89,31 @@ def test_expert_groups_and_sample_types_are_validated(llama):
             pass
 
 
-# Planted breaks (issue 13): TABLE
+# Planted breaks (issue 13), each alone in the code; the tests that fail (* = only tests added with this check):
+#   softmax over tokens, not experts                         beta, gradients, disabled expert
+#   a disabled expert not masked out (LoRAMoE / SiRA)        * disabled expert (this file / test_sira)
+#   SiRA gives a disabled expert a zero-gate slot            * test_sira's disabled expert
+#   padding tokens compute their experts                     beta, gradients
+#   padding counted in Q                                     by hand (all 3), gradients
+#   Q's tokens summed column-major (rows mixed)              by hand (typed), beta, gradients
+#   untyped: CV^2 of Q's entries, not of the importance      by hand
+#   groups interleaved (0 1 0 1), not blocks                 gradients (beta's example is symmetric to it)
+#   type matched to the expert index, not its group          by hand, beta, gradients
+#   delta's sign; mismatches weighted 1, not 1 - delta       by hand, beta, gradients
+#   untyped rows weighted like mismatches; type 0 untyped    by hand (mixed); by hand, gradients
+#   CV^2: biased variance; / mean; std, not var              by hand, gradients
+#   beta not applied; balance at inference too               beta, gradients; beta
+#   gates detached; balance detached from the router         gradients
+#   usage not counted                                        beta, disabled expert
+#   sample type range off by one; per-layer counts vs groups validated
+#   train_router: no types passed                            the types reach their rows, * Adam step
+#   train_router: aux left out of the loss / summed, not averaged over layers          * Adam step
+#   types left on the routers after sample_types' block      * types within their block
+#   experts not trained                                      training moves experts, export
+#   JSON expert_groups stay a list; load resets the balance settings       * save/load's config check
+#   saved experts not loaded; exported experts reordered     save/load logits; export
+#   router width = the bank's, not the layer's own experts   test_sira's per-layer experts
+#   expert scale alpha, not alpha / rank                     gradients, test_sira's per-layer experts
 
 
 def test_a_disabled_expert_gets_no_probability_and_no_pair_and_the_rest_renormalize():
