@@ -106,6 +106,11 @@ def _load_experts(model, tensors: dict, folder: Path) -> None:
                 target.copy_(saved)
 
 
+def saved_config(path):
+    """The config a saved router was built with (its method and settings), read without loading any tensor."""
+    return config_from_json(_read_meta(Path(path))["config"])
+
+
 def saved_experts(path) -> list[str]:
     """The expert names a saved router was built over, in bank order."""
     return list(_read_meta(Path(path))["experts"])

@@ -115,8 +115,9 @@ def read_lines(path: str, what: str) -> list[str]:
         raise AdapterError(f"cannot read {what} from {path}: {e}") from None
 
 
-def read_examples(path: str) -> list[tuple[str, str]]:
-    """(input, output) pairs from a JSON lines file; blank lines are skipped."""
+def read_examples(path: str, types: bool = False) -> list[tuple]:
+    """(input, output) pairs from a JSON lines file; blank lines are skipped. With `types`, (input, output, type)
+    triples: an example's optional "type" field, an int (e.g. an expert-group index) or None where absent or null."""
     lines = read_lines(path, "examples")
     examples = []
     for number, line in enumerate(lines, 1):
@@ -124,7 +125,11 @@ def read_examples(path: str) -> list[tuple[str, str]]:
             continue
         try:
             record = json.loads(line)
-            examples.append((record["input"], record["output"]))
+            example = (record["input"], record["output"])
+            kind = record.get("type") if types else None
         except (json.JSONDecodeError, KeyError, TypeError):
             raise AdapterError(f'{path}:{number}: expected a JSON object with "input" and "output"') from None
+        if isinstance(kind, bool) or not isinstance(kind, (int, type(None))):
+            raise AdapterError(f'{path}:{number}: "type" must be an integer or null, got {kind!r}')
+        examples.append((*example, kind) if types else example)
     return examples
