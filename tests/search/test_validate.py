@@ -140,8 +140,8 @@ def test_search_validated_by_exact_match_records_both_scores(base, tokenizer, zo
     longest = max(len(tokenizer(y, add_special_tokens=False)["input_ids"]) for _, y in EXAMPLES)
     assert held["zero"]["exact_match"] == pytest.approx(zero_by_hand(base, tokenizer, longest + 1 + MARGIN))
     best = max(s["exact_match"] for s in held.values())
-    winner = {"zero": "zero", "single": "single"}.get(result.validation["kind"], (
-        f"l1={result.validation['l1']:g} evaluations={result.validation['evaluations']}"))
+    kind = result.validation["kind"]
+    winner = kind if kind != "search" else f"l1={result.validation['l1']:g} evaluations={result.validation['evaluations']}"
     assert held[winner]["exact_match"] == best
     assert held[winner]["cross_entropy"] == min(s["cross_entropy"] for s in held.values() if s["exact_match"] == best)
 
