@@ -4,7 +4,8 @@
 // expert expert[i]; rows come in tiles of consecutive tokens and, within a tile, grouped by expert. In each run of
 // one expert, its weights stay in registers or L1 while the tile's activation rows, in L2, are read or updated where
 // they lie: no activation row is gathered into a copy or scattered from one.
-// Vectors are GCC/Clang vector extensions of 64 bytes (16 floats, 8 doubles): one AVX-512 register, two AVX2 ones.
+// Vectors are GCC/Clang vector extensions of one register: 64 bytes with AVX-512, 32 bytes otherwise (wider vectors
+// than the registers spill: GCC lowers their broadcasts and shuffles through the stack, measured 3-4x slower on AVX2).
 // Ranks are walked in chunks known at compile time, so a chunk's accumulators live in registers.
 #include <algorithm>
 #include <cstdint>
@@ -12,92 +13,118 @@
 #include <type_traits>
 #include <utility>
 
+#ifndef LORAHUB_VECTOR_BYTES  // -DLORAHUB_VECTOR_BYTES=64 builds the AVX-512 layout on any x86 (for tests)
+#ifdef __AVX512F__
+#define LORAHUB_VECTOR_BYTES 64
+#else
+#define LORAHUB_VECTOR_BYTES 32
+#endif
+#endif
+
 namespace {
 
 template <typename S>
 struct V {
-  typedef S vec __attribute__((vector_size(64)));
-  static constexpr int64_t N = 64 / sizeof(S);
+  typedef S vec __attribute__((vector_size(LORAHUB_VECTOR_BYTES)));
+  static constexpr int N = LORAHUB_VECTOR_BYTES / sizeof(S);
   static vec load(const S* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
   static void store(S* p, vec v) { std::memcpy(p, &v, sizeof v); }
-  static S sum(vec v) { S s = 0; for (int64_t l = 0; l < N; l++) s += v[l]; return s; }
+  static S sum(vec v) { S s = 0; for (int l = 0; l < N; l++) s += v[l]; return s; }
 };
 
 #if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
-#define LORAHUB_SUM16 1
-typedef V<float>::vec f16;
+#define LORAHUB_SHUFFLES 1
+typedef V<float>::vec fv;
+constexpr int NF = V<float>::N;  // float lanes: 8 or 16
+template <int... L>
+using lanes = std::integer_sequence<int, L...>;
+constexpr auto all_lanes = std::make_integer_sequence<int, NF>{};
+
 // Lane l of the half `half` of a level that sums units of U lanes: lanes come in groups of 2U, the first U taken
 // from a, the next U from b; half 0 picks each pair of units' first unit, half 1 its second.
 constexpr int unit_lane(int U, int l, int half) {
   int group = l / (2 * U), within = l % (2 * U);
-  return (within < U ? 0 : 16) + group * 2 * U + within % U + half * U;
+  return (within < U ? 0 : NF) + group * 2 * U + within % U + half * U;
 }
 // One level of a transposing reduction: each unit of U lanes of a and of b is summed with its neighbour, and the
-// results of a and b interleave unit by unit. Levels U = 1, 2, 4, 8 turn 16 vectors into one whose lane q is the
-// sum of vector q.
+// results of a and b interleave unit by unit. Levels U = 1, 2, .., NF / 2 turn NF vectors into one whose lane q is
+// the sum of vector q.
 template <int U, int... L>
-inline f16 sum_units(f16 a, f16 b, std::integer_sequence<int, L...>) {
+inline fv sum_units(fv a, fv b, lanes<L...>) {
   return __builtin_shufflevector(a, b, unit_lane(U, L, 0)...) + __builtin_shufflevector(a, b, unit_lane(U, L, 1)...);
 }
 template <int U>
-inline f16 sum_units(f16 a, f16 b) {
-  return sum_units<U>(a, b, std::make_integer_sequence<int, 16>{});
+inline void sum_level(fv* v, int count) {
+  for (int i = 0; i < count / 2; i++) v[i] = sum_units<U>(v[2 * i], v[2 * i + 1], all_lanes);
+  if constexpr (2 * U < NF) sum_level<2 * U>(v, count / 2);
 }
-// sums[q] = the lanes of v[q] summed, for 16 float vectors.
-inline void sum16(const f16* v, float* sums) {
-  f16 l1[8], l2[4];
-  for (int i = 0; i < 8; i++) l1[i] = sum_units<1>(v[2 * i], v[2 * i + 1]);
-  for (int i = 0; i < 4; i++) l2[i] = sum_units<2>(l1[2 * i], l1[2 * i + 1]);
-  f16 all = sum_units<8>(sum_units<4>(l2[0], l2[1]), sum_units<4>(l2[2], l2[3]));
-  std::memcpy(sums, &all, sizeof all);
+// sums[q] = the lanes of v[q] summed, for NF float vectors (v is overwritten).
+inline void sum_vectors(fv* v, float* sums) {
+  sum_level<1>(v, NF);
+  std::memcpy(sums, v, sizeof(fv));
 }
 
-// One step of a 16 x 8 transpose: two vectors that differ in one bit of their index trade the lanes where lane bit
-// LB differs, swapping that index bit with lane bit LB. Half H = 0 gives the vector with the bit clear, 1 the other.
+// One step of a transpose: two vectors that differ in one bit of their index trade the lanes where lane bit LB
+// differs, swapping that index bit with lane bit LB. Half H = 0 gives the vector with the bit clear, 1 the other.
 constexpr int swap_lane(int LB, int l, int H) {
   int bit = (l >> LB) & 1;
-  if (H == 0) return bit ? 16 + (l ^ (1 << LB)) : l;
-  return bit ? 16 + l : (l ^ (1 << LB));
+  if (H == 0) return bit ? NF + (l ^ (1 << LB)) : l;
+  return bit ? NF + l : (l ^ (1 << LB));
 }
 template <int LB, int H, int... L>
-inline f16 swap_bits(f16 a, f16 b, std::integer_sequence<int, L...>) {
+inline fv swap_bits(fv a, fv b, lanes<L...>) {
   return __builtin_shufflevector(a, b, swap_lane(LB, L, H)...);
 }
-template <int LB, int H>
-inline f16 swap_bits(f16 a, f16 b) {
-  return swap_bits<LB, H>(a, b, std::make_integer_sequence<int, 16>{});
+// Swaps index bit LB of the 8 vectors v with lane bit LB, into s.
+template <int LB>
+inline void swap_stage(const fv* v, fv* s) {
+  for (int m = 0; m < 8; m++)
+    if (!(m & (1 << LB))) {
+      s[m] = swap_bits<LB, 0>(v[m], v[m | (1 << LB)], all_lanes);
+      s[m | (1 << LB)] = swap_bits<LB, 1>(v[m], v[m | (1 << LB)], all_lanes);
+    }
 }
-// Lane bits (c0 c3 c2 c1) back to column order (c3 c2 c1 c0).
+// Lane bits (c0 c3 c2 c1) back to column order (c3 c2 c1 c0) (16 lanes).
 constexpr int column_lane(int l) { return ((l & 1) << 3) | (l >> 1); }
 template <int... L>
-inline f16 to_columns(f16 a, std::integer_sequence<int, L...>) {
+inline fv to_columns(fv a, lanes<L...>) {
   return __builtin_shufflevector(a, a, column_lane(L)...);
 }
-// b[j] = rank j of 16 columns c0.. of a weight stored column by column (8 ranks from p + c * sc, sc >= 8):
-// the 8 x 16 block the expand holds in registers, transposed from B's own [out, r] layout by 32 shuffles.
-inline void columns_by_rank(const float* p, int64_t sc, f16* b) {
-  f16 v[8], s[8];
-  for (int m = 0; m < 8; m++) {  // v[m]: columns 2m and 2m + 1, 8 ranks each (lane = 8 * (c & 1) + j)
-    std::memcpy(&v[m], p + 2 * m * sc, 32);
-    std::memcpy(reinterpret_cast<char*>(&v[m]) + 32, p + (2 * m + 1) * sc, 32);
+// b[j] = rank j of NF columns c0.. of a weight stored column by column (8 ranks from p + c * sc, sc >= 8): the
+// 8 x NF block the expand holds in registers, transposed from B's own [out, r] layout by shuffles.
+inline void columns_by_rank(const float* p, int64_t sc, fv* b) {
+  fv v[8], s[8];
+  if constexpr (NF == 8) {  // v[c]: the 8 ranks of column c; three stages swap all index bits with lane bits
+    for (int c = 0; c < 8; c++) std::memcpy(&v[c], p + c * sc, 32);
+    swap_stage<0>(v, s);
+    swap_stage<1>(s, v);
+    swap_stage<2>(v, b);
+  } else {  // v[m]: columns 2m and 2m + 1, 8 ranks each (lane = 8 * (c & 1) + j)
+    for (int m = 0; m < 8; m++) {
+      std::memcpy(&v[m], p + 2 * m * sc, 32);
+      std::memcpy(reinterpret_cast<char*>(&v[m]) + 32, p + (2 * m + 1) * sc, 32);
+    }
+    for (int m = 0; m < 4; m++) {
+      s[m] = swap_bits<2, 0>(v[m], v[m + 4], all_lanes);
+      s[m + 4] = swap_bits<2, 1>(v[m], v[m + 4], all_lanes);
+    }
+    for (int m : {0, 1, 4, 5}) {
+      v[m] = swap_bits<1, 0>(s[m], s[m + 2], all_lanes);
+      v[m + 2] = swap_bits<1, 1>(s[m], s[m + 2], all_lanes);
+    }
+    for (int m : {0, 2, 4, 6}) {
+      s[m] = swap_bits<0, 0>(v[m], v[m + 1], all_lanes);
+      s[m + 1] = swap_bits<0, 1>(v[m], v[m + 1], all_lanes);
+    }
+    for (int j = 0; j < 8; j++) b[j] = to_columns(s[j], all_lanes);
   }
-  for (int m = 0; m < 4; m++) {
-    s[m] = swap_bits<2, 0>(v[m], v[m + 4]);
-    s[m + 4] = swap_bits<2, 1>(v[m], v[m + 4]);
-  }
-  for (int m : {0, 1, 4, 5}) {
-    v[m] = swap_bits<1, 0>(s[m], s[m + 2]);
-    v[m + 2] = swap_bits<1, 1>(s[m], s[m + 2]);
-  }
-  for (int m : {0, 2, 4, 6}) {
-    s[m] = swap_bits<0, 0>(v[m], v[m + 1]);
-    s[m + 1] = swap_bits<0, 1>(v[m], v[m + 1]);
-  }
-  for (int j = 0; j < 8; j++) b[j] = to_columns(s[j], std::make_integer_sequence<int, 16>{});
 }
 #endif
 
 constexpr int RANK_CHUNK = 8;  // expand, outer: ranks per pass (weight or gradient columns in registers)
+// expand, outer: vectors of columns per pass, W of them per rank chunk in registers: 16 with AVX-512 (32 registers),
+// 8 with AVX2 (16 registers; two passes' worth spill and run slower)
+constexpr int BLOCK_VECTORS = LORAHUB_VECTOR_BYTES == 64 ? 2 : 1;
 constexpr int SHRINK_RANKS = 4, SHRINK_ROWS = 4;  // shrink: 4 ranks x 4 rows of accumulators (measured best)
 
 // End of the run of rows sharing row i's expert, within [i, end) (a run may span two tiles: harmless).
@@ -126,14 +153,15 @@ void shrink_block(const S* x, int64_t n, const S* Ae, int64_t r, int64_t j0, con
     }
   }
   S sums[TB * W];
-#ifdef LORAHUB_SUM16
-  if constexpr (std::is_same_v<S, float> && TB * W <= 16) {
-    // Padded to 16 vectors: each lane sum is the same tree whichever block a row falls in (threads cut blocks).
-    typename T::vec all[16] = {};
+#ifdef LORAHUB_SHUFFLES
+  if constexpr (std::is_same_v<S, float>) {
+    // NF vectors at a time, zero-padded: each lane sum is the same tree wherever a row falls (threads cut blocks).
+    constexpr int Q = TB * W, G = (Q + NF - 1) / NF;
+    fv all[G * NF] = {};
     std::memcpy(all, acc, sizeof acc);
-    float padded[16];
-    sum16(all, padded);
-    std::copy(padded, padded + TB * W, sums);
+    float padded[G * NF];
+    for (int g = 0; g < G; g++) sum_vectors(all + g * NF, padded + g * NF);
+    std::copy(padded, padded + Q, sums);
   } else
 #endif
     for (int q = 0; q < TB * W; q++) sums[q] = T::sum(acc[q / W][q % W]);
@@ -158,7 +186,7 @@ template <typename S>
 inline typename V<S>::vec load_columns(const S* p, int64_t c, int64_t sc) {
   if (sc == 1) return V<S>::load(p + c);
   typename V<S>::vec v;
-  for (int64_t l = 0; l < V<S>::N; l++) v[l] = p[(c + l) * sc];
+  for (int l = 0; l < V<S>::N; l++) v[l] = p[(c + l) * sc];
   return v;
 }
 
@@ -166,7 +194,7 @@ inline typename V<S>::vec load_columns(const S* p, int64_t c, int64_t sc) {
 // (sj = 1) by a transpose in registers where the vectors allow it, else lane by lane.
 template <typename S, int W>
 inline void load_block(const S* Be, int64_t sj, int64_t sc, int64_t c, typename V<S>::vec* b) {
-#ifdef LORAHUB_SUM16
+#ifdef LORAHUB_SHUFFLES
   if constexpr (std::is_same_v<S, float> && W == 8) {
     if (sj == 1 && sc >= 8) {
       columns_by_rank(Be + c * sc, sc, b);
@@ -185,24 +213,22 @@ void expand_run(const S* u, const S* coef, int64_t r, int64_t j0, const S* Be, i
                 const int64_t* token, const int64_t* pair, int64_t start, int64_t stop, int64_t c0, int64_t c1,
                 S* out) {
   using T = V<S>;
-  constexpr int64_t BLOCK = 2 * T::N;
+  constexpr int64_t BLOCK = BLOCK_VECTORS * T::N;
   int64_t c = c0;
   for (; c + BLOCK <= c1; c += BLOCK) {
-    typename T::vec b0[W], b1[W];
-    load_block<S, W>(Be, sj, sc, c, b0);
-    load_block<S, W>(Be, sj, sc, c + T::N, b1);
+    typename T::vec b[BLOCK_VECTORS][W];
+    for (int h = 0; h < BLOCK_VECTORS; h++) load_block<S, W>(Be, sj, sc, c + h * T::N, b[h]);
     for (int64_t i = start; i < stop; i++) {
       S* o = out + token[i] * m + c;
       const S* ui = u + pair[i] * r + j0;
       S ci = coef[pair[i]];
-      typename T::vec o0 = T::load(o), o1 = T::load(o + T::N);
+      typename T::vec ov[BLOCK_VECTORS];
+      for (int h = 0; h < BLOCK_VECTORS; h++) ov[h] = T::load(o + h * T::N);
       for (int j = 0; j < W; j++) {
         S wj = ci * ui[j];
-        o0 += wj * b0[j];
-        o1 += wj * b1[j];
+        for (int h = 0; h < BLOCK_VECTORS; h++) ov[h] += wj * b[h][j];
       }
-      T::store(o, o0);
-      T::store(o + T::N, o1);
+      for (int h = 0; h < BLOCK_VECTORS; h++) T::store(o + h * T::N, ov[h]);
     }
   }
   for (int64_t i = start; i < stop; i++)
@@ -219,23 +245,21 @@ template <typename S, int W>
 void outer_run(const S* left, int64_t a, int64_t j0, const S* right, int64_t n, const int64_t* token, int64_t start,
                int64_t stop, int64_t c0, int64_t c1, S* g) {
   using T = V<S>;
-  constexpr int64_t BLOCK = 2 * T::N;
+  constexpr int64_t BLOCK = BLOCK_VECTORS * T::N;
   int64_t c = c0;
   for (; c + BLOCK <= c1; c += BLOCK) {
-    typename T::vec g0[W] = {}, g1[W] = {};
+    typename T::vec gv[BLOCK_VECTORS][W] = {};
     for (int64_t i = start; i < stop; i++) {
       const S* row = right + token[i] * n + c;
       const S* li = left + i * a + j0;
-      typename T::vec v0 = T::load(row), v1 = T::load(row + T::N);
-      for (int j = 0; j < W; j++) {
-        g0[j] += li[j] * v0;
-        g1[j] += li[j] * v1;
-      }
+      typename T::vec v[BLOCK_VECTORS];
+      for (int h = 0; h < BLOCK_VECTORS; h++) v[h] = T::load(row + h * T::N);
+      for (int j = 0; j < W; j++)
+        for (int h = 0; h < BLOCK_VECTORS; h++) gv[h][j] += li[j] * v[h];
     }
-    for (int j = 0; j < W; j++) {
-      T::store(g + j * n + c, T::load(g + j * n + c) + g0[j]);
-      T::store(g + j * n + c + T::N, T::load(g + j * n + c + T::N) + g1[j]);
-    }
+    for (int j = 0; j < W; j++)
+      for (int h = 0; h < BLOCK_VECTORS; h++)
+        T::store(g + j * n + c + h * T::N, T::load(g + j * n + c + h * T::N) + gv[h][j]);
   }
   for (int64_t cc = c; cc < c1; cc++)
     for (int j = 0; j < W; j++) {

@@ -9,13 +9,13 @@ The first that applies (`SegmentPlan.walk`; speeds from `benchmarks/bench_walks.
 - runs (`RunPlan`; torch ops), for routings constant over runs of at least MIN_RUN consecutive tokens (a batch
   routed per row: an adapter per request, a retrieval mixture, a LoraHub population). The tokens are cut into C
   chunks of L rows (L = the gcd of the run lengths); shrink and expand are one bmm each over the chunks, with each
-  chunk's k experts' weights gathered (k*r x in per chunk, small next to L x in activations): about 2x faster than the
-  compiled walk on rows of 64 tokens, within 25% of the dense walk on narrow banks and far ahead on wide ones.
-- dense (`DensePlan`), for a narrow bank (E * r <= DENSE_COLUMNS_PER_SLOT * k per thread, up to 2: at one thread 8
-  experts of rank 8 for one slot, 16 for two) and at least DENSE_MIN_PAIRS pairs: one matmul each way over all
+  chunk's k experts' weights gathered (k*r x in per chunk, small next to L x in activations): 1.1-1.7x faster than the
+  compiled walk on rows of 64 tokens (one thread; more at two), and far ahead of the dense walk on wide banks.
+- dense (`DensePlan`), for a narrow bank (E * r <= DENSE_COLUMNS_PER_SLOT * k per thread, up to 2: at one thread 4
+  experts of rank 8 for one slot, 8 for two) and at least DENSE_MIN_PAIRS pairs: one matmul each way over all
   tokens against the whole bank side by side, the pairs' experts picked by a gather (shrink) or a scatter (expand,
-  outer) of rank-r rows. E / k times the multiply-adds the pairs need, at a matmul's speed and threads: faster than
-  walking the pairs there, up to 5x for top-k routings over hundreds of tokens. Any routing.
+  outer) of rank-r rows. E / k times the multiply-adds the pairs need, at a matmul's speed and threads: as fast as
+  the compiled walk there at one thread, faster at two (its matmuls use the second thread). Any routing.
 - compiled (fp32 / fp64, with a C++ compiler: `native`): the pairs in tiles of NATIVE_TILE consecutive tokens and by
   expert within a tile (one stable sort on the device; pairs without an expert stay in the walk and the kernels skip
   them); the kernels read and update the tile's activation rows where they lie, in cache, while each expert's weights
@@ -44,7 +44,7 @@ MIN_RUN = 16  # shorter runs gather more weight rows than the activation rows th
 MIN_SEGMENT = 64  # mean tokens per expert from which one mm per expert beats padded blocks
 GATHER_BYTES = 1 << 25  # run layout: gathered expert weights (or per-chunk products) per bmm, at most
 NATIVE_TILE = 128  # segment layout, compiled walk: tokens whose activation rows stay in cache (L2) together
-DENSE_COLUMNS_PER_SLOT = 64  # a bank of at most this many columns (experts x rank) per slot and thread is walked
+DENSE_COLUMNS_PER_SLOT = 32  # a bank of at most this many columns (experts x rank) per slot and thread is walked
 DENSE_MIN_PAIRS = 64  # densely, as one matmul, by a routing of at least this many pairs (fewer, as in decoding: the
 # pairs' walk is as fast); wider banks cost more in the dense walk's extra multiply-adds than the pairs' walk loses.
 # The dense walk's matmuls use a second thread, the pairs' walk does not: twice the columns at 2 threads or more
