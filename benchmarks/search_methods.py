@@ -3,7 +3,9 @@ factor ("fusion") and the exact ("mixture") space; weights fitted by gradient de
 
 Every row composes the 20 modules retrieved for the shots' prompts (as `retrieval_lorahub`, today's best search
 row) and answers the test inputs with the composition. Validation (folds=5) is leave-one-out over the 5 shots: it
-picks l1 and the number of evaluations (or steps), or falls back to w = 0 / the best single adapter.
+picks l1 and the number of evaluations (or steps), or falls back to w = 0 / the best single adapter. The first rows
+(`*_validated`) rank those options by held-out cross-entropy (validate="cross_entropy", the rule they were measured
+with); the `*_validated_em` rows by held-out exact match of the greedy answers, CE breaking ties (the default).
 """
 
 from __future__ import annotations
@@ -51,26 +53,38 @@ def search_default(ctx: Context) -> MethodOutput:
 
 @register_method("search_validated")
 def search_validated(ctx: Context) -> MethodOutput:
-    """The default search, validated leave-one-out on the shots (l1, evaluations, or w = 0 / best single)."""
-    return _search(ctx, folds=5)
+    """The default search, validated leave-one-out on the shots by held-out CE (l1, evaluations, or a fallback)."""
+    return _search(ctx, folds=5, validate="cross_entropy")
+
+
+@register_method("search_validated_em")
+def search_validated_em(ctx: Context) -> MethodOutput:
+    """The default search, validated leave-one-out by held-out exact match of the greedy answers (CE breaks ties)."""
+    return _search(ctx, folds=5, validate="exact_match")
 
 
 @register_method("search_mixture_validated")
 def search_mixture_validated(ctx: Context) -> MethodOutput:
     """The validated search in the exact space: weights of sum_i w_i dW_i (mode="mixture")."""
-    return _search(ctx, folds=5, mode="mixture")
+    return _search(ctx, folds=5, mode="mixture", validate="cross_entropy")
 
 
 @register_method("fit_fusion_validated")
 def fit_fusion_validated(ctx: Context) -> MethodOutput:
-    """le.fit_weights (Adam through the grouped op's backward) on the shots, factor mix, validated."""
-    return _fit(ctx, ctx.shot_pairs(), mode="fusion", folds=5)
+    """le.fit_weights (Adam through the grouped op's backward) on the shots, factor mix, validated by held-out CE."""
+    return _fit(ctx, ctx.shot_pairs(), mode="fusion", folds=5, validate="cross_entropy")
+
+
+@register_method("fit_fusion_validated_em")
+def fit_fusion_validated_em(ctx: Context) -> MethodOutput:
+    """le.fit_weights on the shots, factor mix, validated by held-out exact match (CE breaks ties)."""
+    return _fit(ctx, ctx.shot_pairs(), mode="fusion", folds=5, validate="exact_match")
 
 
 @register_method("fit_mixture_validated")
 def fit_mixture_validated(ctx: Context) -> MethodOutput:
-    """le.fit_weights on the shots, exact sum of deltas, validated."""
-    return _fit(ctx, ctx.shot_pairs(), mode="mixture", folds=5)
+    """le.fit_weights on the shots, exact sum of deltas, validated by held-out CE."""
+    return _fit(ctx, ctx.shot_pairs(), mode="mixture", folds=5, validate="cross_entropy")
 
 
 @register_method("adamerging")

@@ -1,4 +1,5 @@
-"""Few-shot examples as model inputs: (prompt, answer) strings -> padded batches -> per-example losses or answers.
+"""Few-shot examples as model inputs: (prompt, answer) strings -> padded batches -> per-example losses or answers,
+and answers scored by normalized exact match (`exact_match`, the scoring of the cross-task benchmark).
 
 Shared by search, routers and benchmarks. Works for causal LMs (prompt and answer in one sequence, loss on the
 answer tokens only) and seq2seq LMs (prompt to the encoder, answer as labels). Causal batches are left-padded, so
@@ -7,6 +8,7 @@ Index legend: n examples, l sequence length, v vocabulary.
 """
 
 import inspect
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100  # label of positions without a loss
+_EDGE_PUNCTUATION = " \t\n.,;:!?\"'`"
 
 
 class TruncationWarning(UserWarning):
@@ -241,3 +244,13 @@ def _decode_until_eos(tokenizer, tokens: list[int], eos: int | None) -> str:
     if eos in tokens:
         tokens = tokens[:tokens.index(eos)]
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, collapse whitespace, and strip quotes and punctuation at both ends ("Cats." -> "cats")."""
+    return re.sub(r"\s+", " ", text.lower()).strip(_EDGE_PUNCTUATION)
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Whether the prediction equals the answer after `normalize_answer`."""
+    return normalize_answer(prediction) == normalize_answer(answer)

@@ -136,10 +136,23 @@ def test_search_picks_random_or_retrieved_modules(search_folders, tmp_path, caps
     assert json.loads(capsys.readouterr().out)["names"] == retrieved and retrieved[0] == "plural"
 
 
+@pytest.mark.filterwarnings("ignore:COBYLA")
+def test_search_validates_by_the_rule_asked(search_folders, tmp_path, capsys):
+    root = search_folders
+    for rule in ("exact_match", "cross_entropy"):
+        assert main(search_argv(root, "--adapters", "add", "plural", "--budget", "4", "--folds", "3", "--validate", rule,
+                                "--json", "-o", str(tmp_path / rule))) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["config"]["validate"] == rule and printed["config"]["folds"] == 3
+        scored = {s["exact_match"] is not None for s in printed["validation"]["held_out"].values()}
+        assert scored == {rule == "exact_match"}
+
+
 @pytest.mark.parametrize("options,message", [
     (["--adapters", "add", "nope"], "no adapter named 'nope'"),
     (["--adapters", "add", "--optimizer", "NGOtp"], "unknown optimizer 'NGOtp'"),
     (["--adapters", "add", "--bound", "0"], "--bound: expected a finite positive number"),
+    (["--adapters", "add", "--validate", "ce"], "argument --validate: invalid choice: 'ce'"),
     (["--random", "9"], "cannot draw 9 modules from 3 adapters"),
     (["--adapters", "add", "--examples", "{bad}"], "bad.jsonl:1: expected a JSON object"),
 ])

@@ -1,18 +1,10 @@
-"""Normalized exact match, per example and per task."""
+"""Normalized exact match, per example (the core's, lorahub_engine.fewshot) and per task."""
 
-import re
 from collections.abc import Sequence
 
-_EDGE_PUNCTUATION = " \t\n.,;:!?\"'`"
+from lorahub_engine.fewshot import exact_match, normalize_answer
 
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, collapse whitespace, and strip quotes and punctuation at both ends ("Cats." -> "cats")."""
-    return re.sub(r"\s+", " ", text.lower()).strip(_EDGE_PUNCTUATION)
-
-
-def exact_match(prediction: str, answer: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(answer)
+__all__ = ["accuracy", "exact_match", "normalize_answer"]
 
 
 def accuracy(predictions: Sequence[str], answers: Sequence[str]) -> float:

@@ -29,7 +29,7 @@ INDEXES_GROUP = "lorahub_engine.indexes"
 
 
 def add_search(commands) -> None:
-    from lorahub_engine.search.config import DEFAULTS, MODES, STARTS
+    from lorahub_engine.search.config import DEFAULTS, MODES, STARTS, VALIDATIONS
 
     p = commands.add_parser("search", help="LoraHub: search weights for N zoo adapters on a few examples",
                             description="Gradient-free search (nevergrad or CMA-ES) of LoraHub weights for N adapters of a zoo "
@@ -56,6 +56,8 @@ def add_search(commands) -> None:
                    help="fusion: LoraHub's factor mix; mixture: the exact sum of weighted deltas")
     p.add_argument("--folds", type=int, default=d.folds,
                    help="k-fold validation on the examples picking l1, budget or a fallback; 0 = off")
+    p.add_argument("--validate", choices=VALIDATIONS, default=d.validate,
+                   help="with --folds, rank by held-out exact match (greedy answers; CE breaks ties) or by CE")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the optimizer and of --random")
     p.add_argument("--batch-size", type=positive_int, help="rows per forward (None: population x examples)")
     p.add_argument("--name", default="lorahub", help="name of the composed adapter")
@@ -84,8 +86,8 @@ def run_search(args: argparse.Namespace) -> int:
     model, tokenizer = load_language_model(args.model)
     result = lorahub_search(model, tokenizer, adapters, examples, budget=args.budget, bound=args.bound, l1=args.l1,
                             optimizer=args.optimizer, population=args.population, start=args.start, step=args.step,
-                            mode=args.mode, folds=args.folds, seed=args.seed, batch_size=args.batch_size,
-                            progress=show_progress())
+                            mode=args.mode, folds=args.folds, validate=args.validate, seed=args.seed,
+                            batch_size=args.batch_size, progress=show_progress())
     result.adapter(args.name).save(args.output, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
@@ -105,7 +107,7 @@ def _check_search_options(args: argparse.Namespace, n: int) -> None:
 
     config = SearchConfig(budget=args.budget, bound=args.bound, l1=args.l1, optimizer=args.optimizer,
                           population=args.population, start=args.start, step=args.step, mode=args.mode,
-                          folds=args.folds, seed=args.seed, batch_size=args.batch_size)
+                          folds=args.folds, validate=args.validate, seed=args.seed, batch_size=args.batch_size)
     make_optimizer(config, n).close()
 
 

@@ -5,7 +5,8 @@ fit_weights, the same weights learned by gradient descent through the grouped op
     result = lorahub_search(model, tokenizer, adapters, examples, budget=40, seed=0)  # defaults: DEFAULTS
 """
 
-from lorahub_engine.search.config import DEFAULTS, SearchConfig
+from lorahub_engine.search.answers import HeldOutAnswers
+from lorahub_engine.search.config import DEFAULTS, VALIDATIONS, SearchConfig
 from lorahub_engine.search.errors import SearchError
 from lorahub_engine.search.fit import FitConfig, first_token_entropy, fit_weights
 from lorahub_engine.search.lorahub import lorahub_search, search_with
@@ -22,12 +23,14 @@ __all__ = [
     "Choice",
     "DEFAULTS",
     "FitConfig",
+    "HeldOutAnswers",
     "Evaluation",
     "FewShotObjective",
     "NevergradOptimizer",
     "SearchConfig",
     "SearchError",
     "SearchResult",
+    "VALIDATIONS",
     "cross_validate",
     "encode_pairs",
     "evaluate",

@@ -18,6 +18,7 @@ from lorahub_engine.search.errors import SearchError
 
 MODES = ("fusion", "mixture")  # fusion: LoraHub's factor mix; mixture: the exact sum of the weighted deltas
 STARTS = ("zero", "random", "single")
+VALIDATIONS = ("exact_match", "cross_entropy")  # what validation ranks its options by (see validate.py)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class SearchConfig:
     mode: str = "fusion"  # "fusion" (LoraHub's factor mix) or "mixture" (exact sum of w_i dW_i)
     folds: int = 0  # 0: no validation; k >= 2: k-fold over the examples (>= n: leave-one-out) picks l1, the
     #                 number of evaluations, or a fallback (w = 0, the best single adapter); see validate.py
+    validate: str = "exact_match"  # with folds: rank the options by the held-out shots' greedy answers (normalized
+    #                                exact match, cross-entropy breaking ties), or "cross_entropy" alone (the first
+    #                                rule: it never fell back to w = 0 on the tiny base, benchmarks/RESULTS.md)
     batch_size: int | None = None  # rows per forward (population x examples); None = all rows in one forward
 
     @classmethod
@@ -62,6 +66,7 @@ class SearchConfig:
             raise SearchError(f"optimizer must be a non-empty name, got {self.optimizer!r}")
         if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 0 or self.folds == 1:
             raise SearchError(f"folds must be 0 (no validation) or an int >= 2, got {self.folds!r}")
+        check_validate(self.validate)
         if not isinstance(self.fold, bool):
             raise SearchError(f"fold must be a bool, got {self.fold!r}")
         if self.start not in STARTS:
@@ -86,6 +91,12 @@ class SearchConfig:
 def _positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SearchError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_validate(value) -> None:
+    """validate must name a rule of VALIDATIONS (SearchConfig and FitConfig share it)."""
+    if not isinstance(value, str) or value not in VALIDATIONS:
+        raise SearchError(f"validate must be one of {VALIDATIONS}, got {value!r}")
 
 
 def _real(value) -> bool:

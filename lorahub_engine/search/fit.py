@@ -9,14 +9,15 @@ the adapters and the base stay frozen. loss="cross_entropy" minimizes the answer
 (LoraHub's objective, Adam instead of a gradient-free search); loss="entropy" minimizes the mean entropy of the
 first answer token's distribution on unlabeled inputs (AdaMerging, Yang et al. ICLR 2024,
 https://arxiv.org/abs/2310.02575). folds >= 2 validates as lorahub_search does (validate.py): k-fold over the
-examples picks l1 and the number of steps, or falls back to w = 0 / the best single adapter.
+examples picks l1 and the number of steps, or falls back to w = 0 / the best single adapter, by held-out exact match
+(validate="exact_match", the default) or cross-entropy (validate="cross_entropy").
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from lorahub_engine.adapter import LoraAdapter
 from lorahub_engine.fewshot import IGNORE, Batch, example_losses, positions
 from lorahub_engine.progress import progress_bar
-from lorahub_engine.search.config import MODES
+from lorahub_engine.search.answers import answers_for
+from lorahub_engine.search.config import MODES, check_validate
 from lorahub_engine.search.errors import SearchError
 from lorahub_engine.search.inputs import check_adapters, check_examples, composing
 from lorahub_engine.search.loop import evaluate
@@ -46,6 +48,7 @@ class FitConfig:
     init: float = 0.1  # fusion starts at w ~ N(0, init^2): w = 0 has zero gradient there (dW is quadratic in w)
     seed: int = 0  # seeds the start
     folds: int = 0  # 0: no validation; k >= 2: k-fold over the examples (see validate.py)
+    validate: str = "exact_match"  # with folds: rank by held-out exact match (CE breaks ties) or "cross_entropy"
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -64,6 +67,7 @@ class FitConfig:
             raise SearchError(f"seed must be an int, got {self.seed!r}")
         if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 0 or self.folds == 1:
             raise SearchError(f"folds must be 0 (no validation) or an int >= 2, got {self.folds!r}")
+        check_validate(self.validate)
         if self.folds and self.loss == "entropy":
             raise SearchError("validation needs answers: folds must be 0 with loss='entropy'")
 
@@ -73,11 +77,19 @@ class FitConfig:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, data: dict) -> FitConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise SearchError(f"unknown fit config keys: {sorted(unknown)}")
+        return cls(**data)
+
 
 def fit_weights(model, tokenizer, adapters: Sequence[LoraAdapter], examples, *, mode: str = "fusion",
                 steps: int = FitConfig.steps, lr: float = FitConfig.lr, l1: float = FitConfig.l1,
                 bound: float = FitConfig.bound, loss: str = "cross_entropy", init: float = FitConfig.init,
-                folds: int = 0, seed: int = 0, progress: bool = True) -> SearchResult:
+                folds: int = 0, validate: str = FitConfig.validate, seed: int = 0,
+                progress: bool = True) -> SearchResult:
     """Learn the weights of the N adapters' composition by Adam on the examples; returns a SearchResult whose
     history holds every step's point (before its update) and objective.
 
@@ -85,9 +97,9 @@ def fit_weights(model, tokenizer, adapters: Sequence[LoraAdapter], examples, *, 
     The model is left as it was (adapters detached, mode restored, its parameters' requires_grad untouched).
     """
     config = FitConfig(steps=steps, lr=lr, l1=l1, bound=bound, mode=mode, loss=loss, init=init, seed=seed,
-                       folds=folds)
+                       folds=folds, validate=validate)
     adapters = check_adapters(adapters, "fit_weights")
-    batch = _encode(model, tokenizer, examples, config.loss)
+    pairs, batch = _encode(model, tokenizer, examples, config.loss)
     if config.folds:
         folds_of(batch.input_ids.shape[0], config.folds)  # too few examples to validate: fails before attaching
     names = [a.name for a in adapters]
@@ -96,8 +108,9 @@ def fit_weights(model, tokenizer, adapters: Sequence[LoraAdapter], examples, *, 
         row_losses = example_losses if config.loss == "cross_entropy" else first_token_entropy
         objective = FewShotObjective(model, batch, mode=config.mode, row_losses=row_losses)
         if config.folds:
+            answers = answers_for(config.validate, model, tokenizer, pairs, config.mode)
             choice = cross_validate(objective, lambda fold, l1: descend(fold, config.replace(l1=l1), False),
-                                    config.steps, config.folds)
+                                    config.steps, config.folds, answers=answers)
         if choice is None or choice.kind == "search":
             if choice is not None:
                 final = config.replace(l1=choice.l1, steps=choice.evaluations)
@@ -152,8 +165,9 @@ def first_token_entropy(model, batch: Batch) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(-1)
 
 
-def _encode(model, tokenizer, examples, loss: str) -> Batch:
-    """The examples as a batch; with loss="entropy" inputs only, each answer a placeholder (eos) after its prompt."""
+def _encode(model, tokenizer, examples, loss: str) -> tuple[list[tuple[str, str]], Batch]:
+    """The checked (input, answer) pairs and their batch; with loss="entropy" inputs only, each answer a placeholder
+    (eos) after its prompt."""
     examples = list(examples)
     if loss == "entropy":
         if tokenizer.eos_token_id is None:
@@ -163,7 +177,7 @@ def _encode(model, tokenizer, examples, loss: str) -> Batch:
     if loss == "entropy":
         pairs = [(x, "") for x, _ in pairs]
     try:
-        return encode_pairs(model, tokenizer, pairs)
+        return pairs, encode_pairs(model, tokenizer, pairs)
     except ValueError as e:  # e.g. an answer that encodes to no tokens
         raise SearchError(f"cannot encode the examples: {e}") from None
 

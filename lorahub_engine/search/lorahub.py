@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from lorahub_engine.adapter import LoraAdapter
+from lorahub_engine.search.answers import answers_for
 from lorahub_engine.search.config import DEFAULTS, SearchConfig
 from lorahub_engine.search.errors import SearchError
 from lorahub_engine.search.inputs import check_adapters, check_examples, composing
@@ -30,7 +31,7 @@ def lorahub_search(model, tokenizer, adapters: Sequence[LoraAdapter], examples: 
                    budget: int = DEFAULTS.budget, bound: float = DEFAULTS.bound, l1: float = DEFAULTS.l1,
                    optimizer: str = DEFAULTS.optimizer, population: int | None = DEFAULTS.population,
                    start: str = DEFAULTS.start, step: float = DEFAULTS.step, seed: int = DEFAULTS.seed,
-                   mode: str = DEFAULTS.mode, folds: int = DEFAULTS.folds,
+                   mode: str = DEFAULTS.mode, folds: int = DEFAULTS.folds, validate: str = DEFAULTS.validate,
                    batch_size: int | None = DEFAULTS.batch_size, progress: bool = True) -> SearchResult:
     """Search weights w in [-bound, bound]^N minimizing mean answer CE + l1 * mean |w| (defaults: `DEFAULTS`).
 
@@ -45,10 +46,13 @@ def lorahub_search(model, tokenizer, adapters: Sequence[LoraAdapter], examples: 
     folds: k >= 2 validates on the examples first (k-fold, leave-one-out when k >= n): it picks l1 and the number
         of evaluations of the final search, or returns w = 0 or the best single adapter when no search beats them
         on held-out examples (`result.validation` records the comparison). 0 (default): search once.
+    validate: what "beats" means with folds: "exact_match" (default) answers more held-out examples right (greedy
+        answers, normalized exact match; held-out CE breaks ties), "cross_entropy" has the lower held-out CE.
     budget: objective evaluations in all; batch_size: rows per forward (default: all P x n rows).
     """
     config = SearchConfig(budget=budget, bound=bound, l1=l1, optimizer=optimizer, population=population,
-                          start=start, step=step, seed=seed, mode=mode, folds=folds, batch_size=batch_size)
+                          start=start, step=step, seed=seed, mode=mode, folds=folds, validate=validate,
+                          batch_size=batch_size)
     return search_with(model, tokenizer, adapters, examples, config, progress)
 
 
@@ -68,8 +72,9 @@ def search_with(model, tokenizer, adapters: Sequence[LoraAdapter], examples: Seq
     with composing(model, adapters):
         objective = FewShotObjective(model, batch, config.batch_size, config.mode)
         if config.folds:
+            answers = answers_for(config.validate, model, tokenizer, examples, config.mode, config.batch_size)
             choice = cross_validate(objective, lambda fold, l1: search_history(fold, config.replace(l1=l1), False),
-                                    config.budget, config.folds)
+                                    config.budget, config.folds, answers=answers)
         if choice is None or choice.kind == "search":
             if choice is not None:  # the l1 and number of evaluations that validation picked
                 final = config.replace(l1=choice.l1, budget=choice.evaluations)

@@ -154,21 +154,22 @@ def test_validation_falls_back_when_nothing_beats_it(base, tokenizer, zoo):
     """Only noise adapters: no weighting of them beats w = 0 on held-out shots by much, whatever wins is recorded
     with the held-out CE of w = 0 computed by hand (leave-one-out: the mean of the per-example CEs)."""
     noise = [a for a in zoo if a.name != "task"]
-    result = fit_weights(base, tokenizer, noise, EXAMPLES, steps=10, folds=5, progress=False)
+    result = fit_weights(base, tokenizer, noise, EXAMPLES, steps=10, folds=5, validate="cross_entropy",
+                         progress=False)
+    held = {name: score["cross_entropy"] for name, score in result.validation["held_out"].items()}
     model = le.attach(copy.deepcopy(base), noise)
     per_example = FewShotObjective(model, encode_pairs(model, tokenizer, EXAMPLES)).example_losses(torch.zeros(1, 3))
-    assert result.validation["held_out"]["zero"] == pytest.approx(per_example.mean().item(), abs=1e-6)
-    winner = min(result.validation["held_out"].values())
-    assert result.validation["held_out"]["zero"] == winner or result.validation["kind"] != "zero"
+    assert held["zero"] == pytest.approx(per_example.mean().item(), abs=1e-6)
+    assert held["zero"] == min(held.values()) or result.validation["kind"] != "zero"
     if result.validation["kind"] == "zero":
         assert all(w == 0 for w in result.weights.values()) and len(result.history) == 1
 
 
 def test_validation_keeps_the_useful_adapter(base, tokenizer, zoo):
-    result = fit_weights(base, tokenizer, zoo, EXAMPLES, steps=20, folds=5, progress=False)
+    result = fit_weights(base, tokenizer, zoo, EXAMPLES, steps=20, folds=5, validate="cross_entropy", progress=False)
     assert result.validation["kind"] in ("search", "single")
     assert result.weights["task"] == max(result.weights.values(), key=abs)
-    held = result.validation["held_out"]
+    held = {name: score["cross_entropy"] for name, score in result.validation["held_out"].items()}
     assert held[min(held, key=held.get)] < held["zero"] - 0.3
 
 
@@ -179,6 +180,7 @@ def test_validation_keeps_the_useful_adapter(base, tokenizer, zoo):
     (dict(loss="kl"), "loss must be one of"),
     (dict(folds=1), "folds must be 0"),
     (dict(loss="entropy", folds=5), "validation needs answers"),
+    (dict(folds=5, validate="ce"), "validate must be one of"),
     (dict(examples=[]), "at least one .input, answer. example"),
     (dict(examples=["no answer"]), r"examples\[0\] must be an \(input, answer\) pair"),
 ])

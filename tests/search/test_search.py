@@ -170,6 +170,7 @@ def test_composed_adapter_of_fp16_adapters_is_what_the_search_evaluated(base, to
     (dict(step=0.0), "step must be a finite number > 0"),
     (dict(folds=1), "folds must be 0 .no validation. or an int >= 2"),
     (dict(folds=2, examples=EXAMPLES[:1]), "validation needs at least 2 examples"),
+    (dict(folds=5, validate="accuracy"), "validate must be one of"),
     (dict(optimizer="Cobyla", population=2), "optimizer 'Cobyla' is sequential: it needs population=1, got 2"),
 ])
 def test_bad_input_raises_typed_errors_before_touching_the_model(base, tokenizer, zoo, options, message):
@@ -228,9 +229,10 @@ def test_mixture_search_composes_the_exact_sum(base, tokenizer, zoo):
 
 def test_validation_compares_held_out_shots_and_runs_what_wins(base, tokenizer, zoo):
     """Leave-one-out over the 5 examples: w = 0's held-out CE is the mean of its per-example CEs (by hand); the
-    final search runs with the l1 and budget picked; with noise adapters alone it falls back when nothing beats."""
-    result = search(base, tokenizer, zoo, budget=12, folds=5)
-    held = result.validation["held_out"]
+    final search runs with the l1 and budget picked; with noise adapters alone it falls back when nothing beats.
+    Ranked by held-out CE alone (validate="cross_entropy"; exact match: tests/search/test_validate.py)."""
+    result = search(base, tokenizer, zoo, budget=12, folds=5, validate="cross_entropy")
+    held = {name: score["cross_entropy"] for name, score in result.validation["held_out"].items()}
     model = le.attach(copy.deepcopy(base), zoo)
     per_example = FewShotObjective(model, encode_pairs(model, tokenizer, EXAMPLES)).example_losses(torch.zeros(1, 4))
     assert held["zero"] == pytest.approx(per_example.mean().item(), abs=1e-6)
@@ -243,7 +245,7 @@ def test_validation_compares_held_out_shots_and_runs_what_wins(base, tokenizer, 
     else:
         assert kind == "single" and result.weights == {n: float(n == "task") for n in result.names}
     noise = [a for a in zoo if a.name != "task"]
-    fallback = search(base, tokenizer, noise, budget=12, folds=5)
+    fallback = search(base, tokenizer, noise, budget=12, folds=5, validate="cross_entropy")
     if fallback.validation["kind"] == "zero":
         assert set(fallback.weights.values()) == {0.0} and len(fallback.history) == 1
 
