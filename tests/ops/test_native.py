@@ -41,7 +41,8 @@ def walk_both(monkeypatch, fn):
         return compiled, fn()
 
 
-# widths around the vector (16 fp32, 8 fp64 lanes; expand and outer step 2 vectors) and rank blocks (4 and 8)
+# widths around the vector (8 fp32 lanes with AVX2, 16 with AVX-512, half as many fp64; expand and outer step one or
+# two vectors) and rank blocks (4 and 8; r = 8 and 9 read B through the in-register transpose)
 @pytest.mark.parametrize("r,d_in,d_out", [(1, 5, 3), (3, 16, 33), (4, 31, 64), (5, 70, 17), (8, 64, 96), (9, 33, 130),
                                           (16, 128, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
