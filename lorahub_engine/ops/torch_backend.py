@@ -9,8 +9,8 @@ The first that applies (`SegmentPlan.walk`; speeds from `benchmarks/bench_walks.
 - runs (`RunPlan`; torch ops), for routings constant over runs of at least MIN_RUN consecutive tokens (a batch
   routed per row: an adapter per request, a retrieval mixture, a LoraHub population). The tokens are cut into C
   chunks of L rows (L = the gcd of the run lengths); shrink and expand are one bmm each over the chunks, with each
-  chunk's k experts' weights gathered (k*r x in per chunk, small next to L x in activations): 1.1-1.7x faster than the
-  compiled walk on rows of 64 tokens (one thread; more at two), and far ahead of the dense walk on wide banks.
+  chunk's k experts' weights gathered (k*r x in per chunk, small next to L x in activations): up to 1.4x faster than the
+  compiled walk on rows of 64 tokens at one thread, 1.5-1.8x at two, and far ahead of the dense walk on wide banks.
 - dense (`DensePlan`), for a narrow bank (E * r <= DENSE_COLUMNS_PER_SLOT * k per thread, up to 2: at one thread 4
   experts of rank 8 for one slot, 8 for two) and at least DENSE_MIN_PAIRS pairs: one matmul each way over all
   tokens against the whole bank side by side, the pairs' experts picked by a gather (shrink) or a scatter (expand,
