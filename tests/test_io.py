@@ -11,7 +11,6 @@ import torch
 
 import lorahub_engine as le
 from lorahub_engine import _io
-from lorahub_engine.adapter import ADAPTER_FOLDER
 from lorahub_engine.cli import main
 from lorahub_engine.errors import OutputError, OutputExistsError
 
