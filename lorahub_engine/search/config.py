@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields, replace
+from typing import ClassVar, Self
 
 from lorahub_engine.search.errors import SearchError
 
@@ -21,8 +22,29 @@ STARTS = ("zero", "random", "single")
 VALIDATIONS = ("exact_match", "cross_entropy")  # what validation ranks its options by (see validate.py)
 
 
+class JsonConfig:
+    """replace / to_json / from_json of a frozen dataclass config (SearchConfig, FitConfig); KIND names it in errors."""
+
+    KIND: ClassVar[str] = "config"
+
+    def replace(self, **changes) -> Self:
+        return replace(self, **changes)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Self:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise SearchError(f"unknown {cls.KIND} config keys: {sorted(unknown)}")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class SearchConfig:
+class SearchConfig(JsonConfig):
+    KIND: ClassVar[str] = "search"
+
     budget: int = 40  # objective evaluations in all (LoraHub: 40)
     bound: float = 1.5  # every weight stays in [-bound, bound] (LoraHub: 1.5)
     l1: float = 0.05  # objective = mean answer cross-entropy + l1 * mean |w| (LoraHub: 0.05)
@@ -49,58 +71,54 @@ class SearchConfig:
         return cls(**{"optimizer": "NGOpt", "start": "zero", "population": 1, **overrides})
 
     def __post_init__(self):
-        _positive_int("budget", self.budget)
+        check_positive_int("budget", self.budget)
         for name in ("population", "batch_size"):
             if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
+                check_positive_int(name, getattr(self, name))
         if self.population is not None and self.population > self.budget:
             raise SearchError(f"population ({self.population}) must not exceed the budget ({self.budget})")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise SearchError(f"seed must be an int, got {self.seed!r}")
+        check_int("seed", self.seed)
         for name in ("bound", "step"):
-            if not _real(getattr(self, name)) or not getattr(self, name) > 0:
-                raise SearchError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
-        if not _real(self.l1) or self.l1 < 0:
-            raise SearchError(f"l1 must be a finite number >= 0, got {self.l1!r}")
+            check_number(name, getattr(self, name))
+        check_number("l1", self.l1, positive=False)
         if not isinstance(self.optimizer, str) or not self.optimizer:
             raise SearchError(f"optimizer must be a non-empty name, got {self.optimizer!r}")
-        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 0 or self.folds == 1:
-            raise SearchError(f"folds must be 0 (no validation) or an int >= 2, got {self.folds!r}")
-        check_validate(self.validate)
+        check_validation(self.folds, self.validate)
         if not isinstance(self.fold, bool):
             raise SearchError(f"fold must be a bool, got {self.fold!r}")
-        if self.start not in STARTS:
-            raise SearchError(f"start must be one of {STARTS}, got {self.start!r}")
-        if self.mode not in MODES:
-            raise SearchError(f"mode must be one of {MODES}, got {self.mode!r}")
-
-    def replace(self, **changes) -> SearchConfig:
-        return replace(self, **changes)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> SearchConfig:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise SearchError(f"unknown search config keys: {sorted(unknown)}")
-        return cls(**data)
+        check_choice("start", self.start, STARTS)
+        check_choice("mode", self.mode, MODES)
 
 
-def _positive_int(name: str, value) -> None:
+# ---- checks shared by SearchConfig and FitConfig ---------------------------------------------------------------
+def check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SearchError(f"{name} must be an int, got {value!r}")
+
+
+def check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SearchError(f"{name} must be a positive int, got {value!r}")
 
 
-def check_validate(value) -> None:
-    """validate must name a rule of VALIDATIONS (SearchConfig and FitConfig share it)."""
-    if not isinstance(value, str) or value not in VALIDATIONS:
-        raise SearchError(f"validate must be one of {VALIDATIONS}, got {value!r}")
+def check_number(name: str, value, positive: bool = True) -> None:
+    """A finite real number, > 0 (positive) or >= 0."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not real or (value <= 0 if positive else value < 0):
+        raise SearchError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
 
 
-def _real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SearchError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_validation(folds, validate) -> None:
+    """folds: 0 (no validation) or k >= 2; validate: a rule of VALIDATIONS."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 0 or folds == 1:
+        raise SearchError(f"folds must be 0 (no validation) or an int >= 2, got {folds!r}")
+    if not isinstance(validate, str) or validate not in VALIDATIONS:
+        raise SearchError(f"validate must be one of {VALIDATIONS}, got {validate!r}")
 
 
 DEFAULTS = SearchConfig()  # what lorahub_search and `lorahub-engine search` use when not told otherwise

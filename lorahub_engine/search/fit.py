@@ -15,9 +15,9 @@ examples picks l1 and the number of steps, or falls back to w = 0 / the best sin
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,8 @@ from lorahub_engine.adapter import LoraAdapter
 from lorahub_engine.fewshot import IGNORE, Batch, example_losses, positions
 from lorahub_engine.progress import progress_bar
 from lorahub_engine.search.answers import answers_for
-from lorahub_engine.search.config import MODES, check_validate
+from lorahub_engine.search.config import (MODES, JsonConfig, check_choice, check_int, check_number,
+                                          check_positive_int, check_validation)
 from lorahub_engine.search.errors import SearchError
 from lorahub_engine.search.inputs import check_adapters, check_examples, composing
 from lorahub_engine.search.loop import evaluate
@@ -38,7 +39,9 @@ LOSSES = ("cross_entropy", "entropy")
 
 
 @dataclass(frozen=True)
-class FitConfig:
+class FitConfig(JsonConfig):
+    KIND: ClassVar[str] = "fit"
+
     steps: int = 40  # Adam steps (one forward and backward of all examples each)
     lr: float = 0.1  # Adam's learning rate
     l1: float = 0.05  # objective = mean loss + l1 * mean |w| (LoraHub's regularizer)
@@ -51,38 +54,17 @@ class FitConfig:
     validate: str = "exact_match"  # with folds: rank by held-out exact match (CE breaks ties) or "cross_entropy"
 
     def __post_init__(self):
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise SearchError(f"steps must be a positive int, got {self.steps!r}")
+        check_positive_int("steps", self.steps)
         for name in ("lr", "bound"):
-            if not _finite(getattr(self, name)) or not getattr(self, name) > 0:
-                raise SearchError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
+            check_number(name, getattr(self, name))
         for name in ("l1", "init"):
-            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
-                raise SearchError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
-        if self.mode not in MODES:
-            raise SearchError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.loss not in LOSSES:
-            raise SearchError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise SearchError(f"seed must be an int, got {self.seed!r}")
-        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 0 or self.folds == 1:
-            raise SearchError(f"folds must be 0 (no validation) or an int >= 2, got {self.folds!r}")
-        check_validate(self.validate)
+            check_number(name, getattr(self, name), positive=False)
+        check_choice("mode", self.mode, MODES)
+        check_choice("loss", self.loss, LOSSES)
+        check_int("seed", self.seed)
+        check_validation(self.folds, self.validate)
         if self.folds and self.loss == "entropy":
             raise SearchError("validation needs answers: folds must be 0 with loss='entropy'")
-
-    def replace(self, **changes) -> FitConfig:
-        return replace(self, **changes)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> FitConfig:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise SearchError(f"unknown fit config keys: {sorted(unknown)}")
-        return cls(**data)
 
 
 def fit_weights(model, tokenizer, adapters: Sequence[LoraAdapter], examples, *, mode: str = "fusion",
@@ -180,7 +162,3 @@ def _encode(model, tokenizer, examples, loss: str) -> tuple[list[tuple[str, str]
         return pairs, encode_pairs(model, tokenizer, pairs)
     except ValueError as e:  # e.g. an answer that encodes to no tokens
         raise SearchError(f"cannot encode the examples: {e}") from None
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
