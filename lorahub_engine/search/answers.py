@@ -16,8 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
-from lorahub_engine.attach import attached_names, routing
+from lorahub_engine.attach import attached_names
 from lorahub_engine.fewshot import exact_match, generate_answers
+from lorahub_engine.search.objective import weighted
 
 MARGIN = 8  # new tokens decoded past the longest answer (eos included): room for the spacing and edge punctuation
 #             that normalization strips; an answer still running then cannot match
@@ -46,10 +47,8 @@ class HeldOutAnswers:
         size = self.batch_size or len(distinct)
         decoded: list[str] = []
         for start in range(0, len(distinct), size):
-            chunk = gates[start:start + size]
-            idx = torch.arange(self.num_adapters).expand_as(chunk)  # [u, N]: every adapter, gated by the row
             prompts = [self.examples[e][0] for e, _ in distinct[start:start + size]]
-            with routing(self.model, idx, chunk, mode=self.mode, per="row"):
+            with weighted(self.model, gates[start:start + size], self.mode):
                 decoded += generate_answers(self.model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens)
         found = dict(zip(distinct, decoded))
         return [found[key] for key in keys]

@@ -132,13 +132,9 @@ class FewShotObjective:
             return self.prompt.run(len(candidates))
 
     def _routed(self, weights: torch.Tensor, candidate: torch.Tensor):
-        """The routing under which batch row j runs candidate candidate[j]."""
-        if weights.shape[0] == 1:  # one candidate: one routing row that every batch row shares
-            idx, gates = torch.arange(self.num_adapters, device=self.device)[None, :], weights
-        else:
-            gates = weights[candidate.to(self.device)]  # [rows, N]
-            idx = torch.arange(self.num_adapters, device=self.device).expand_as(gates)
-        return routing(self.model, idx, gates, mode=self.mode)
+        """The routing under which batch row j runs candidate candidate[j] (one candidate: one row all share)."""
+        return weighted(self.model, weights if weights.shape[0] == 1 else weights[candidate.to(self.device)],
+                        self.mode)
 
     def _grouped(self) -> list[Group]:
         rows = self.prompt.suffix if self.prompt is not None else self.batch
@@ -191,6 +187,13 @@ TOLERANCE = 1e-4
 @contextlib.contextmanager
 def _no_reuse(group: int, rows: torch.Tensor):
     yield
+
+
+def weighted(model, weights: torch.Tensor, mode: str):
+    """The routing under which batch row j composes the N attached adapters by weights[j] (weights [rows, N]; one
+    row: every batch row), in `mode` ("fusion" or "mixture"): what every candidate of a search or fit runs under."""
+    idx = torch.arange(weights.shape[1], device=weights.device).expand_as(weights)
+    return routing(model, idx, weights, mode=mode, per="row")
 
 
 def encode_pairs(model, tokenizer, examples: Sequence[tuple[str, str]]) -> Batch:
