@@ -29,7 +29,7 @@ from benchmarks.harness import METHODS, Context, Method, Settings
 from benchmarks.runs import RunStore
 from benchmarks.taskworld import Task, accuracy, examples, get_task, list_tasks
 from benchmarks.timing import run_info
-from lorahub_engine._io import write_json_atomic, write_text_atomic
+from lorahub_engine._io import save_figure, write_json_atomic, write_text_atomic
 from lorahub_engine.progress import progress_bar
 
 
@@ -201,8 +201,6 @@ def plot(results: dict, path: Path, title: str) -> None:
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)
 

@@ -12,6 +12,7 @@ entries: only the new output's own files and folders replace theirs namesakes in
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -78,14 +79,28 @@ def read_json(path: Path, error: type[Exception] = AdapterFileError):
 def write_text_atomic(path: str | os.PathLike, text: str, kind: OutputKind = TEXT_FILE,
                       overwrite: bool = False) -> None:
     """Write text to a temp file beside `path`, then rename it into place (same rules as atomic_dir)."""
+    write_bytes_atomic(path, text.encode("utf-8"), kind, overwrite)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, kind: OutputKind = TEXT_FILE,
+                       overwrite: bool = False) -> None:
+    """Write bytes to a temp file beside `path`, then rename it into place (same rules as atomic_dir)."""
     final = Path(path)
     check_output(final, kind, overwrite)
     with _temp(final, kind.folder) as tmp:
         try:
-            tmp.write_text(text, encoding="utf-8")
+            tmp.write_bytes(data)
         except OSError as e:
             raise OutputError(f"{final}: cannot write ({e.strerror or e})") from None
         _install(tmp, final, kind, overwrite)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
+    """A matplotlib figure as a PNG at `path`, complete under its name or absent (write_bytes_atomic); the figure
+    stays open (the caller closes it)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_json_atomic(path: str | os.PathLike, obj, indent: int = 2, kind: OutputKind = TEXT_FILE,

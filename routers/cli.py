@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 import lorahub_engine as le
 from lorahub_engine.cli.options import (add_overwrite, add_threads, check_output_path, load_language_model,
                                         positive_float, positive_int, read_examples, set_threads)
+from lorahub_engine._io import save_figure
 from lorahub_engine.fewshot import example_losses, generate_answers
 from lorahub_engine.progress import progress_bar
 from lorahub_engine.search.objective import encode_pairs
@@ -295,11 +293,7 @@ def plot_usage(stats: dict, experts: list[str], path: str) -> None:
     ax.set_title("mean gate per layer (real tokens)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=Path(path).parent)  # complete under its name, or absent
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
+        save_figure(fig, path, dpi=120)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)

@@ -11,6 +11,7 @@ import torch
 
 from benchmarks.grouped.cases import EXPERTS, RANK, ROWS, SEQ
 from benchmarks.timing import paired_ratio, pairs, run_info
+from lorahub_engine._io import save_figure
 
 
 def ratios(model: dict, ops: dict) -> dict:
@@ -91,10 +92,8 @@ def plot(result: dict, path: Path) -> None:
                  f"{env['dtype']}, {env['threads']} thread(s), commit {env['commit']}; dashed: the issue's bounds",
                  fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def environment(device, dtype, args) -> dict:
