@@ -24,7 +24,7 @@ import lorahub_engine as le
 from lorahub_engine.cli.options import (add_overwrite, add_threads, check_output_path, load_language_model,
                                         positive_float, positive_int, read_examples, set_threads)
 from lorahub_engine._io import save_figure
-from lorahub_engine.fewshot import example_losses, generate_answers
+from lorahub_engine.fewshot import exact_match, example_losses, generate_answers
 from lorahub_engine.progress import progress_bar
 from lorahub_engine.search.objective import encode_pairs
 from lorahub_engine.zoo import ZOO_FOLDER, AdapterZoo
@@ -247,7 +247,7 @@ def run_route_eval(args: argparse.Namespace) -> int:
     for chunk in progress_bar(_batches(examples, args.batch_size), desc="eval"):
         losses += example_losses(model, encode_pairs(model, tokenizer, chunk)).tolist()
         answers += generate_answers(model, tokenizer, [x for x, _ in chunk])
-    exact = sum(a == y.strip() for a, (_, y) in zip(answers, examples)) / len(examples)
+    exact = sum(exact_match(a, y) for a, (_, y) in zip(answers, examples)) / len(examples)
     result = {"examples": len(examples), "loss": sum(losses) / len(losses), "exact_match": exact}
     print(json.dumps(result, indent=2) if args.json else
           f"{result['examples']} examples: answer loss {result['loss']:.4f}, exact match {exact:.3f}")
