@@ -18,6 +18,8 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
+from lorahub_engine.search.validate import FALLBACKS, option_name
+
 KINDS = ("search", "single", "zero")
 
 
@@ -26,7 +28,7 @@ def ties_to_fallback(held_out: dict) -> str:
     search with the lowest cross-entropy."""
     best = max(score["exact_match"] for score in held_out.values())
     tied = [name for name, score in held_out.items() if score["exact_match"] == best]
-    for fallback in ("zero", "single"):
+    for fallback in FALLBACKS:
         if fallback in tied:
             return fallback
     return min(tied, key=lambda name: held_out[name]["cross_entropy"])
@@ -36,7 +38,7 @@ def _option(validation: dict) -> str:
     """The held-out option name of what validation chose."""
     if validation["kind"] != "search":
         return validation["kind"]
-    return f"l1={validation['l1']:g} evaluations={validation['evaluations']}"
+    return option_name(validation["l1"], validation["evaluations"])
 
 
 def summarize(runs: dict) -> list[dict]:

@@ -101,7 +101,7 @@ def cross_validate(objective: FewShotObjective, run: Callable[[object, float], l
             history = run(fold_objective, l1)
             for t in lengths:
                 first = min(range(t), key=lambda i: history[i].loss)  # best by the training objective
-                options.setdefault(_name(l1, t), []).append((torch.tensor(history[first].weights, dtype=torch.float32),
+                options.setdefault(option_name(l1, t), []).append((torch.tensor(history[first].weights, dtype=torch.float32),
                                                              fold_objective.held_out[first]))
     hits = None if answers is None else _exact_match(answers, options, splits)
     held = {name: {"exact_match": None if hits is None else hits[name],
@@ -111,7 +111,7 @@ def cross_validate(objective: FewShotObjective, run: Callable[[object, float], l
         return Choice("zero", None, None, None, held)
     if winner == "single":
         return Choice("single", None, None, int(base_and_singles[1:].mean(-1).argmin()), held)
-    l1, t = next((l1, t) for l1 in l1_grid for t in lengths if _name(l1, t) == winner)
+    l1, t = next((l1, t) for l1 in l1_grid for t in lengths if option_name(l1, t) == winner)
     return Choice("search", l1, t, None, held)
 
 
@@ -138,5 +138,6 @@ def _rank(name: str, score: dict) -> tuple:
     return (0.0 if right is None else -right, score["cross_entropy"], order)
 
 
-def _name(l1: float, evaluations: int) -> str:
+def option_name(l1: float, evaluations: int) -> str:
+    """The name of a search option in `Choice.held_out`."""
     return f"l1={l1:g} evaluations={evaluations}"
