@@ -13,7 +13,7 @@
 #include <type_traits>
 #include <utility>
 
-#ifndef LORAHUB_VECTOR_BYTES  // -DLORAHUB_VECTOR_BYTES=64 builds the AVX-512 layout on any x86 (for tests)
+#ifndef LORAHUB_VECTOR_BYTES  // -DLORAHUB_VECTOR_BYTES=64 builds the AVX-512 layout anywhere (tests/ops/test_native.py)
 #ifdef __AVX512F__
 #define LORAHUB_VECTOR_BYTES 64
 #else

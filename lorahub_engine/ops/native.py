@@ -34,7 +34,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (disabled, or no compiler could build them: warned once)."""
     if os.environ.get("LORAHUB_ENGINE_NATIVE", "1") == "0":
         return None
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    compiler = compiler_path()
     if compiler is None:
         warnings.warn("no C++ compiler found: grouped_lora's per-token CPU path uses torch ops (slower)", stacklevel=2)
         return None
@@ -48,6 +48,11 @@ def library() -> ctypes.CDLL | None:
                           stacklevel=2)
             return None
     return _declare(ctypes.CDLL(str(path)))
+
+
+def compiler_path() -> str | None:
+    """The C++ compiler the kernels are built with: $CXX, else the first of c++, g++, clang++ on the PATH."""
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
 def supports(*tensors: torch.Tensor) -> bool:

@@ -47,6 +47,30 @@ def walk_both(monkeypatch, fn):
                                           (16, 128, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_primitives_match_the_torch_walk(r, d_in, d_out, dtype, monkeypatch):
+    assert_primitives_match_the_torch_walk(r, d_in, d_out, dtype, monkeypatch)
+
+
+def test_the_avx512_layout_matches_the_torch_walk_on_any_machine(tmp_path, monkeypatch):
+    """The kernels built with 64-byte vectors (-DLORAHUB_VECTOR_BYTES=64: AVX-512's layout, 16 fp32 lanes, two
+    vectors per pass, the 16 x 8 transpose), which a build for an AVX2 machine never runs, against the torch walk."""
+    compiler = native.compiler_path()
+    wrapper = tmp_path / "cxx"
+    wrapper.write_text(f'#!/bin/sh\nexec "{compiler}" -DLORAHUB_VECTOR_BYTES=64 "$@"\n')
+    wrapper.chmod(0o755)
+    try:
+        with monkeypatch.context() as m:
+            m.setenv("CXX", str(wrapper))
+            m.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+            native.library.cache_clear()
+            assert native.library() is not None
+            for r, d_in, d_out in [(8, 64, 96), (9, 33, 130), (3, 16, 33)]:
+                for dtype in (torch.float32, torch.float64):
+                    assert_primitives_match_the_torch_walk(r, d_in, d_out, dtype, monkeypatch)
+    finally:
+        native.library.cache_clear()  # the usual build again for the tests after this one
+
+
+def assert_primitives_match_the_torch_walk(r, d_in, d_out, dtype, monkeypatch):
     T, E, k = 45, 5, 3
     x, A, B, idx = case(T, E, r, d_in, d_out, k, dtype, seed=r + d_in)
     plan = torch_backend.plan(idx, E)
