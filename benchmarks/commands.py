@@ -68,6 +68,8 @@ def add_bench(commands) -> None:
     cross.add_argument("--resume", action="store_true",
                        help="reuse the finished (task, method, seed) runs of an interrupted run with the same settings")
     cross.add_argument("--k", type=positive_int, default=3, help="adapters retrieved")
+    cross.add_argument("--workers", type=positive_int, default=1,
+                       help="processes sharing the tasks (each loads the base; --threads divided among them)")
     cross.add_argument("--out", default="benchmarks/results", help="folder for the .md / .json / .png")
     cross.set_defaults(run=run_bench)
 
@@ -96,9 +98,9 @@ def run_bench(args: argparse.Namespace) -> int:
     runs = Path(args.out) / f"{stem}.runs.json"  # every finished (task, method, seed), for --resume
     if not args.resume:
         runs.unlink(missing_ok=True)
-    base = load_base(args.base)
+    base = args.base if args.workers > 1 else load_base(args.base)  # workers load their own
     results = cross_task.run_cross_task(base, tasks, methods, seeds, settings=settings, runs=runs,
-                                        progress=show_progress())
+                                        progress=show_progress(), workers=args.workers)
     paths = cross_task.write_report(results, Path(args.out), args.base, settings, seeds, stem)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

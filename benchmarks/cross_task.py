@@ -13,6 +13,7 @@ Outputs: a markdown table (stdout + file), JSON and a PNG plot (see `write_repor
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import time
 from collections.abc import Sequence
@@ -50,22 +51,29 @@ PRESETS = {"smollm2": {"tasks": ["last_alphabetically", "sort_words_desc", "sent
 def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Sequence[str] | None = None,
                    seeds: Sequence[int] = (0, 1, 2, 3, 4), shots: int = 5, n_test: int = 100, *, zoo=None,
                    index=None, settings: Settings | None = None, out: str | Path | None = None,
-                   progress: bool = True, runs: str | Path | None = None) -> dict:
+                   progress: bool = True, runs: str | Path | None = None, workers: int = 1) -> dict:
     """Evaluate `methods` on held-out `tasks`; returns {task: {method: stats}} (stats: mean, std, scores over
     seeds, tokens per query, seconds per run, info). With `out`, writes the report files there.
 
     base: "tiny" / "smollm2" or a loaded `Base`; zoo: default `benchmarks.taskworld_zoo.load_zoo(base)`; index:
     default `load_zoo_index` (the zoo's shipped index, else one built over the manifest's sample prompts). runs: a
     JSON file where each finished (task, method, seed) is stored at once and found again by a rerun
-    (benchmarks/runs.py).
+    (benchmarks/runs.py). workers > 1: the tasks are shared out to that many forked processes, each with its own
+    base, zoo and index (the default ones: `base` by name, no `zoo` / `index` given), torch's threads divided among
+    them, each taking the next task when it finishes one; their runs meet in `runs`, from which this process then
+    builds the results.
     """
-    base = _base(base)
     settings = settings or Settings(shots=shots, n_test=n_test)
     tasks = list(tasks or list_tasks(held_out=True))
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
+    if workers > 1:
+        if not isinstance(base, str) or zoo is not None or index is not None or runs is None:
+            raise ValueError("workers > 1 takes the base by name, the default zoo and index, and a runs file")
+        _run_in_workers(base, tasks, methods, list(seeds), settings, Path(runs), workers, progress)
+    base = _base(base)
     if zoo is None:
         from benchmarks.taskworld_zoo import load_zoo
 
@@ -94,6 +102,40 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
     return results
 
 
+def _run_in_workers(base_name: str, tasks: list[str], methods: list[str], seeds: list[int], settings: Settings,
+                    runs: Path, workers: int, progress: bool) -> None:
+    """Every task's runs into `runs`, by `workers` forked processes (each loads the base once; forked, they see every
+    task and method registered here)."""
+    threads = max(1, torch.get_num_threads() // workers)
+    jobs = [(task, methods, seeds, settings, runs) for task in tasks]
+    context = multiprocessing.get_context("fork")
+    with context.Pool(min(workers, len(tasks)), _start_worker, (base_name, threads)) as pool:
+        done = pool.imap_unordered(_worker_task, jobs)
+        for _ in progress_bar(done, total=len(jobs), desc=f"cross-task, {workers} workers", unit="task",
+                              progress=progress):
+            pass
+
+
+_worker: tuple = ()  # (base, zoo, index) of a worker process
+
+
+def _start_worker(base_name: str, threads: int) -> None:
+    global _worker
+    from benchmarks.taskworld_zoo import load_zoo, load_zoo_index
+
+    torch.set_num_threads(threads)
+    base = _base(base_name)
+    zoo = load_zoo(base, progress=False)
+    _worker = (base, zoo, load_zoo_index(base.name, zoo))
+
+
+def _worker_task(job: tuple) -> str:
+    task, methods, seeds, settings, runs = job
+    base, zoo, index = _worker
+    run_cross_task(base, [task], methods, seeds, zoo=zoo, index=index, settings=settings, runs=runs, progress=False)
+    return task
+
+
 def test_set(task: Task, n: int) -> list[tuple[str, str]]:
     """The task's first n distinct test examples (fewer if its test split has fewer inputs, e.g. spell_plural)."""
     first: dict[str, str] = {}
@@ -116,7 +158,23 @@ def _evaluate(method: Method, base, zoo, index, task: Task, test, seeds: list[in
     return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "scores": scores, "n_test": len(test),
             "tokens": statistics.fmean(r["tokens"] for r in runs),
             "seconds": statistics.fmean(r["seconds"] for r in runs), "per_seed": method.uses_shots,
-            "info": [r["info"] for r in runs], "first_predictions": runs[0]["first_predictions"]}
+            "span": _span(runs), "info": [r["info"] for r in runs], "first_predictions": runs[0]["first_predictions"]}
+
+
+def _span(runs: list[dict]) -> list[float] | None:
+    """[first start, last finish] (Unix seconds) of these runs; None for runs stored without their finish time."""
+    if not all("finished" in r for r in runs):
+        return None
+    return [min(r["finished"] - r["seconds"] for r in runs), max(r["finished"] for r in runs)]
+
+
+def wall_span(results: dict) -> float | None:
+    """Seconds from the first run's start to the last run's finish, over every (task, method): the benchmark's wall
+    time, pauses between resumes included; None when some runs were stored without their finish time."""
+    spans = [stats.get("span") for row in results.values() for stats in row.values()]
+    if not spans or None in spans:
+        return None
+    return max(s[1] for s in spans) - min(s[0] for s in spans)
 
 
 def _run_once(method: Method, ctx: Context) -> dict:
@@ -129,7 +187,8 @@ def _run_once(method: Method, ctx: Context) -> dict:
     if len(output.predictions) != len(ctx.test):
         raise ValueError(f"method {method.name} returned {len(output.predictions)} predictions for {len(ctx.test)}")
     return {"score": accuracy(output.predictions, [y for _, y in ctx.test]), "tokens": output.prompt_tokens,
-            "seconds": seconds, "info": output.info, "first_predictions": output.predictions[:3]}
+            "seconds": seconds, "finished": time.time(), "info": output.info,
+            "first_predictions": output.predictions[:3]}
 
 
 def _base(base):
@@ -175,11 +234,14 @@ def write_report(results: dict, out: Path, base_name: str, settings: Settings, s
     stem = stem or f"cross_task_{base_name}"
     paths = {ext: out / f"{stem}.{ext}" for ext in ("md", "json", "png")}
     table = markdown_table(results)
+    span = wall_span(results)
     print(table)
+    if span is not None:
+        print(f"wall time, first run's start to last run's finish: {span / 3600:.2f} h")
     write_text_atomic(paths["md"], table + "\n")
     record = {"env": run_info(), "base": base_name, "settings": asdict(settings), "seeds": seeds,
               "methods": {m: METHODS[m].description for m in next(iter(results.values()))},
-              "summary": summary(results), "results": results}
+              "summary": summary(results), "wall_span_seconds": span, "results": results}
     write_json_atomic(paths["json"], record)
     plot(results, paths["png"], title=f"cross-task, {base_name} base, {len(results)} held-out tasks")
     return paths

@@ -59,9 +59,26 @@ def retrieved_set(ctx: Context) -> list[str]:
     return ctx.cache[key]
 
 
+@contextlib.contextmanager
+def folded(model: torch.nn.Module, adapter: le.LoraAdapter):
+    """The adapter's dW added into the base weights for the block (`le.merge_into_base`: a static merge as it is
+    deployed, no LoRA path at inference), the touched weights restored bit for bit on exit, errors too."""
+    saved = {path: model.get_submodule(path).weight.detach().clone() for path in adapter.modules}
+    try:
+        yield le.merge_into_base(model, adapter)
+    finally:
+        with torch.no_grad():
+            for path, weight in saved.items():
+                model.get_submodule(path).weight.copy_(weight)
+
+
 def merged(ctx: Context, names: list[str], weights: list[float], method: str, **options) -> MethodOutput:
+    """A static merge of `names`, answered with it folded into the base: a dense result (TIES, DARE) has the
+    numerical rank of its trimmed delta (hundreds), which attached as a LoRA would cost more than the base itself."""
     adapter = le.merge([ctx.zoo[n] for n in names], weights, method, seed=ctx.seed, name=method, **options)
-    return answer_with(ctx, adapter, {"adapters": names})
+    with folded(ctx.base.model, adapter):
+        output = answer(ctx, [ctx.prompt(x) for x, _ in ctx.test])
+    return output._replace(info={"adapters": names})
 
 
 # ---- baselines -------------------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
 """Cross-task harness: scoring and aggregation against hand-made methods, report files, built-in methods."""
 
 import json
+import multiprocessing
+import os
 
 import pytest
 
 import lorahub_engine as le
-from benchmarks import cross_task
+from benchmarks import cross_task, taskworld_zoo
 from benchmarks.cross_task import markdown_table, run_cross_task
 from benchmarks.harness import METHODS, Context, MethodOutput, Settings, register_method
+from benchmarks.runs import RunStore
 from benchmarks.taskworld import get_task
 from benchmarks.training import mean_losses
 from tests.benchmarks.micro import FakeIndex
@@ -137,3 +140,60 @@ def test_a_stopped_run_resumes_from_its_stored_runs(micro_zoo, fake_methods, tmp
                            progress=False, runs=runs)
     finally:
         METHODS.pop("test_counted")
+
+
+def test_run_stores_of_several_processes_keep_every_run(tmp_path):
+    """Processes sharing a runs file each add their runs; none drops another's (an unlocked read-modify-write
+    would: every writer rewrites the whole file from what it read)."""
+    path, key = tmp_path / "runs.json", {"base": "x"}
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_put_runs, args=(path, key, f"task{w}", 25)) for w in range(3)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert [w.exitcode for w in writers] == [0, 0, 0]
+    stored = RunStore(path, key).runs
+    assert sorted(stored) == sorted(f"task{w}|m|{s}" for w in range(3) for s in range(25))
+
+
+def _put_runs(path, key, task: str, n: int) -> None:
+    store = RunStore(path, key)
+    for seed in range(n):
+        store.put(task, "m", seed, {"score": 1.0})
+
+
+def test_workers_share_the_tasks_and_give_the_results_of_one_process(micro_zoo, fake_methods, tmp_path,
+                                                                     monkeypatch):
+    """workers=2: two forked processes run the tasks (each its own base, zoo, index: the defaults of the base
+    named), their runs meet in the runs file, and the results equal one process's; the span covers every run."""
+    base, zoo = micro_zoo
+    monkeypatch.setattr(cross_task, "_base", lambda name: base)  # "micro" or the loaded base
+    monkeypatch.setattr(taskworld_zoo, "load_zoo", lambda b, progress=True: zoo)
+    monkeypatch.setattr(taskworld_zoo, "load_zoo_index", lambda name, z: FakeIndex())
+    pids = []
+
+    @register_method("test_pid")
+    def pid(ctx: Context) -> MethodOutput:
+        pids.append(os.getpid())  # the parent's list: stays empty when the runs happen in workers
+        return MethodOutput([y for _, y in ctx.test], 1.0, {"pid": os.getpid()})
+
+    try:
+        methods = [*fake_methods, "test_pid"]
+        kwargs = dict(seeds=[0, 1], settings=Settings(n_test=4), progress=False)
+        parallel = run_cross_task("micro", TASKS, methods, runs=tmp_path / "a.json", workers=2, **kwargs)
+        assert pids == []
+        workers = {info["pid"] for t in TASKS for info in parallel[t]["test_pid"]["info"]}
+        assert len(workers) == 2 and os.getpid() not in workers
+        single = run_cross_task("micro", TASKS, methods, runs=tmp_path / "b.json", **kwargs)
+        assert pids  # this time in this process
+        for t in TASKS:
+            for m in fake_methods:
+                assert parallel[t][m]["scores"] == single[t][m]["scores"]
+        first = min(s["span"][0] for row in parallel.values() for s in row.values())
+        last = max(s["span"][1] for row in parallel.values() for s in row.values())
+        assert cross_task.wall_span(parallel) == pytest.approx(last - first) and last > first
+        with pytest.raises(ValueError, match="by name"):
+            run_cross_task(base, TASKS, methods, runs=tmp_path / "c.json", workers=2, **kwargs)
+    finally:
+        METHODS.pop("test_pid")

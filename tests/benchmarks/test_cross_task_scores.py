@@ -117,3 +117,27 @@ def test_upper_task_lora_trains_two_steps_and_answers_with_that_adapter(micro_zo
     assert results[task]["upper_task_lora"]["scores"] == [score_by_hand(merged, base, task, 4, 3)] * 2
     with pytest.raises(le.AdapterError):
         le.attached_names(base.model)  # detached after answering
+
+
+def test_static_merges_answer_folded_into_the_base_which_is_restored(micro_zoo):
+    """ties answers with its merge folded into the base weights (as Hugging Face answers with merge_into_base on
+    a copy) and leaves the base's weights bit for bit as they were; folded restores them after an error too."""
+    base, zoo = micro_zoo
+    before = {name: t.clone() for name, t in base.model.state_dict().items()}
+    task = "count_birds"
+    results = run_cross_task(base, [task], ["ties"], seeds=[0], zoo=zoo, index=FakeIndex(),
+                             settings=Settings(n_test=4, k=2, max_new_tokens=3), progress=False)
+    names = results[task]["ties"]["info"][0]["adapters"]
+    adapter = le.merge([zoo[n] for n in names], [1.0] * len(names), "ties", density=0.2, seed=0)
+    merged = le.merge_into_base(copy.deepcopy(base.model), adapter)
+    assert results[task]["ties"]["first_predictions"] == answers_by_hand(merged, base, task, 3, 3)
+    assert results[task]["ties"]["scores"] == [score_by_hand(merged, base, task, 4, 3)]
+    assert all(torch.equal(t, before[name]) for name, t in base.model.state_dict().items())
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(RuntimeError, match="inside"), torch.no_grad():
+        plain = base.model(ids).logits
+        with methods.folded(base.model, adapter):
+            folded = base.model(ids).logits
+            assert torch.equal(folded, merged(ids).logits) and not torch.allclose(folded, plain)
+            raise RuntimeError("inside")
+    assert all(torch.equal(t, before[name]) for name, t in base.model.state_dict().items())
