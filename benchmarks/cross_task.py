@@ -38,7 +38,7 @@ from lorahub_engine.progress import progress_bar
 QUICK = {"tasks": ["count_birds", "has_vehicle", "last_alphabetically", "sentiment_negated"], "seeds": 2,
          "n_test": 30, "methods": ["zero_shot", "icl", "best_single", "uniform_retrieved", "retrieval_mixture",
                                    "ties", "retrieval_lorahub", "upper_shots_lora"]}
-# `bench cross-task --base smollm2`: sized for ~2 h of one core. 12 of the 20 held-out tasks, one or two per
+# `bench cross-task --base smollm2 --workers 2`: sized for ~2 h of two cores. 12 of the 20 held-out tasks, one or two per
 # family, shortest prompts first (none of zorbish: the zoo's one zorbish adapter cannot hold the 200-word vocabulary).
 PRESETS = {"smollm2": {"tasks": ["last_alphabetically", "sort_words_desc", "sentiment_negated", "are_opposites",
                                  "has_vehicle", "spell_plural", "count_birds", "count_even", "boolean_expressions",
@@ -237,7 +237,7 @@ def write_report(results: dict, out: Path, base_name: str, settings: Settings, s
     span = wall_span(results)
     print(table)
     if span is not None:
-        print(f"wall time, first run's start to last run's finish: {span / 3600:.2f} h")
+        print(f"wall time, first run's start to last run's finish: {span / 3600:.2f} h ({span / 60:.0f} min)")
     write_text_atomic(paths["md"], table + "\n")
     record = {"env": run_info(), "base": base_name, "settings": asdict(settings), "seeds": seeds,
               "methods": {m: METHODS[m].description for m in next(iter(results.values()))},
