@@ -49,6 +49,33 @@ class ZooRecipe:
     group_size: int = 15  # adapters trained jointly and saved together (the unit of resumption)
     n_samples: int = 20  # train-split prompts per adapter in the manifest (retrieval)
     dtype: str = "float16"  # saved factors
+    task_train: tuple[tuple[str, TrainSpec], ...] = ()  # (task, its own spec): trained alone, after the groups
+
+    def as_json(self) -> dict:
+        """The recipe as hashed and recorded; without task_train when it has none (hashes made before the field
+        existed stay valid)."""
+        record = asdict(self)
+        if not self.task_train:
+            del record["task_train"]
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict) -> ZooRecipe:
+        def spec(d: dict) -> TrainSpec:
+            return TrainSpec(**{**d, "targets": tuple(d["targets"])})
+
+        return cls(train=spec(record["train"]), group_size=record["group_size"], n_samples=record["n_samples"],
+                   dtype=record["dtype"], task_train=tuple((t, spec(d)) for t, d in record.get("task_train", ())))
+
+
+def training_groups(tasks: list[str], recipe: ZooRecipe) -> list[tuple[list[str], TrainSpec]]:
+    """(tasks trained jointly, their spec): the tasks without a spec of their own in order, `group_size` at a time,
+    then each task of `recipe.task_train` alone."""
+    own = dict(recipe.task_train)
+    shared = [t for t in tasks if t not in own]
+    size = recipe.group_size
+    return [(shared[i:i + size], recipe.train) for i in range(0, len(shared), size)] + [
+        ([t], own[t]) for t in tasks if t in own]
 
 
 def layer_targets(modules: tuple[str, ...], layers: range) -> tuple[str, ...]:
@@ -119,11 +146,29 @@ def base_fingerprint(base) -> str:
     return digest.hexdigest()[:16]
 
 
-def zoo_hash(base, tasks: list[str], recipe: ZooRecipe) -> str:
-    payload = {"base": base_fingerprint(base), "chat": base.chat, "recipe": asdict(recipe), "tasks": tasks,
+def zoo_hash(base, tasks: list[str], recipe: ZooRecipe, base_key: dict | None = None) -> str:
+    payload = {**(base_key or base_identity(base)), "recipe": recipe.as_json(), "tasks": tasks,
                "data": [metadata(t, 3) for t in tasks]}  # instruction, family and first inputs of every task
-    if base.chat:  # how a prompt becomes the chat text the adapters train on (template, system turn)
-        payload["render"] = base.render("{prompt}")
+    return _digest(payload)
+
+
+def group_hash(base_key: dict, tasks: list[str], spec: TrainSpec, recipe: ZooRecipe) -> str:
+    """What one training group's adapters are a function of: the base, its tasks (in order), their spec and data,
+    and how they are stored. A rebuild takes a group of the same hash from the zoo it replaces."""
+    return _digest({**base_key, "tasks": tasks, "train": asdict(spec), "dtype": recipe.dtype,
+                    "n_samples": recipe.n_samples, "data": [metadata(t, 3) for t in tasks]})
+
+
+def base_identity(base) -> dict:
+    """The base as the adapters see it: its weights' fingerprint and, for chat bases, how a prompt is rendered
+    (template, system turn)."""
+    key = {"base": base_fingerprint(base), "chat": base.chat}
+    if base.chat:
+        key["render"] = base.render("{prompt}")
+    return key
+
+
+def _digest(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -158,7 +203,8 @@ def build_zoo(base, tasks: list[str] | None = None, recipe: ZooRecipe | None = N
     """
     tasks = list(tasks or default_tasks(base))
     recipe = recipe or default_recipe(base)
-    key = zoo_hash(base, tasks, recipe)
+    base_key = base_identity(base)
+    key = zoo_hash(base, tasks, recipe, base_key)
     work = cache_dir() / f"zoo-{key}"
     final, groups_dir = work / "zoo", work / "groups"
     if out is not None:
@@ -170,27 +216,30 @@ def build_zoo(base, tasks: list[str] | None = None, recipe: ZooRecipe | None = N
         return final
     _claim(groups_dir, key)
     start = time.time()
-    groups = [tasks[i:i + recipe.group_size] for i in range(0, len(tasks), recipe.group_size)]
+    groups = training_groups(tasks, recipe)
+    hashes = [group_hash(base_key, group, spec, recipe) for group, spec in groups]
     todo = [g for g in range(len(groups)) if not (groups_dir / f"{g:03d}" / "manifest.json").is_file()]
-    bar = progress_bar(total=len(todo) * recipe.train.steps, desc=f"{base.name} zoo", unit="step", progress=progress,
-               mininterval=1 if sys.stderr.isatty() else 30)
+    todo = [g for g in todo if not _reuse_group(final, base, base_key, hashes[g], groups_dir / f"{g:03d}")]
+    bar = progress_bar(total=sum(groups[g][1].steps for g in todo), desc=f"{base.name} zoo", unit="step",
+                       progress=progress, mininterval=1 if sys.stderr.isatty() else 30)
     for g in todo:
-        group_start, cpu_start = time.time(), time.process_time()
+        (group, spec), group_start, cpu_start = groups[g], time.time(), time.process_time()
         bar.set_description(f"{base.name} zoo, group {g + 1}/{len(groups)}")
-        adapters, losses = train_task_adapters(base, groups[g], recipe.train, progress=False,
+        adapters, losses = train_task_adapters(base, group, spec, progress=False,
                                                on_step=lambda loss: _advance(bar, loss))
         le.AdapterZoo([_stored(a, recipe) for a in adapters]).save(groups_dir / f"{g:03d}")
         tail = losses[-10:]
-        record = {"tasks": groups[g], "seconds": round(time.time() - group_start, 1),
+        record = {"tasks": group, "hash": hashes[g], "seconds": round(time.time() - group_start, 1),
                   "cpu_seconds": round(time.process_time() - cpu_start, 1),
                   "first_loss": round(losses[0], 4), "final_loss": round(sum(tail) / len(tail), 4)}
         write_json_atomic(groups_dir / f"{g:03d}" / GROUP_RECORD, record)
-        bar.write(f"group {g + 1}/{len(groups)} saved ({', '.join(groups[g])}): {record['seconds']} s, "
+        bar.write(f"group {g + 1}/{len(groups)} saved ({', '.join(group)}): {record['seconds']} s, "
                   f"loss {record['first_loss']} -> {record['final_loss']}")
     bar.close()
-    adapters = [a for g in range(len(groups)) for a in le.AdapterZoo.load(groups_dir / f"{g:03d}")]
+    trained = {a.name: a for g in range(len(groups)) for a in le.AdapterZoo.load(groups_dir / f"{g:03d}")}
+    adapters = [trained[t] for t in tasks]  # the zoo in the task list's order, whatever the grouping
     group_records = [_read_json(groups_dir / f"{g:03d}" / GROUP_RECORD) for g in range(len(groups))]
-    record = {"hash": key, "tasks": tasks, "recipe": asdict(recipe), "base": base.name,
+    record = {"hash": key, "tasks": tasks, "recipe": recipe.as_json(), "base": base.name,
               "seconds_this_run": round(time.time() - start, 1), "groups": group_records,
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     _save_with_record(le.AdapterZoo(adapters), final, record)
@@ -225,6 +274,35 @@ def load_zoo_index(base_name: str, zoo: le.AdapterZoo):
         if sorted(index.names) == sorted(zoo.names):
             return index
     return AdapterIndex.build(zoo)
+
+
+def _reuse_group(previous: Path, base, base_key: dict, wanted: str, folder: Path) -> bool:
+    """Copy into `folder` the group of hash `wanted` from the finished zoo in `previous` (the zoo this build
+    replaces: a changed recipe retrains only the groups it changed); False when that zoo has no such group."""
+    record = _read_json(previous / BUILD_RECORD)
+    for group, found in zip(record.get("groups", ()), _recorded_group_hashes(record, base, base_key)):
+        if found == wanted:
+            zoo = le.AdapterZoo.load(previous, lazy=True)
+            le.AdapterZoo([zoo[t] for t in group["tasks"]]).save(folder)
+            write_json_atomic(folder / GROUP_RECORD, {**group, "hash": wanted, "reused_from": record["hash"]})
+            return True
+    return False
+
+
+def _recorded_group_hashes(record: dict, base, base_key: dict) -> list[str | None]:
+    """The hash of each group of a finished zoo's build record: as recorded, or (records written before groups had
+    one) worked out from its recipe and tasks, if the record's zoo hash shows it was built on this base."""
+    if not record.get("groups"):
+        return []
+    if all("hash" in g for g in record["groups"]):
+        return [g["hash"] for g in record["groups"]]
+    try:
+        recipe = ZooRecipe.from_json(record["recipe"])
+    except (KeyError, TypeError):
+        return []
+    if zoo_hash(base, record["tasks"], recipe, base_key) != record.get("hash"):
+        return []
+    return [group_hash(base_key, group, spec, recipe) for group, spec in training_groups(record["tasks"], recipe)]
 
 
 def _advance(bar, loss: float) -> None:

@@ -175,3 +175,34 @@ def test_a_costly_zoo_is_never_built_on_demand(micro, cache, monkeypatch):
     build_zoo(smol, TASKS, RECIPE, progress=False)  # built on purpose: now found
     zoo_module.require_zoo("smollm2")
     assert load_zoo(smol, TASKS, RECIPE).names == TASKS
+
+
+def test_a_task_with_its_own_spec_trains_alone_and_a_rebuild_retrains_only_changed_groups(micro, cache, monkeypatch):
+    """task_train gives one task its own spec (here more rank): it trains alone, after the groups; rebuilding a
+    zoo's folder under the changed recipe takes the groups whose content is unchanged from the zoo it replaces
+    (bit for bit) and trains the rest; the zoo keeps the task list's order."""
+    tasks = ["plural", "add", "has_animal", "count_animal"]
+    out = cache / "assets" / "zoo"
+    first = le.AdapterZoo.load(build_zoo(micro, tasks, RECIPE, out=out, progress=False))
+    record = json.loads((out / "build.json").read_text())
+    del record["groups"][0]["hash"]  # as a record written before groups had a hash: worked out from its recipe
+    (out / "build.json").write_text(json.dumps(record))
+    own = replace(RECIPE.train, r=8, steps=2)
+    recipe = replace(RECIPE, task_train=(("count_animal", own),))
+    assert zoo_module.training_groups(tasks, recipe) == [(["plural", "add"], RECIPE.train),
+                                                         (["has_animal"], RECIPE.train), (["count_animal"], own)]
+    trained = []
+    original = zoo_module.train_task_adapters
+    monkeypatch.setattr(zoo_module, "train_task_adapters",
+                        lambda base, group, spec, **k: trained.append((group, spec)) or original(base, group, spec, **k))
+    second = le.AdapterZoo.load(build_zoo(micro, tasks, recipe, out=out, progress=False))
+    assert trained == [(["has_animal"], RECIPE.train), (["count_animal"], own)]  # (plural, add) taken as it was
+    assert second.names == tasks and json.loads((out / "build.json").read_text())["hash"] == zoo_hash(micro, tasks, recipe)
+    for name in ("plural", "add"):
+        for path, module in first[name].modules.items():
+            assert torch.equal(second[name].modules[path].A, module.A) and torch.equal(second[name].modules[path].B, module.B)
+    assert {m.rank for m in second["count_animal"].modules.values()} == {8}
+    assert not torch.equal(next(iter(second["has_animal"].modules.values())).B,
+                           next(iter(first["has_animal"].modules.values())).B)  # trained alone now: other draws
+    assert zoo_hash(micro, tasks, RECIPE) == zoo_hash(micro, tasks, replace(RECIPE, task_train=()))
+    assert ZooRecipe.from_json(json.loads(json.dumps(recipe.as_json()))) == recipe
