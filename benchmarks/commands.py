@@ -69,7 +69,8 @@ def add_bench(commands) -> None:
                        help="reuse the finished (task, method, seed) runs of an interrupted run with the same settings")
     cross.add_argument("--k", type=positive_int, default=3, help="adapters retrieved")
     cross.add_argument("--workers", type=positive_int, default=1,
-                       help="processes sharing the tasks (each loads the base; --threads divided among them, at least 1 each)")
+                       help="processes sharing the tasks (each loads the base; --threads divided among them, "
+                            "at least 1 each)")
     cross.add_argument("--out", default="benchmarks/results", help="folder for the .md / .json / .png")
     cross.set_defaults(run=run_bench)
 

@@ -38,8 +38,9 @@ from lorahub_engine.progress import progress_bar
 QUICK = {"tasks": ["count_birds", "has_vehicle", "last_alphabetically", "sentiment_negated"], "seeds": 2,
          "n_test": 30, "methods": ["zero_shot", "icl", "best_single", "uniform_retrieved", "retrieval_mixture",
                                    "ties", "retrieval_lorahub", "upper_shots_lora"]}
-# `bench cross-task --base smollm2 --workers 2`: sized for ~2 h of two cores. 12 of the 20 held-out tasks, one or two per
-# family, shortest prompts first (none of zorbish: the zoo's one zorbish adapter cannot hold the 200-word vocabulary).
+# `bench cross-task --base smollm2 --workers 2`: sized for ~2 h of two cores. 12 of the 20 held-out tasks, one or
+# two per family, shortest prompts first (none of zorbish: the zoo's zorbish adapter, rank 4, does not hold the
+# 200-word vocabulary; see RESULTS.md).
 PRESETS = {"smollm2": {"tasks": ["last_alphabetically", "sort_words_desc", "sentiment_negated", "are_opposites",
                                  "has_vehicle", "spell_plural", "count_birds", "count_even", "boolean_expressions",
                                  "sum_of_extremes", "review_and_topic", "navigate"],
