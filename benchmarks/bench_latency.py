@@ -211,7 +211,6 @@ def generate_table(layers: int, repeats: int, scenarios=tuple(SCENARIOS)) -> dic
             "prefill_s": {w: prefill["median"][f"{w}_prefill"] for w in ("base", "ours", "peft")},
             **ratios(total, prefill),
         }
-        del ours
     return report
 
 
