@@ -7,7 +7,9 @@ Each base has its recipe and task list (`RECIPES`, `TASKS`): tiny trains every t
 is ~250x dearer, a subset covering every family with a recipe sized for ~2.5 h of one core. Adapters are trained
 in groups (`group_size` at once, jointly, see training.py); each finished group is saved at once (under
 $LORAHUB_CACHE/zoo-<hash>/groups/, or next to `out` in `<out>_groups/`), so an interrupted build resumes at the
-first unfinished group. The hash covers the base's weights, the recipe and the task list. The manifest holds per
+first unfinished group. The hash covers the base's weights, the recipe and the task list. A task of
+`recipe.task_train` trains alone with its own spec, after the groups; each group has a content hash of its own, and
+a build into the folder of a finished zoo takes from it the groups whose hash is unchanged. The manifest holds per
 adapter its family, its instruction as description, and 20 train-split inputs as full prompts (instruction +
 input), as retrieval reads.
 """
