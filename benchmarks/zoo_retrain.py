@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     (adapter,), losses = train_task_adapters(base, [args.task], spec, progress=True)
     row = score_task(base, adapter, args.task, args.n)
-    row["losses_every_20"] = [round(sum(chunk) / len(chunk), 3) for chunk in (losses[i:i + 20] for i in range(0, len(losses), 20))]
+    chunks = (losses[i:i + 20] for i in range(0, len(losses), 20))
+    row["losses_every_20"] = [round(sum(chunk) / len(chunk), 3) for chunk in chunks]
     row["seconds"] = round(time.time() - start)
     print(json.dumps({"task": args.task, "changes": changes, **row}, indent=1))
 
