@@ -13,6 +13,9 @@ from torch import nn
 from lorahub_engine.dispatch import RouterOutput, TokenLayout
 
 
+USAGE = ("usage_tokens", "usage_probs", "usage_entropy", "usage_count")
+
+
 class Router(nn.Module):
     """Base of MoLE gates and Arrow routers: a bank of `num_experts`, some of them maskable at inference.
 
@@ -31,8 +34,16 @@ class Router(nn.Module):
         self.sample_types: torch.Tensor | None = None  # [rows] of this forward (-1 = untyped); see api.sample_types
 
     def reset_usage(self) -> None:
-        for buffer in (self.usage_tokens, self.usage_probs, self.usage_entropy, self.usage_count):
-            buffer.zero_()
+        for name in USAGE:
+            getattr(self, name).zero_()
+
+    def _apply(self, fn, recurse=True):
+        """Usage counters follow the model to its device but stay fp32 (in bf16 a count stops growing at 256)."""
+        counters = {name: self._buffers.pop(name) for name in USAGE}
+        super()._apply(fn, recurse)
+        for name, counter in counters.items():
+            self.register_buffer(name, counter.to(self.disabled.device), persistent=False)
+        return self
 
     @torch.no_grad()
     def count(self, out: RouterOutput, layout: TokenLayout) -> None:

@@ -66,7 +66,7 @@ class LoRAMoERouter(Router):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> RouterOutput:
         real = layout.real(x.device)  # (T,)
-        logits = (x.float() @ self.weight.T).masked_fill(self.disabled, float("-inf"))  # (T, E)
+        logits = (x.float() @ self.weight.float().T).masked_fill(self.disabled, float("-inf"))  # (T, E)
         probs = logits.softmax(-1)
         idx, gates = all_experts(probs)  # (T, E) each
         idx = torch.where(real[:, None], idx, NONE)  # padding computes nothing

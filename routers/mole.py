@@ -30,13 +30,15 @@ class MoLEGate(Router):
         self.temperature = nn.Parameter(torch.tensor(float(config.temperature)))
 
     def logits(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """W x / tau per token [T, E] (fp32); with granularity "sequence" each row's logits from its mean input."""
+        """W x / tau per token [T, E] (fp32, also in a half-precision model); with granularity "sequence" each row's
+        logits from its mean input."""
+        weight = self.weight.float()
         if self.config.granularity == "sequence":
             pooled = row_means(x.float(), layout)  # (rows, in)
-            z = (pooled @ self.weight.T)[layout.row.to(x.device)]  # (T, E): each token gets its row's logits
+            z = (pooled @ weight.T)[layout.row.to(x.device)]  # (T, E): each token gets its row's logits
         else:
-            z = x.float() @ self.weight.T  # (T, E)
-        return z / self.temperature.clamp_min(1e-3)
+            z = x.float() @ weight.T  # (T, E)
+        return z / self.temperature.float().clamp_min(1e-3)
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> RouterOutput:
         logits = self.logits(x, layout).masked_fill(self.disabled, float("-inf"))

@@ -92,7 +92,7 @@ class SiRARouter(Router):
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> RouterOutput:
         config, E = self.config, self.num_experts
         real = layout.real(x.device)  # (T,)
-        logits = (x.float() @ self.weight.T).masked_fill(self.disabled, float("-inf"))  # (T, E)
+        logits = (x.float() @ self.weight.float().T).masked_fill(self.disabled, float("-inf"))  # (T, E)
         probs = logits.softmax(-1)
         k = min(config.top_k, E)
         top, assigned = probs.topk(k, dim=-1)  # (T, k)
