@@ -2,17 +2,19 @@
 trainable-expert MoEs (SiRA, LoRAMoE) against the base, one plain LoRA and two baselines, in one run.
 
     HF_HUB_OFFLINE=1 python -m benchmarks.bench_routers [--repeats 3] [--threads 1 2] [--rows 8] [--seq 128]
-        [--layers 30] [--clock wall|process] [--suite frozen moe]
-    (process: CPU seconds of this process, for 1 thread on a busy box)
+        [--layers 30] [--clock wall|process] [--suite frozen moe] [--device cpu|cuda]
+    (process: CPU seconds of this process, for 1 thread on a busy box; cuda: every model in bf16, the Triton backend)
 
 Model: a SmolLM2-135M-shaped random Llama (30 layers, hidden 576, intermediate 1536, 9 heads, 3 kv heads, vocab
-512), 16 random adapters with r=8 on all 7 projections, a batch of rows x seq tokens, fp32, torch backend. Cases:
+512), 16 random adapters with r=8 on all 7 projections, a batch of rows x seq tokens, fp32 and the torch backend on
+the CPU, bf16 and the Triton backend on CUDA (the grouped op's "auto"). Cases:
   base           the plain model
   mole_dense     MoLE gates (random weights), all 16 experts per token through the grouped op
   mole_top2      MoLE gates, top-2 of 16 per token
   arrow_top3     Arrow, top-3 of 16 per token (only the 3 chosen experts computed)
   peft_arrow     PEFT's create_arrow_model(ArrowConfig(top_k=3)) on the same adapters (computes all 16)
-  peft_xlora     PEFT's X-LoRA (depth-1 classifier, dense) on the same adapters (two passes per forward)
+  peft_xlora     PEFT's X-LoRA (depth-1 classifier, dense) on the same adapters (two passes per forward; not on
+                 CUDA: it fails in bf16)
 Each ratio is the median over repeats of a case's time over the base's timed right before it (benchmarks.timing).
 Also printed: the max |logit difference| between our Arrow and PEFT's (same rule, same adapters).
 Suite "moe" (benchmarks.moe_cases; new experts r=8 on all 7 projections): forwards of lora, sira_top2 (top-2 of 8),
@@ -94,7 +96,7 @@ def run(threads: int, models: dict, base, ids, repeats: int, clock: str) -> dict
     cases = {"base": lambda: base(ids)}
     cases.update({name: (lambda m=m: m(input_ids=ids)) for name, m in models.items()})
     with torch.inference_mode():
-        timings = measure(cases, torch.device("cpu"), repeats, desc=f"{threads} thread(s)", reference="base",
+        timings = measure(cases, ids.device, repeats, desc=f"{threads} thread(s)", reference="base",
                           clock=CLOCKS[clock])
     return {"threads": threads, "seconds_median": timings["median"],
             "ratio_to_base": {name: paired_ratio(timings, name, "base") for name in models}}
@@ -106,11 +108,11 @@ def run_moe(threads: int, models: dict, base, ids, repeats: int, clock: str) -> 
     forward = {"base": lambda: base(ids)}
     forward.update({name: (lambda m=m: m(input_ids=ids)) for name, m in models.items()})
     with torch.inference_mode():
-        fwd = measure(forward, torch.device("cpu"), repeats, desc=f"moe forward, {threads} thread(s)",
+        fwd = measure(forward, ids.device, repeats, desc=f"moe forward, {threads} thread(s)",
                       reference="base", clock=CLOCKS[clock])
     labels = torch.randint(0, base.config.vocab_size, ids.shape, generator=torch.Generator().manual_seed(SEED))
-    steps = {name: training_step(m, ids, labels) for name, m in models.items()}
-    step = measure(steps, torch.device("cpu"), repeats, desc=f"moe step, {threads} thread(s)", reference="lora",
+    steps = {name: training_step(m, ids, labels.to(ids.device)) for name, m in models.items()}
+    step = measure(steps, ids.device, repeats, desc=f"moe step, {threads} thread(s)", reference="lora",
                    clock=CLOCKS[clock])
     forward_ratio = {name: paired_ratio(fwd, name, "base") for name in models}
     step_ratio = {name: paired_ratio(step, name, "lora") for name in models if name != "lora"}
@@ -134,22 +136,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS))
     parser.add_argument("--suite", nargs="+", default=["frozen", "moe"], choices=["frozen", "moe"],
                         help="frozen: MoLE / Arrow / PEFT over 16 given adapters; moe: SiRA / LoRAMoE and baselines")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--output", default="benchmarks/results/bench_routers.json")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     base = build_model(args.layers)
-    ids = torch.randint(0, 512, (args.rows, args.seq), generator=torch.Generator().manual_seed(SEED))
+    ids = torch.randint(0, 512, (args.rows, args.seq), generator=torch.Generator().manual_seed(SEED)).to(device)
     result = {"config": vars(args), "run": run_info()}
     if "frozen" in args.suite:
         with tempfile.TemporaryDirectory() as tmp:
             adapters, paths = random_adapters(base, Path(tmp))
-            models = routed_models(base, adapters, paths)
+            models = {name: m.to(device, dtype) for name, m in routed_models(base, adapters, paths).items()}
+        if dtype != torch.float32:
+            del models["peft_xlora"]  # PEFT's X-LoRA fails in bf16 (its classifier's output stays fp32)
+        base.to(device, dtype)  # in place; the cases were built on the CPU in fp32 (PEFT's Arrow, X-LoRA from files)
         with torch.inference_mode():
             parity = float((models["arrow_top3"](ids).logits - models["peft_arrow"](input_ids=ids).logits).abs().max())
         result.update(arrow_vs_peft_max_abs_logit_diff=parity,
                       runs=[run(t, models, base, ids, args.repeats, args.clock) for t in args.threads])
         del models
     if "moe" in args.suite:
-        models = moe_models(base, SEED)
+        models = {name: m.to(device, dtype) for name, m in moe_models(base, SEED).items()}
+        base.to(device, dtype)
         result["moe_runs"] = [run_moe(t, models, base, ids, args.repeats, args.clock) for t in args.threads]
     write_json_atomic(args.output, result)
     _print(result)
