@@ -47,14 +47,16 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def count(self, out: RouterOutput, layout: TokenLayout) -> None:
-        """Add this call's real tokens to the usage counters."""
+        """Add this call's real tokens to the usage counters. Masks multiply instead of selecting: selecting by a
+        mask waits for the GPU at every layer."""
         real = layout.real(out.probs.device)  # (T,)
         chosen = (out.indices >= 0) & (out.gates > 0) & real[:, None]  # (T, k)
-        self.usage_tokens.index_add_(0, out.indices[chosen], torch.ones_like(out.gates[chosen], dtype=torch.float32))
-        probs = out.probs[real].float()  # (T_real, E)
-        self.usage_probs += probs.sum(0)
-        self.usage_entropy += entropy(probs).sum()
-        self.usage_count += probs.shape[0]
+        self.usage_tokens.index_add_(0, out.indices.clamp(min=0).reshape(-1), chosen.reshape(-1).float())
+        weight = real.float()  # (T,)
+        probs = out.probs.float()  # (T, E)
+        self.usage_probs += weight @ probs
+        self.usage_entropy += weight @ entropy(probs)
+        self.usage_count += weight.sum()
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
