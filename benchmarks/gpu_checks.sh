@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__,
 'transformers', transformers.__version__, 'peft', peft.__version__)"
 step triton_gpu_check 120 python3 -m tests.ops.triton_gpu_check
-step cuda_tests 120 python3 -m pytest -q -p no:cacheprovider tests/ops/test_grouped_triton.py tests/routers/test_cuda.py -k cuda
+step cuda_tests 120 python3 -m pytest -q -p no:cacheprovider tests/ops/test_grouped_triton.py tests/routers/test_cuda.py tests/test_cuda.py -k cuda
 step bench_routers 180 python3 -m benchmarks.bench_routers --device cuda --threads 1 --repeats 10 \
     --output "$out/bench_routers_cuda.json"
 step bench_grouped 150 python3 -m benchmarks.bench_grouped --repeats 10 --out "$out/bench_grouped_cuda.json"
