@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import triton
@@ -44,12 +45,17 @@ class Table:
 @dataclass(frozen=True)
 class Plan:
     order: torch.Tensor  # (T*k,) int32 pair ids sorted by expert, -1 pairs last
+    seg: torch.Tensor  # (E+2,) int32: expert e owns order[seg[e]:seg[e+1]]; segment E holds the -1 pairs
     blocks: Table  # runs of at most block_m pairs, for shrink and expand
-    chunks: Table  # runs of at most CHUNK pairs, for outer
     block_m: int
     num_tokens: int
     num_slots: int
     num_experts: int
+
+    @cached_property
+    def chunks(self) -> Table:
+        """Runs of at most CHUNK pairs, for outer: built at the first backward (a forward without grad needs none)."""
+        return _table(self.seg, CHUNK, self.num_tokens * self.num_slots, none_rows=False)
 
 
 def plan(idx: torch.Tensor, num_experts: int) -> Plan:
@@ -64,8 +70,8 @@ def plan(idx: torch.Tensor, num_experts: int) -> Plan:
     block_m = _block_m(num_pairs, num_experts)
     return Plan(
         order=order.to(torch.int32),
+        seg=seg,
         blocks=_table(seg, block_m, num_pairs, none_rows=True),
-        chunks=_table(seg, CHUNK, num_pairs, none_rows=False),
         block_m=block_m,
         num_tokens=T,
         num_slots=k,
