@@ -27,7 +27,7 @@ import benchmarks.moe_methods  # noqa: F401  (sira, loramoe, multitask_lora)
 import benchmarks.router_methods  # noqa: F401  (the routers: arrow, mole_shots, mole_mixture)
 import benchmarks.search_methods  # noqa: F401  (issue 12's search and fit rows)
 from benchmarks.harness import METHODS, Context, Method, Settings
-from benchmarks.runs import RunStore
+from benchmarks.runs import RunStore, zoo_digest
 from benchmarks.taskworld import Task, accuracy, examples, get_task, list_tasks
 from benchmarks.timing import run_info
 from lorahub_engine._io import save_figure, write_json_atomic, write_text_atomic
@@ -83,8 +83,7 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
         from benchmarks.taskworld_zoo import load_zoo_index
 
         index = load_zoo_index(base.name, zoo)
-    store = None if runs is None else RunStore(runs, {"base": base.name, "settings": asdict(settings),
-                                                      "seeds": list(seeds), "zoo": zoo.names})
+    store = None if runs is None else RunStore(runs, runs_key(base.name, settings, seeds, zoo))
     cache: dict = {}
     results: dict = {}
     bar = progress_bar(total=len(tasks) * len(methods), desc="cross-task", unit="run", progress=progress)
@@ -101,6 +100,12 @@ def run_cross_task(base="tiny", tasks: Sequence[str] | None = None, methods: Seq
     if out is not None:
         write_report(results, Path(out), base.name, settings, list(seeds))
     return results
+
+
+def runs_key(base_name: str, settings: Settings, seeds: Sequence[int], zoo) -> dict:
+    """What a runs file's runs depend on besides (task, method, seed): the base, the settings, the seeds, the zoo."""
+    return {"base": base_name, "settings": asdict(settings), "seeds": list(seeds), "zoo": zoo.names,
+            "zoo_digest": zoo_digest(zoo)}
 
 
 def _run_in_workers(base_name: str, tasks: list[str], methods: list[str], seeds: list[int], settings: Settings,

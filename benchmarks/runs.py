@@ -4,7 +4,8 @@
     store.get("navigate", "icl", 0)             # None, or {"score", "tokens", "seconds", "finished", "info", ...}
     store.put("navigate", "icl", 0, run)        # written at once (temp file + rename)
 
-A file written under another key (base, settings, zoo) is never mixed in: opening it raises. Several processes may
+A file written under another key (base, settings, zoo: its names and `zoo_digest`, the adapters' factors) is never
+mixed in: opening it raises. Several processes may
 share one file (`bench cross-task --workers N`): `put` holds an exclusive lock on `<file>.lock` while it reads the
 file's runs back, adds its own and rewrites it, so no process drops another's runs.
 """
@@ -13,8 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 from pathlib import Path
+
+import torch
 
 from lorahub_engine._io import write_json_atomic
 
@@ -54,3 +58,16 @@ class RunStore:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def zoo_digest(zoo) -> str:
+    """sha256 (16 hex digits) of every adapter's name, targets, scales and factor bytes: a rebuilt zoo keeps its
+    names, so a runs file must record what the adapters were."""
+    digest = hashlib.sha256()
+    for adapter in zoo:
+        digest.update(adapter.name.encode())
+        for path, module in sorted(adapter.modules.items()):
+            digest.update(f"{path}:{module.scale!r}:{module.A.dtype}".encode())
+            for factor in (module.A, module.B):
+                digest.update(factor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,5 +1,6 @@
 """Cross-task harness: scoring and aggregation against hand-made methods, report files, built-in methods."""
 
+import copy
 import json
 import multiprocessing
 import os
@@ -137,6 +138,11 @@ def test_a_stopped_run_resumes_from_its_stored_runs(micro_zoo, fake_methods, tmp
         assert all(results[t]["test_counted"]["scores"] == [1.0, 1.0] for t in TASKS)
         with pytest.raises(ValueError, match="another setting"):  # other settings never mix with these runs
             run_cross_task(base, TASKS, ["test_counted"], seeds=[0, 1], n_test=3, zoo=zoo, index=FakeIndex(),
+                           progress=False, runs=runs)
+        rebuilt = copy.deepcopy(zoo)  # the same names, one factor changed: a rebuilt zoo
+        next(iter(next(iter(rebuilt)).modules.values())).B.add_(1e-3)
+        with pytest.raises(ValueError, match="another setting"):
+            run_cross_task(base, TASKS, ["test_counted"], seeds=[0, 1], n_test=4, zoo=rebuilt, index=FakeIndex(),
                            progress=False, runs=runs)
     finally:
         METHODS.pop("test_counted")
