@@ -5,7 +5,9 @@
 
 Each task is scored on its first `--n` distinct test examples (normalized exact match, as the cross-task
 benchmark); ICL reads the 5 shots `examples(task, "fewshot", 5, seed=0)`. Every finished task is written at once to
-`<out>/zoo_table_<base>.json`, so a rerun skips it; the markdown table goes to stdout and `<out>/zoo_table_<base>.md`.
+`<out>/zoo_table_<base>.json` with its adapter's digest, so a rerun skips it, and rescores only the adapter column
+where the adapter changed (a rebuilt zoo; rows written before digests were recorded are rescored when named in
+`--rescore-adapter`); the markdown table goes to stdout and `<out>/zoo_table_<base>.md`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from lorahub_engine.progress import progress_bar
 import lorahub_engine as le
 from benchmarks.bases import BASES, load_base
 from benchmarks.cross_task import test_set
+from benchmarks.runs import zoo_digest
 from benchmarks.taskworld import accuracy, examples, get_task
 from benchmarks.taskworld_zoo import load_zoo, require_zoo
 from lorahub_engine._io import write_json_atomic, write_text_atomic
@@ -31,8 +34,9 @@ COLUMNS = ("zero_shot", "icl", "adapter")
 
 
 def score_task(base, adapter: le.LoraAdapter, task_name: str, n: int, shots: int = 5, batch_size: int = 50,
-               max_new_tokens: int = 24) -> dict:
-    """Accuracy of the base zero-shot, with `shots` in context, and with `adapter` attached, plus examples."""
+               max_new_tokens: int = 24, base_row: dict | None = None) -> dict:
+    """Accuracy of the base zero-shot, with `shots` in context, and with `adapter` attached, plus examples; with
+    `base_row` (this task's row scored before, same n) its zero-shot and ICL columns are kept, not rescored."""
     task = get_task(task_name)
     test = test_set(task, n)
     shot_pairs = [tuple(e) for e in examples(task, "fewshot", shots, seed=0)]
@@ -50,17 +54,23 @@ def score_task(base, adapter: le.LoraAdapter, task_name: str, n: int, shots: int
         return out
 
     zero = [base.prompt(task.instruction, x) for x, _ in test]
-    predictions = {"zero_shot": run(zero, False),
-                   "icl": run([base.prompt(task.instruction, x, shot_pairs) for x, _ in test], False)}
     le.attach(base.model, [adapter])
     try:
-        predictions["adapter"] = run(zero, True)
+        predictions = {"adapter": run(zero, True)}
     finally:
         le.detach(base.model)
-    row = {c: accuracy(predictions[c], answers) for c in COLUMNS}
-    row["n_test"] = len(test)
-    row["examples"] = [{"input": x, "answer": y, **{c: predictions[c][i] for c in COLUMNS}}
-                       for i, (x, y) in enumerate(test[:3])]
+    row = {"adapter": accuracy(predictions["adapter"], answers), "n_test": len(test),
+           "adapter_digest": zoo_digest([adapter])}
+    if base_row is None:
+        predictions.update(zero_shot=run(zero, False),
+                           icl=run([base.prompt(task.instruction, x, shot_pairs) for x, _ in test], False))
+        row.update({c: accuracy(predictions[c], answers) for c in ("zero_shot", "icl")})
+        shown = [{c: predictions[c][i] for c in COLUMNS} for i in range(min(3, len(test)))]
+    else:
+        row.update(zero_shot=base_row["zero_shot"], icl=base_row["icl"])
+        shown = [{**{c: e[c] for c in ("zero_shot", "icl")}, "adapter": predictions["adapter"][i]}
+                 for i, e in enumerate(base_row["examples"])]
+    row["examples"] = [{"input": x, "answer": y, **shown[i]} for i, (x, y) in enumerate(test[:len(shown)])]
     return row
 
 
@@ -84,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", help="default: every task of the zoo")
     parser.add_argument("--zoo", help="a zoo folder to score instead of the base's built zoo (e.g. one finished "
                                       "group of a build); its rows join the same table")
+    parser.add_argument("--rescore-adapter", nargs="+", default=[], metavar="TASK",
+                        help="tasks whose adapter column is rescored (zero-shot and ICL kept) though their row records "
+                             "no adapter digest")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -96,10 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     done = json.loads(path.read_text()) if path.is_file() else {}
     rows = {name: row for name, row in done.get("tasks", {}).items() if row.get("n_test") and done.get("n") == args.n}
     for name in progress_bar(args.tasks or zoo.names, desc="zoo table", unit="task"):
-        if name in rows:
+        kept = rows.get(name)
+        if kept is not None and name not in args.rescore_adapter and kept.get("adapter_digest") in (
+                None, zoo_digest([zoo[name]])):
             continue
         start = time.time()
-        rows[name] = score_task(base, zoo[name], name, args.n)
+        rows[name] = score_task(base, zoo[name], name, args.n, base_row=kept)
         rows[name]["seconds"] = round(time.time() - start, 1)
         write_json_atomic(path, {"base": args.base, "n": args.n, "tasks": rows})
     table = markdown(rows)  # every task scored so far, this zoo's and earlier ones'
