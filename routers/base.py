@@ -53,7 +53,7 @@ class Router(nn.Module):
         chosen = (out.indices >= 0) & (out.gates > 0) & real[:, None]  # (T, k)
         self.usage_tokens.index_add_(0, out.indices.clamp(min=0).reshape(-1), chosen.reshape(-1).float())
         weight = real.float()  # (T,)
-        probs = out.probs.float()  # (T, E)
+        probs = torch.where(real[:, None], out.probs.float(), 0.0)  # (T, E): a padding row may hold NaN
         self.usage_probs += weight @ probs
         self.usage_entropy += weight @ entropy(probs)
         self.usage_count += weight.sum()
