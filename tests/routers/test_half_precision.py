@@ -41,3 +41,16 @@ def test_a_bf16_model_runs_and_counts_exactly(llama, bank, name):
     for path, buffer in half.named_buffers():
         if ".usage_" in path:
             assert buffer.dtype == torch.float32, path
+
+
+def test_usage_counters_skip_padding_rows_even_when_they_hold_nan():
+    from lorahub_engine.dispatch import RouterOutput, TokenLayout
+    from routers.base import Router
+
+    router = Router(3)
+    probs = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5], [float("nan")] * 3])  # token 2 is padding
+    indices, gates = torch.tensor([[0], [2], [1]]), torch.tensor([[1.0], [1.0], [float("nan")]])
+    router.count(RouterOutput(indices, gates, probs, {}), TokenLayout(1, 3, torch.tensor([True, True, False])))
+    assert router.usage_tokens.tolist() == [1.0, 0.0, 1.0] and float(router.usage_count) == 2.0
+    assert torch.allclose(router.usage_probs, torch.tensor([0.7, 0.8, 0.5]))
+    assert bool(router.usage_entropy.isfinite())
