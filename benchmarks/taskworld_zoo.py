@@ -151,8 +151,12 @@ def base_fingerprint(base) -> str:
     return digest.hexdigest()[:16]
 
 
-def zoo_hash(base, tasks: list[str], recipe: ZooRecipe, base_key: dict | None = None) -> str:
-    payload = {**(base_key or base_identity(base)), "recipe": recipe.as_json(), "tasks": tasks,
+def zoo_hash(base, tasks: list[str], recipe: ZooRecipe) -> str:
+    return _zoo_hash(base_identity(base), tasks, recipe)
+
+
+def _zoo_hash(base_key: dict, tasks: list[str], recipe: ZooRecipe) -> str:
+    payload = {**base_key, "recipe": recipe.as_json(), "tasks": tasks,
                "data": [metadata(t, 3) for t in tasks]}  # instruction, family and first inputs of every task
     return _digest(payload)
 
@@ -209,7 +213,7 @@ def build_zoo(base, tasks: list[str] | None = None, recipe: ZooRecipe | None = N
     tasks = list(tasks or default_tasks(base))
     recipe = recipe or default_recipe(base)
     base_key = base_identity(base)
-    key = zoo_hash(base, tasks, recipe, base_key)
+    key = _zoo_hash(base_key, tasks, recipe)
     work = cache_dir() / f"zoo-{key}"
     final, groups_dir = work / "zoo", work / "groups"
     if out is not None:
@@ -224,7 +228,7 @@ def build_zoo(base, tasks: list[str] | None = None, recipe: ZooRecipe | None = N
     groups = training_groups(tasks, recipe)
     hashes = [group_hash(base_key, group, spec, recipe) for group, spec in groups]
     todo = [g for g in range(len(groups)) if not (groups_dir / f"{g:03d}" / "manifest.json").is_file()]
-    todo = [g for g in todo if not _reuse_group(final, base, base_key, hashes[g], groups_dir / f"{g:03d}")]
+    todo = [g for g in todo if not _reuse_group(final, base_key, hashes[g], groups_dir / f"{g:03d}")]
     bar = progress_bar(total=sum(groups[g][1].steps for g in todo), desc=f"{base.name} zoo", unit="step",
                        progress=progress, mininterval=1 if sys.stderr.isatty() else 30)
     for g in todo:
@@ -281,11 +285,11 @@ def load_zoo_index(base_name: str, zoo: le.AdapterZoo):
     return AdapterIndex.build(zoo)
 
 
-def _reuse_group(previous: Path, base, base_key: dict, wanted: str, folder: Path) -> bool:
+def _reuse_group(previous: Path, base_key: dict, wanted: str, folder: Path) -> bool:
     """Copy into `folder` the group of hash `wanted` from the finished zoo in `previous` (the zoo this build
     replaces: a changed recipe retrains only the groups it changed); False when that zoo has no such group."""
     record = _read_json(previous / BUILD_RECORD)
-    for group, found in zip(record.get("groups", ()), _recorded_group_hashes(record, base, base_key)):
+    for group, found in zip(record.get("groups", ()), _recorded_group_hashes(record, base_key)):
         if found == wanted:
             zoo = le.AdapterZoo.load(previous, lazy=True)
             le.AdapterZoo([zoo[t] for t in group["tasks"]]).save(folder)
@@ -294,7 +298,7 @@ def _reuse_group(previous: Path, base, base_key: dict, wanted: str, folder: Path
     return False
 
 
-def _recorded_group_hashes(record: dict, base, base_key: dict) -> list[str | None]:
+def _recorded_group_hashes(record: dict, base_key: dict) -> list[str | None]:
     """The hash of each group of a finished zoo's build record: as recorded, or (records written before groups had
     one) worked out from its recipe and tasks, if the record's zoo hash shows it was built on this base."""
     if not record.get("groups"):
@@ -305,7 +309,7 @@ def _recorded_group_hashes(record: dict, base, base_key: dict) -> list[str | Non
         recipe = ZooRecipe.from_json(record["recipe"])
     except (KeyError, TypeError):
         return []
-    if zoo_hash(base, record["tasks"], recipe, base_key) != record.get("hash"):
+    if _zoo_hash(base_key, record["tasks"], recipe) != record.get("hash"):
         return []
     return [group_hash(base_key, group, spec, recipe) for group, spec in training_groups(record["tasks"], recipe)]
 
