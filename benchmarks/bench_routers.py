@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
             adapters, paths = random_adapters(base, Path(tmp))
             models = {name: m.to(device, dtype) for name, m in routed_models(base, adapters, paths).items()}
         if dtype != torch.float32:
-            del models["peft_xlora"]  # PEFT's X-LoRA fails in bf16 (its classifier's output stays fp32)
+            del models["peft_xlora"]  # PEFT's X-LoRA fails in bf16 (fp32 meets bf16 in its LoRA layers' matmul)
         base.to(device, dtype)  # in place; the cases were built on the CPU in fp32 (PEFT's Arrow, X-LoRA from files)
         with torch.inference_mode():
             parity = float((models["arrow_top3"](ids).logits - models["peft_arrow"](input_ids=ids).logits).abs().max())

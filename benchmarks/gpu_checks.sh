@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one go (under 9 minutes on one H200), each step's output under OUT_DIR:
 #   triton_gpu_check   the compiled Triton backend against the fp64 einsum reference (bf16, fp16, fp32; outputs and
-#                      the gradients of x, A, B and gates), and the CUDA-only test that planning never syncs the host
+#                      the gradients of x, A, B and gates)
+#   cuda_tests         the CUDA-only tests: planning, fixed routings (prefill, KV-cache decode) and every router's
+#                      forward and training step never wait for the GPU
 #   bench_grouped      the grouped op alone, inside a SmolLM2-shaped model, and its primitives (bf16, Triton)
 #   bench_routers      SiRA / LoRAMoE against dense and per-expert-loop baselines, MoLE / Arrow against PEFT (bf16)
 # Usage: benchmarks/gpu_checks.sh OUT_DIR   (from the repository root; needs torch, triton, transformers, peft)
