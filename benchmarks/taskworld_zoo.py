@@ -103,7 +103,7 @@ _SMOLLM2_TRAIN = TrainSpec(r=4, alpha=8.0, steps=80, rows_per_adapter=8, lr=2e-3
 RECIPES = {
     "tiny": ZooRecipe(),
     # phrase_from_zorbish's made-up vocabulary does not fit rank 4 (0.03 at 320 steps, 0.40 at rank 16: RESULTS.md);
-    # its 2.1 MB bring the zoo's 28 adapters to 16.1 MB.
+    # its 2.1 MB bring the zoo's 28 adapters to 16.6 MB (15.9 MiB).
     "smollm2": ZooRecipe(train=_SMOLLM2_TRAIN, group_size=4,
                          task_train=(("phrase_from_zorbish", replace(_SMOLLM2_TRAIN, r=16, alpha=32.0, steps=320)),)),
 }
