@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lorahub_engine as le
+from tests.cuda_sync import assert_never_syncs
 from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -38,10 +39,4 @@ def test_fixed_routings_never_sync(how):
 
     routing = le.routing(model, routings[how]) if routings[how] is not None else torch.no_grad()
     with routing:
-        run()  # warm-up
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            run()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        assert_never_syncs(run)

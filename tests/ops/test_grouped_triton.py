@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lorahub_engine.ops import grouped_lora, torch_backend, triton_backend
+from tests.cuda_sync import assert_never_syncs
 from tests.ops.reference import grouped_lora_reference
 from tests.ops.test_grouped_torch import make_case
 
@@ -166,11 +167,7 @@ def test_rejects_float64_and_cpu_without_interpreter(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_plan_does_not_sync_the_host_on_cuda():
     idx = torch.randint(-1, 16, (512, 2), device="cuda")
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        triton_backend.plan(idx, 16)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_never_syncs(lambda: triton_backend.plan(idx, 16))
 
 
 def test_one_row_expanded_over_the_tokens():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from routers import ArrowConfig, LoRAMoEConfig, MoLEConfig, SiRAConfig, attach_router
+from tests.cuda_sync import assert_never_syncs
 from tests.routers.conftest import fresh
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -34,10 +35,4 @@ def test_a_routed_forward_and_step_never_sync(llama, bank, name):
             model.train()
             model(input_ids=ids).logits.float().square().mean().backward()
 
-    step()  # warm-up: kernels compiled, lazily built state
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_never_syncs(step)
