@@ -1,5 +1,6 @@
-"""Does a zoo task's adapter learn with another spec? Train it alone with the base's zoo recipe, fields changed, and
-score it as the zoo table does (zero-shot, 5-shot ICL, the adapter on the task's first --n distinct test inputs).
+"""Does a zoo task's adapter learn with another spec? Train it alone with the recipe's shared spec (`recipe.train`,
+not a task's own `task_train` spec), fields changed, and score it as the zoo table does (zero-shot, 5-shot ICL, the
+adapter on the task's first --n distinct test inputs).
 
     python -m benchmarks.zoo_retrain phrase_from_zorbish --set steps=320            # the recipe's rank 4, 4x steps
     python -m benchmarks.zoo_retrain phrase_from_zorbish --set steps=320 r=16 alpha=32
