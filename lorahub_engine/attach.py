@@ -214,7 +214,7 @@ def _build_layer(model: nn.Module, path: str, adapters: list[LoraAdapter], dispa
     r = max(m.rank for m in present if m is not None)
     weight = base.weight
     A = torch.zeros(len(adapters), r, d_in, dtype=weight.dtype, device=weight.device)
-    B = torch.zeros(len(adapters), d_out, r, dtype=weight.dtype, device=weight.device)
+    B = torch.zeros(len(adapters), r, d_out, dtype=weight.dtype, device=weight.device).transpose(1, 2)  # rank-major
     scale = torch.zeros(len(adapters), dtype=torch.float32, device=weight.device)
     for e, (adapter, lora) in enumerate(zip(adapters, present)):
         if lora is None:

@@ -76,6 +76,7 @@ class ForwardContext:
         self.records: dict[str, RouterRecord] = {} if parent is None else parent.records
         self.shared: dict = {}  # fixed routings' TokenRouting per layout, built once per forward
         self._layouts: dict = {}
+        self._by_shape: dict = {}  # input shape -> layout, when no source tensor carries its own mask
         self._routing = None
 
     def routing(self, layout: TokenLayout):
@@ -86,6 +87,14 @@ class ForwardContext:
 
     def layout(self, x: torch.Tensor) -> TokenLayout:
         """The layout of a layer input x [rows, ..., d] (rows x the product of the middle dims; [d]: one token)."""
+        if not self.sources:  # the common case: one lookup by shape per layer call
+            layout = self._by_shape.get(x.shape)
+            if layout is None:
+                layout = self._by_shape[x.shape] = self._layout(x)
+            return layout
+        return self._layout(x)
+
+    def _layout(self, x: torch.Tensor) -> TokenLayout:
         rows = x.shape[0] if x.dim() > 1 else 1
         length = x.numel() // (x.shape[-1] * rows) if x.numel() else 0
         for i, (source, mask) in enumerate(self.sources):

@@ -27,7 +27,12 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 
 class LoraLayer(nn.Module):
-    """y = base(x) + grouped_lora(x, A, B, scale, idx, gates) for a bank of E experts (zero-padded to rank r)."""
+    """y = base(x) + grouped_lora(x, A, B, scale, idx, gates) for a bank of E experts (zero-padded to rank r).
+
+    B [E, out, r] is best stored rank-major (a transposed view of an [E, r, out] tensor; attach builds it so): each
+    expert's B^T is then one contiguous [r, out] matrix, which the expand multiplies by (at one token, 3x faster than
+    through the transposed view), and the dense walk sees the bank's B^T as one [E*r, out] matrix without a copy.
+    """
 
     def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, ranks: list[int],
                  dispatch: Dispatch, path: str = ""):
@@ -66,5 +71,5 @@ class LoraLayer(nn.Module):
         out = base(tokens, *args, **kwargs)  # (T, out)
         layout = ctx.layout(x)
         A, B, scale, token_routing = ctx.routing(layout).route(self, tokens, layout, ctx)
-        out = grouped_lora_routed(tokens, A, B, scale, token_routing, out=out)
+        out = grouped_lora_routed(tokens, A, B, scale, token_routing, out=out, check=False)
         return out if flat else out.view(*x.shape[:-1], out.shape[-1])

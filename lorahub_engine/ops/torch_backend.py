@@ -280,8 +280,8 @@ class SegmentPlan:
         if walk == "compiled":
             pair, token, expert = self.tiled
             target = torch.empty(self.shape[0], B.shape[1], dtype=u.dtype, device=u.device) if fresh else out
-            Bt = B.transpose(1, 2)  # (E, r, out): read in place within one tile, copied once for many tiles' runs
-            Bt = Bt if self.shape[0] <= NATIVE_TILE else Bt.contiguous()
+            Bt = B.transpose(1, 2)  # (E, r, out): read in place within one tile; for many tiles' runs contiguous
+            Bt = Bt if self.shape[0] <= NATIVE_TILE else Bt.contiguous()  # (a no-op for a rank-major bank's B)
             native.expand(u, _as(coef, u.dtype), Bt, expert, token, pair, NATIVE_TILE, target, accumulate=not fresh)
             return target
         if walk == "runs":
@@ -354,7 +354,7 @@ class DensePlan:
         E, d_out, r = B.shape
         dtype = u.dtype if out is None else out.dtype
         spread = _as(self._spread(self._valid_rows(u * coef[:, None])), dtype)  # (T, E*r)
-        bank = _as(B.transpose(1, 2).reshape(E * r, d_out), dtype)  # (E*r, out); a copy unless B is A^T's view
+        bank = _as(B.transpose(1, 2).reshape(E * r, d_out), dtype)  # (E*r, out); a view of a rank-major B
         return torch.mm(spread, bank) if out is None else out.addmm_(spread, bank)
 
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -383,14 +383,11 @@ class UniformPlan:
     def walk(self, rank: int, *tensors: torch.Tensor) -> str:
         return "uniform"
 
-    def _side_by_side(self, W: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """W [E, r, n] -> the k experts' [r, n] stacked, [k*r, n] (transposed: [E, n, r] -> [k*r, n]); for k = 1 a
-        view of W, no copy."""
+    def _side_by_side(self, W: torch.Tensor) -> torch.Tensor:
+        """W [E, r, n] -> the k experts' [r, n] stacked, [k*r, n]; for k = 1 a view of W, no copy."""
         if len(self.experts) == 1:
-            view = W.select(0, max(self.experts[0], 0))  # (r, n) or (n, r)
-            return view.t() if transpose else view
-        side = W.index_select(0, self.index)  # (k, r, n) or (k, n, r)
-        return (side.transpose(1, 2) if transpose else side).flatten(0, 1)
+            return W[max(self.experts[0], 0)]
+        return W.index_select(0, self.index).flatten(0, 1)
 
     def shrink(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         u = _as(torch.nn.functional.linear(x, self._side_by_side(A)), accum_dtype(x.dtype))  # (T, k*r) = (T*k, r)
@@ -404,7 +401,7 @@ class UniformPlan:
     def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor | float,
                out: torch.Tensor | None) -> torch.Tensor:
         dtype = u.dtype if out is None else out.dtype
-        Bt = _as(self._side_by_side(B, transpose=True), dtype)  # (k*r, out)
+        Bt = _as(self._side_by_side(B.transpose(1, 2)), dtype)  # (k*r, out); contiguous for a rank-major B
         if isinstance(coef, float) and u.dtype == dtype:  # one coefficient, no cast: the matmul's alpha
             return torch.mm(u, Bt).mul_(coef) if out is None else out.addmm_(u, Bt, alpha=coef)
         scaled = _as(u * (coef if isinstance(coef, float) else coef.unsqueeze(1)), dtype)  # (T*k, r); empty: coef 0

@@ -81,7 +81,7 @@ def plan(idx: torch.Tensor, num_experts: int) -> Plan:
 
 def shrink(x: torch.Tensor, A: torch.Tensor, plan: Plan) -> torch.Tensor:
     _check_dtype(x)
-    A = A.contiguous()  # the backward passes B^T as a view: rows of A read whole
+    A = A.contiguous()  # rows of A read whole (the backward's B^T is already so for a rank-major bank's B)
     E, R, d_in = A.shape
     u = torch.empty(plan.num_tokens * plan.num_slots, R, dtype=_accum_dtype(x), device=x.device)  # every row written
     block_r = _block_r(R)
@@ -97,7 +97,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, plan: Plan) -> torch.Tensor:
 
 def expand(u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, plan: Plan,
            out: torch.Tensor | None) -> torch.Tensor:
-    B = B.contiguous()  # the backward passes A^T as a view
+    if B.stride(1) != 1 and B.stride(2) != 1:
+        B = B.contiguous()  # read in place: contiguous, or rank-major (a bank's B; the backward's A^T view)
     E, d_out, R = B.shape
     T, k = plan.num_tokens, plan.num_slots
     per_pair = torch.empty(T * k, d_out, dtype=_accum_dtype(B), device=u.device)  # (T*k, out), every row written
