@@ -49,13 +49,13 @@ def test_compiled_walk_plans_without_host_side_segments(T, k, walk):
     out = grouped_lora_routed(*leaves, scale, routing, "torch")
     plan = routing.plan(torch_backend, 6)
     assert plan.walk(A.shape[1], x, A) == "compiled" and "sorted" not in vars(plan) and plan.runs is None
-    refs = [t.clone().requires_grad_() for t in (x, A, B)]
-    ref = grouped_lora_reference(*refs, scale, idx, gates)
-    torch.testing.assert_close(out, ref)
+    refs = [t.double().requires_grad_() for t in (x, A, B)]  # fp64: the fp32 sums' rounding is ours alone
+    ref = grouped_lora_reference(*refs, scale.double(), idx, gates.double())
+    torch.testing.assert_close(out, ref.float())
     out.square().sum().backward()
     ref.square().sum().backward()
-    for mine, theirs in zip(leaves, refs):
-        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+    for mine, theirs in zip(leaves, refs):  # sums of ~200 fp32 terms: errors relative to the gradient's size
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=1e-4, atol=1e-5 * theirs.grad.abs().max())
 
 
 @pytest.mark.parametrize("row_case", [True, False])
