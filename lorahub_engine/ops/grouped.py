@@ -81,20 +81,25 @@ class TokenRouting:
     def uniform_coefficient(self, scale: torch.Tensor) -> float | None:
         """The one coefficient gates[t, 0] * scale[e] of every token as a Python float when every token uses the same
         single expert e (k = 1; one token, or one row expanded over the tokens) and gates are the same for all, on the
-        CPU (reading a value back is free there; on CUDA it would wait for the device); None otherwise. The gate is read
-        once per routing (again only if gates change), which every layer of the forward shares."""
-        if self.idx.is_cuda or self.idx.shape[1] != 1 or self.gates.requires_grad:
-            return None
-        T, version = self.idx.shape[0], _version(self.gates)
+        CPU (reading a value back is free there; on CUDA it would wait for the device); None otherwise. The expert and
+        gate are read once per routing (again only if gates change), which every layer of the forward shares."""
+        version = _version(self.gates)
         if self._uniform is None or version is None or self._uniform[0] != version:
-            same = T == 1 or (T > 1 and self.idx.stride(0) == 0 and self.gates.stride(0) == 0)
-            self._uniform = (version, int(self.idx[0, 0]), float(self.gates[0, 0])) if same else (version, None, None)
+            self._uniform = (version, *self._uniform_pair())
         _, expert, gate = self._uniform
         if expert is None:
             return None
-        if expert < 0:
-            return 0.0
-        return gate * scale.tolist()[expert]  # a third of float(scale[expert])'s time: no indexing op
+        return 0.0 if expert < 0 else gate * scale.tolist()[expert]  # tolist: a third of float(scale[e])'s time
+
+    def _uniform_pair(self) -> tuple[int | None, float | None]:
+        """(expert, gate) shared by every token, read from the first; (None, None) where uniform_coefficient has none."""
+        idx, gates = self.idx, self.gates
+        if idx.is_cuda or idx.shape[1] != 1 or gates.requires_grad:
+            return None, None
+        T = idx.shape[0]
+        if T == 1 or (T > 1 and idx.stride(0) == 0 and gates.stride(0) == 0):
+            return int(idx[0, 0]), float(gates[0, 0])
+        return None, None
 
 
 def _version(t: torch.Tensor) -> int | None:
