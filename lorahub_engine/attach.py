@@ -161,8 +161,8 @@ def read_adapters(model: nn.Module) -> list[LoraAdapter]:
         layer = model.get_submodule(path)
         for e, r in enumerate(layer.ranks):
             if r:
-                A = layer.lora_A[e, :r].detach().clone()
-                B = layer.lora_B[e, :, :r].detach().clone()
+                A = layer.lora_A[e, :r].detach().clone(memory_format=torch.contiguous_format)
+                B = layer.lora_B[e, :, :r].detach().clone(memory_format=torch.contiguous_format)  # the bank: rank-major
                 modules[e][path] = LoraModule(A, B, float(layer.lora_scale[e]))
     return [LoraAdapter(name, mods) for name, mods in zip(state.names, modules)]
 

@@ -167,6 +167,25 @@ def test_training_reaches_only_routed_adapters_and_reads_back():
                                adapters[1].modules["model.layers.1.self_attn.v_proj"].A)
 
 
+def test_bank_stores_b_rank_major_through_casts_and_reads_back_contiguous():
+    """Each expert's B^T is one contiguous [r, out] matrix (what the expand multiplies by), after dtype casts and
+    a deep copy too; the adapters read back are plain contiguous tensors equal to the attached ones."""
+    base = tiny_llama()
+    adapters = [le.init_adapter(base, n, ["q_proj", "down_proj"], r=3, seed=i) for i, n in enumerate("ab")]
+    for adapter in adapters:
+        for module in adapter.modules.values():
+            module.B.normal_()
+    model = le.attach(copy.deepcopy(base), adapters)
+    for cast in (lambda m: m, lambda m: m.double(), copy.deepcopy, lambda m: m.float()):
+        model = cast(model)
+        layer = model.model.layers[1].mlp.down_proj
+        assert layer.lora_B.shape == (2, 32, 3) and layer.lora_B.transpose(1, 2).is_contiguous()
+    for got, attached in zip(le.read_adapters(model), adapters):
+        for path, module in attached.modules.items():
+            assert got.modules[path].B.is_contiguous() and got.modules[path].A.is_contiguous()
+            torch.testing.assert_close(got.modules[path].B, module.B)
+
+
 def test_generate_under_routing_matches_merged_model():
     base = tiny_llama()
     adapter = le.init_adapter(base, "a", ["q_proj", "o_proj"], r=2, seed=4)
