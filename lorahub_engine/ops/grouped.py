@@ -9,7 +9,8 @@ A backend is a module with four functions over one `plan` it builds from `idx`:
     shrink(x[T,in], A[E,r,in], plan)       -> u[T*k, r] acc,   u[p] = A[e] @ x[t]          (0 where idx < 0)
     expand(u[T*k,r], B[E,out,r], coef[T*k], plan, out[T,out] | None) -> out,  out[t] += sum_j coef[p] * B[e] @ u[p]
                                            (out None: a new [T, out] tensor of u's dtype holding the sums; a plan
-                                           whose `scalar_coefficient` is true also takes coef as one Python float)
+                                           whose `float_coefficients` is true also takes coef as a tuple of one
+                                           Python float per slot, shared by every token)
     outer(left[T*k,a], right[T,b], plan)   -> g[E,a,b] acc,   g[e] = sum_{p: idx=e} left[p]^T right[t]
 "acc" is the accumulation dtype: fp32 for half inputs, the input's own precision above that.
 The forward and the backward below are written once in terms of these, so every backend trains the same way.
@@ -47,7 +48,7 @@ class TokenRouting:
         self.gates = torch.ones(idx.shape, device=idx.device) if gates is None else gates
         self._plans: dict[tuple[str, int], object] = {}
         self._pairs: tuple | None = None  # (gates' version, masked gates [T*k], clamped idx [T*k])
-        self._uniform: tuple | None = None  # (gates' version, expert, gate) when every token uses one expert
+        self._uniform: tuple | None = None  # (gates' version, ((expert, gate) per slot) when every token shares them)
 
     @property
     def num_tokens(self) -> int:
@@ -78,28 +79,30 @@ class TokenRouting:
             scale = scale.to(gates.dtype)
         return gates * scale.index_select(0, safe_idx)
 
-    def uniform_coefficient(self, scale: torch.Tensor) -> float | None:
-        """The one coefficient gates[t, 0] * scale[e] of every token as a Python float when every token uses the same
-        single expert e (k = 1; one token, or one row expanded over the tokens) and gates are the same for all, on the
-        CPU (reading a value back is free there; on CUDA it would wait for the device); None otherwise. The expert and
-        gate are read once per routing (again only if gates change), which every layer of the forward shares."""
+    def uniform_coefficients(self, scale: torch.Tensor) -> tuple[float, ...] | None:
+        """Each slot's coefficient gates[t, j] * scale[e_j] (0.0 for e_j = -1) as Python floats when every token uses
+        the same experts with the same gates (one token, or one row expanded over the tokens: stride 0), on the CPU
+        (reading values back is free there; on CUDA it would wait for the device); None otherwise. Experts and gates
+        are read once per routing (again only if gates change), which every layer of the forward shares."""
         version = _version(self.gates)
         if self._uniform is None or version is None or self._uniform[0] != version:
-            self._uniform = (version, *self._uniform_pair())
-        _, expert, gate = self._uniform
-        if expert is None:
+            self._uniform = (version, self._shared_slots())
+        slots = self._uniform[1]
+        if slots is None:
             return None
-        return 0.0 if expert < 0 else gate * scale.tolist()[expert]  # tolist: a third of float(scale[e])'s time
+        values = scale.tolist()  # a third of float(scale[e])'s time: no indexing op
+        return tuple(0.0 if e < 0 else gate * values[e] for e, gate in slots)
 
-    def _uniform_pair(self) -> tuple[int | None, float | None]:
-        """(expert, gate) shared by every token, read from the first; (None, None) where uniform_coefficient has none."""
+    def _shared_slots(self) -> tuple[tuple[int, float], ...] | None:
+        """((expert, gate) per slot) shared by every token, read from the first; None where uniform_coefficients has
+        none."""
         idx, gates = self.idx, self.gates
-        if idx.is_cuda or idx.shape[1] != 1 or gates.requires_grad:
-            return None, None
+        if idx.is_cuda or gates.requires_grad:
+            return None
         T = idx.shape[0]
         if T == 1 or (T > 1 and idx.stride(0) == 0 and gates.stride(0) == 0):
-            return int(idx[0, 0]), float(gates[0, 0])
-        return None, None
+            return tuple(zip(idx[0].tolist(), gates[0].tolist()))
+        return None
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -148,8 +151,8 @@ def grouped_lora_routed(
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
                                     or routing.gates.requires_grad or (out is not None and out.requires_grad)):
         return _GroupedLora.apply(out, x, A, B, scale, routing.gates, routing, impl, plan)
-    # one expert for every token: the coefficient as a float the plan folds into its matmul (no per-call tensor ops)
-    coef = routing.uniform_coefficient(scale) if getattr(plan, "scalar_coefficient", False) else None
+    # the same experts and gates for every token: coefficients as floats the plan folds into its matmuls' alphas
+    coef = routing.uniform_coefficients(scale) if getattr(plan, "float_coefficients", False) else None
     return _forward(impl, plan, routing.coefficients(scale) if coef is None else coef, x, A, B, out)[0]
 
 

@@ -49,6 +49,7 @@ DENSE_MIN_PAIRS = 64  # densely, as one matmul, by a routing of at least this ma
 # pairs' walk is as fast); wider banks cost more in the dense walk's extra multiply-adds than the pairs' walk loses.
 # The dense walk's matmuls use a second thread, the pairs' walk does not: twice the columns at 2 threads or more
 # (measured at 1 and 2 threads, benchmarks/bench_walks.py; more threads are not counted, unmeasured).
+FLOAT_SLOTS = 4  # one token with up to this many experts: one matmul per slot on views of the bank (no gather)
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -365,10 +366,12 @@ class DensePlan:
 
 @dataclass(frozen=True)
 class UniformPlan:
-    """Every token routes to the same k experts (a single token, or one row expanded over the tokens): shrink and
-    expand are one matmul each over all tokens with the k experts' factors side by side (for k = 1 views of the
-    bank, and the coefficient, a float, is the expand's alpha); nothing sorted,
-    nothing read back from the device per call."""
+    """Every token routes to the same k experts (a single token, or one row expanded over the tokens): shrink is one
+    matmul over all tokens with the k experts' A side by side (for k = 1 a view of the bank); nothing sorted, nothing
+    read back from the device per call. Where the coefficients come as floats (`float_coefficients`: one expert, or
+    one token with up to FLOAT_SLOTS experts, as a router's top-k in decoding), the expand adds each slot's matmul
+    with its expert's B^T, a view of the bank, and the coefficient as alpha; else one matmul with the k experts' B^T
+    side by side and the coefficients as a tensor."""
 
     experts: tuple[int, ...]  # (k,) -1 = none
     index: torch.Tensor  # (k,) the experts, -1 read as 0 (its pairs are masked)
@@ -376,9 +379,9 @@ class UniformPlan:
     num_experts: int
 
     @property
-    def scalar_coefficient(self) -> bool:
-        """expand takes coef as one float for all tokens (one expert, the same coefficient for every token)."""
-        return len(self.experts) == 1
+    def float_coefficients(self) -> bool:
+        """expand takes coef as a tuple of one float per slot (shared by every token)."""
+        return len(self.experts) == 1 or (self.num_tokens == 1 and len(self.experts) <= FLOAT_SLOTS)
 
     def walk(self, rank: int, *tensors: torch.Tensor) -> str:
         return "uniform"
@@ -398,13 +401,22 @@ class UniformPlan:
             u.view(T, k, r)[:, [j for j, e in enumerate(self.experts) if e < 0]] = 0
         return u.view(T * k, r)
 
-    def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor | float,
+    def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor | tuple[float, ...],
                out: torch.Tensor | None) -> torch.Tensor:
         dtype = u.dtype if out is None else out.dtype
+        if isinstance(coef, tuple) and u.dtype == dtype:  # floats, no cast: each slot's matmul with alpha
+            if len(self.experts) == 1:
+                Bt = _as(B[max(self.experts[0], 0)].t(), dtype)  # (r, out); contiguous for a rank-major B
+                return torch.mm(u, Bt).mul_(coef[0]) if out is None else out.addmm_(u, Bt, alpha=coef[0])
+            target = u.new_zeros(1, B.shape[1]) if out is None else out  # one token: u [k, r]
+            for j, (e, c) in enumerate(zip(self.experts, coef)):
+                if e >= 0:
+                    target.addmm_(u[j:j + 1], _as(B[e].t(), dtype), alpha=c)
+            return target
+        if isinstance(coef, tuple):  # into a lower-precision out: scaled in u's precision, then cast
+            coef = torch.tensor(coef, dtype=u.dtype, device=u.device).repeat(self.num_tokens)  # (T*k,)
         Bt = _as(self._side_by_side(B.transpose(1, 2)), dtype)  # (k*r, out); contiguous for a rank-major B
-        if isinstance(coef, float) and u.dtype == dtype:  # one coefficient, no cast: the matmul's alpha
-            return torch.mm(u, Bt).mul_(coef) if out is None else out.addmm_(u, Bt, alpha=coef)
-        scaled = _as(u * (coef if isinstance(coef, float) else coef.unsqueeze(1)), dtype)  # (T*k, r); empty: coef 0
+        scaled = _as(u * coef.unsqueeze(1), dtype)  # (T*k, r); empty slots: coef 0
         if len(self.experts) > 1:
             scaled = scaled.view(self.num_tokens, -1)  # (T, k*r)
         return torch.mm(scaled, Bt) if out is None else out.addmm_(scaled, Bt)

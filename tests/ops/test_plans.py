@@ -116,8 +116,8 @@ def test_one_expert_folds_its_coefficient_into_the_matmul_and_matches_einsum(dty
     idx, gates = torch.tensor([[expert]]).expand(T, -1), torch.tensor([[0.7]]).expand(T, -1)
     routing = TokenRouting(idx, gates)
     expected = 0.0 if expert < 0 else 0.7 * float(scale[expert])
-    assert routing.uniform_coefficient(scale) == pytest.approx(expected)
-    assert routing.plan(torch_backend, 5).scalar_coefficient
+    assert routing.uniform_coefficients(scale) == pytest.approx((expected,))
+    assert routing.plan(torch_backend, 5).float_coefficients
     tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float16 else {}
     for _ in range(2):  # the second time: the same routing over a bank and scales changed in place
         base = torch.randn(T, 7, dtype=torch.float64).to(dtype)
@@ -131,8 +131,34 @@ def test_one_expert_folds_its_coefficient_into_the_matmul_and_matches_einsum(dty
 
 def test_per_token_gates_keep_the_tensor_coefficients():
     idx = torch.tensor([[1]]).expand(4, -1)
-    assert TokenRouting(idx, torch.rand(4, 1)).uniform_coefficient(torch.ones(3)) is None  # gates differ per token
-    assert TokenRouting(torch.tensor([[0, 1]]), None).uniform_coefficient(torch.ones(3)) is None  # k = 2
+    assert TokenRouting(idx, torch.rand(4, 1)).uniform_coefficients(torch.ones(3)) is None  # gates differ per token
+    rows = TokenRouting(torch.tensor([[0, 1]]).expand(4, -1), torch.tensor([[0.5, 2.0]]).expand(4, -1))
+    assert rows.uniform_coefficients(torch.ones(3)) == (0.5, 2.0)
+    assert not rows.plan(torch_backend, 3).float_coefficients  # 4 tokens, 2 experts: one matmul with B^T side by side
+    wide = TokenRouting(torch.arange(torch_backend.FLOAT_SLOTS + 1)[None, :])  # one token, more experts than that
+    assert not wide.plan(torch_backend, torch_backend.FLOAT_SLOTS + 1).float_coefficients
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("row", [[3, 0], [1, -1, 4], [2, 2, 0, 1]])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_one_token_of_a_few_experts_takes_float_coefficients_and_matches_einsum(dtype, row, with_out):
+    """One token routed to k <= FLOAT_SLOTS experts (a router's top-k in decoding): one matmul per slot on views of
+    the bank with its coefficient as alpha (a slot without an expert adds nothing; an expert in two slots twice),
+    in fp32 and into an fp16 output (scaled in fp32, then cast); against the einsum reference."""
+    x, A, B, scale, _, _ = make_case(1, 5, 3, 11, 7, len(row), seed=len(row), dtype=dtype)
+    idx, gates = torch.tensor([row]), torch.rand(1, len(row), dtype=dtype) + 0.5
+    routing = TokenRouting(idx, gates)
+    assert routing.plan(torch_backend, 5).float_coefficients
+    assert routing.uniform_coefficients(scale) == pytest.approx(
+        tuple(0.0 if e < 0 else float(gates[0, j]) * float(scale[e]) for j, e in enumerate(row)), rel=1e-3)
+    base = torch.randn(1, 7, dtype=torch.float64).to(dtype)
+    ref = grouped_lora_reference(x.double(), A.double(), B.double(), scale.double(), idx, gates.double())
+    out = grouped_lora_routed(x, A, B, scale, routing, "torch", out=base.clone() if with_out else None)
+    expected = ref + (base.double() if with_out else 0)
+    # fp16: each slot's product rounded to fp16 before the sum of up to 4; errors relative to the largest output
+    tol = dict(rtol=2e-3, atol=2e-3 * float(expected.abs().max())) if dtype == torch.float16 else {}
+    torch.testing.assert_close(out, expected.to(dtype), **tol)
 
 
 @pytest.mark.parametrize("E,r,k,T,walk_name", [(16, 8, 2, 32, "dense"), (8, 8, 1, 64, "dense"), (32, 4, 3, 40, "dense"),
