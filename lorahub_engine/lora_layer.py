@@ -30,8 +30,9 @@ class LoraLayer(nn.Module):
     """y = base(x) + grouped_lora(x, A, B, scale, idx, gates) for a bank of E experts (zero-padded to rank r).
 
     B [E, out, r] is best stored rank-major (a transposed view of an [E, r, out] tensor; attach builds it so): each
-    expert's B^T is then one contiguous [r, out] matrix, which the expand multiplies by (at one token, 3x faster than
-    through the transposed view), and the dense walk sees the bank's B^T as one [E*r, out] matrix without a copy.
+    expert's B^T is then one contiguous [r, out] matrix, which the expand multiplies by (at one token 2x, in the
+    compiled walk at decode shapes 1.5x faster than through the transposed view: benchmarks/bench_b_layout.py), and the
+    dense walk sees the bank's B^T as one [E*r, out] matrix without a copy.
     """
 
     def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, ranks: list[int],
