@@ -52,6 +52,28 @@ def test_matches_reference_forward_and_grads(T, E, r, k, d_in, d_out, dtype):
         assert_close_scaled(mine, theirs, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rank_major_bank_is_read_in_place_and_matches_reference(dtype, monkeypatch):
+    """B stored rank-major, as attach stores a bank (a transposed view of [E, r, out]): the expand reads it in place,
+    no copy, and output and gradients match the reference as for a contiguous B."""
+    x, A, B, scale, idx, gates = make_case(37, 5, 8, 11, 24, 2, seed=11, dtype=dtype)
+    B = B.transpose(1, 2).contiguous().transpose(1, 2)  # (E, out, r), rank-major
+    copies = []
+    contiguous = torch.Tensor.contiguous
+
+    def spy(t, *args, **kwargs):
+        if not t.is_contiguous():  # a real copy
+            copies.append(tuple(t.shape))
+        return contiguous(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", spy)
+    out, ref, grads, ref_grads = run_both(x, A, B, scale, idx, gates)
+    assert (5, 24, 8) not in copies and (5, 8, 24) not in copies  # neither B (forward) nor B^T (backward) copied
+    assert_close_scaled(out, ref, dtype)
+    for mine, theirs in zip(grads, ref_grads):
+        assert_close_scaled(mine, theirs, dtype)
+
+
 def test_rank_over_one_tile_and_many_experts():
     """r = 80 needs two rank tiles (shrink) and a rank loop (expand); E = 256 with few tokens leaves most empty."""
     case = make_case(20, 256, 80, 12, 9, 2, seed=7, dtype=torch.float32)
