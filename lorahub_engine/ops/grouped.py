@@ -27,6 +27,8 @@ from types import ModuleType
 
 import torch
 
+from lorahub_engine.ops.torch_backend import same_row_for_every_token
+
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -90,19 +92,16 @@ class TokenRouting:
         slots = self._uniform[1]
         if slots is None:
             return None
-        values = scale.tolist()  # a third of float(scale[e])'s time: no indexing op
+        values = scale.tolist()  # one call, no indexing op per slot
         return tuple(0.0 if e < 0 else gate * values[e] for e, gate in slots)
 
     def _shared_slots(self) -> tuple[tuple[int, float], ...] | None:
         """((expert, gate) per slot) shared by every token, read from the first; None where uniform_coefficients has
         none."""
         idx, gates = self.idx, self.gates
-        if idx.is_cuda or gates.requires_grad:
+        if idx.is_cuda or gates.requires_grad or not (same_row_for_every_token(idx) and same_row_for_every_token(gates)):
             return None
-        T = idx.shape[0]
-        if T == 1 or (T > 1 and idx.stride(0) == 0 and gates.stride(0) == 0):
-            return tuple(zip(idx[0].tolist(), gates[0].tolist()))
-        return None
+        return tuple(zip(idx[0].tolist(), gates[0].tolist()))
 
 
 def _version(t: torch.Tensor) -> int | None:

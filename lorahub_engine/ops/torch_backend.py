@@ -49,7 +49,7 @@ DENSE_MIN_PAIRS = 64  # densely, as one matmul, by a routing of at least this ma
 # pairs' walk is as fast); wider banks cost more in the dense walk's extra multiply-adds than the pairs' walk loses.
 # The dense walk's matmuls use a second thread, the pairs' walk does not: twice the columns at 2 threads or more
 # (measured at 1 and 2 threads, benchmarks/bench_walks.py; more threads are not counted, unmeasured).
-FLOAT_SLOTS = 4  # one token with up to this many experts: one matmul per slot on views of the bank (no gather)
+FLOAT_SLOTS = 4  # one token with up to this many experts: one expand matmul per slot on views of B (no gather)
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,13 +57,19 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def same_row_for_every_token(t: torch.Tensor) -> bool:
+    """t [T, ...] is known, without reading it, to hold one row for every token: one token, or one row expanded over
+    the tokens (stride 0)."""
+    T = t.shape[0]
+    return T == 1 or (T > 1 and t.stride(0) == 0)
+
+
 def plan(idx: torch.Tensor, num_experts: int) -> Plan:
-    """UniformPlan when every token routes alike, known without reading idx (one token, or one row expanded over the
-    tokens: stride 0); else a SegmentPlan, whose walks sort what they need on first use."""
-    T = idx.shape[0]
-    if T == 1 or (T > 1 and idx.stride(0) == 0):
+    """UniformPlan when every token routes alike (`same_row_for_every_token`); else a SegmentPlan, whose walks sort
+    what they need on first use."""
+    if same_row_for_every_token(idx):
         row = idx[0]
-        return UniformPlan(tuple(row.tolist()), row.clamp(min=0), T, num_experts)
+        return UniformPlan(tuple(row.tolist()), row.clamp(min=0), idx.shape[0], num_experts)
     return SegmentPlan(idx, num_experts)
 
 
@@ -404,21 +410,20 @@ class UniformPlan:
     def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor | tuple[float, ...],
                out: torch.Tensor | None) -> torch.Tensor:
         dtype = u.dtype if out is None else out.dtype
+        T, k = self.num_tokens, len(self.experts)
         if isinstance(coef, tuple) and u.dtype == dtype:  # floats, no cast: each slot's matmul with alpha
-            if len(self.experts) == 1:
-                Bt = _as(B[max(self.experts[0], 0)].t(), dtype)  # (r, out); contiguous for a rank-major B
-                return torch.mm(u, Bt).mul_(coef[0]) if out is None else out.addmm_(u, Bt, alpha=coef[0])
-            target = u.new_zeros(1, B.shape[1]) if out is None else out  # one token: u [k, r]
+            target = u.new_zeros(T, B.shape[1]) if out is None else out
+            slots = u.view(T, k, -1)
             for j, (e, c) in enumerate(zip(self.experts, coef)):
-                if e >= 0:
-                    target.addmm_(u[j:j + 1], _as(B[e].t(), dtype), alpha=c)
+                if e >= 0:  # B[e]^T: contiguous (r, out) for a rank-major B
+                    target.addmm_(slots[:, j], _as(B[e].t(), dtype), alpha=c)
             return target
         if isinstance(coef, tuple):  # into a lower-precision out: scaled in u's precision, then cast
-            coef = torch.tensor(coef, dtype=u.dtype, device=u.device).repeat(self.num_tokens)  # (T*k,)
+            coef = torch.tensor(coef, dtype=u.dtype, device=u.device).repeat(T)  # (T*k,)
         Bt = _as(self._side_by_side(B.transpose(1, 2)), dtype)  # (k*r, out); contiguous for a rank-major B
         scaled = _as(u * coef.unsqueeze(1), dtype)  # (T*k, r); empty slots: coef 0
-        if len(self.experts) > 1:
-            scaled = scaled.view(self.num_tokens, -1)  # (T, k*r)
+        if k > 1:
+            scaled = scaled.view(T, -1)  # (T, k*r)
         return torch.mm(scaled, Bt) if out is None else out.addmm_(scaled, Bt)
 
     def outer(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
