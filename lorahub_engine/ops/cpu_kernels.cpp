@@ -12,6 +12,9 @@
 #include <cstring>
 #include <type_traits>
 #include <utility>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #ifndef LORAHUB_VECTOR_BYTES  // -DLORAHUB_VECTOR_BYTES=64 builds the AVX-512 layout anywhere (tests/ops/test_native.py)
 #ifdef __AVX512F__
@@ -340,22 +343,45 @@ void outer(const S* left, int64_t a, const S* right, int64_t n, const int64_t* e
   }
 }
 
+// body(lo, hi) over [0, size) cut into `threads` ranges of a multiple of `align`, one per OpenMP thread: the team
+// torch's own ops run on when the library shares torch's OpenMP runtime (native.py), so a fork costs a wake-up of
+// threads already spinning, not a new thread. Ranges are disjoint and fixed by `threads` alone, so a team smaller than
+// asked (nested, or a build without OpenMP) walks the same ranges and computes the same bits.
+template <typename F>
+void split(int64_t size, int64_t align, int64_t threads, F&& body) {
+  int64_t step = std::max<int64_t>(1, (size + threads - 1) / threads);
+  step = (step + align - 1) / align * align;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    for (int64_t lo = omp_get_thread_num() * step; lo < size; lo += omp_get_num_threads() * step)
+      body(lo, std::min(lo + step, size));
+  }
+#else
+  for (int64_t lo = 0; lo < size; lo += step) body(lo, std::min(lo + step, size));
+#endif
+}
+
 }  // namespace
 
+// Entry points: the P sorted rows' work split across `threads` threads, by rows (shrink) or by output columns in
+// multiples of 64 (expand, outer), each thread owning disjoint outputs.
 #define LORAHUB_KERNELS(S, suffix)                                                                                  \
   extern "C" void shrink_##suffix(const S* x, int64_t n, const S* A, int64_t r, const int64_t* expert,              \
-                                  const int64_t* token, const int64_t* pair, int64_t begin, int64_t end, S* u) {    \
-    shrink<S>(x, n, A, r, expert, token, pair, begin, end, u);                                                      \
+                                  const int64_t* token, const int64_t* pair, int64_t P, int64_t threads, S* u) {    \
+    split(P, 1, threads, [&](int64_t lo, int64_t hi) { shrink<S>(x, n, A, r, expert, token, pair, lo, hi, u); });  \
   }                                                                                                                 \
   extern "C" void expand_##suffix(const S* u, const S* coef, const S* Bt, int64_t r, int64_t m, int64_t se,       \
                                   int64_t sj, int64_t sc, const int64_t* expert, const int64_t* token,              \
-                                  const int64_t* pair, int64_t P, int64_t T, int64_t tile, int64_t c0, int64_t c1,  \
+                                  const int64_t* pair, int64_t P, int64_t T, int64_t tile, int64_t threads,         \
                                   int64_t accumulate, S* out) {                                                     \
-    expand<S>(u, coef, Bt, r, m, se, sj, sc, expert, token, pair, P, T, tile, c0, c1, accumulate != 0, out);        \
+    split(m, 64, threads, [&](int64_t lo, int64_t hi) {                                                             \
+      expand<S>(u, coef, Bt, r, m, se, sj, sc, expert, token, pair, P, T, tile, lo, hi, accumulate != 0, out);      \
+    });                                                                                                             \
   }                                                                                                                 \
   extern "C" void outer_##suffix(const S* left, int64_t a, const S* right, int64_t n, const int64_t* expert,        \
-                                 const int64_t* token, int64_t P, int64_t c0, int64_t c1, S* g) {                   \
-    outer<S>(left, a, right, n, expert, token, P, c0, c1, g);                                                       \
+                                 const int64_t* token, int64_t P, int64_t threads, S* g) {                          \
+    split(n, 64, threads, [&](int64_t lo, int64_t hi) { outer<S>(left, a, right, n, expert, token, P, lo, hi, g); }); \
   }
 
 LORAHUB_KERNELS(float, f32)

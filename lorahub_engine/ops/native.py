@@ -3,8 +3,11 @@
 Built once per kernel source, compiler and CPU into `$XDG_CACHE_HOME/lorahub_engine` (a few seconds; no torch
 headers).
 Without a C++ compiler, or with `LORAHUB_ENGINE_NATIVE=0`, `library()` is None and the backend keeps to torch ops.
-The kernels take fp32 or fp64 contiguous CPU tensors; a call runs on `torch.get_num_threads()` threads (ctypes
-releases the GIL), each owning disjoint output rows or columns, so results do not depend on the thread count.
+The kernels take fp32 or fp64 contiguous CPU tensors; a call large enough to split runs on up to
+`torch.get_num_threads()` threads of OpenMP's team (ctypes releases the GIL), each owning disjoint output rows or
+columns, so results do not depend on the thread count. Built with `-fopenmp`, the library needs `libgomp.so.1`,
+which torch's Linux wheels have loaded already: the kernels then fork onto the very threads torch's ops use (a wake-up
+of a few microseconds). A compiler without OpenMP builds a one-thread library.
 """
 
 from __future__ import annotations
@@ -18,15 +21,15 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ["-O3", "-std=c++20", "-ffp-contract=fast", "-shared", "-fPIC"]
+OPTIONAL_FLAGS = (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])  # the first that builds
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-MIN_SPLIT = 1 << 18  # multiply-adds from which a call is split across threads
+MIN_SPLIT = 1 << 15  # multiply-adds per thread from which a call is split across threads
 
 
 @functools.cache
@@ -72,8 +75,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert: torch.Tensor, token: torch.
     x, A = x.contiguous(), A.contiguous()
     fn = _kernel("shrink", x.dtype)
     n, r, P = x.shape[1], A.shape[1], len(expert)
-    args = (x.data_ptr(), n, A.data_ptr(), r, expert.data_ptr(), token.data_ptr(), pair.data_ptr())
-    _split(P, P * n * r, lambda lo, hi: fn(*args, lo, hi, u.data_ptr()))
+    fn(x.data_ptr(), n, A.data_ptr(), r, expert.data_ptr(), token.data_ptr(), pair.data_ptr(), P,
+       _threads(P, P * n * r), u.data_ptr())
 
 
 def expand(u: torch.Tensor, coef: torch.Tensor, Bt: torch.Tensor, expert: torch.Tensor, token: torch.Tensor,
@@ -87,9 +90,8 @@ def expand(u: torch.Tensor, coef: torch.Tensor, Bt: torch.Tensor, expert: torch.
         Bt = Bt.contiguous()
     fn = _kernel("expand", out.dtype)
     (T, m), r, P = out.shape, u.shape[1], len(expert)
-    args = (u.data_ptr(), coef.data_ptr(), Bt.data_ptr(), r, m, *Bt.stride(), expert.data_ptr(), token.data_ptr(),
-            pair.data_ptr(), P, T, tile)
-    _split(m, P * m * r, lambda lo, hi: fn(*args, lo, hi, int(accumulate), out.data_ptr()), align=64)
+    fn(u.data_ptr(), coef.data_ptr(), Bt.data_ptr(), r, m, *Bt.stride(), expert.data_ptr(), token.data_ptr(),
+       pair.data_ptr(), P, T, tile, _threads(m // 64, P * m * r), int(accumulate), out.data_ptr())
 
 
 def outer(left: torch.Tensor, right: torch.Tensor, expert: torch.Tensor, token: torch.Tensor, g: torch.Tensor) -> None:
@@ -97,24 +99,14 @@ def outer(left: torch.Tensor, right: torch.Tensor, expert: torch.Tensor, token: 
     left, right = left.contiguous(), right.contiguous()
     fn = _kernel("outer", g.dtype)
     (P, a), n = left.shape, right.shape[1]
-    args = (left.data_ptr(), a, right.data_ptr(), n, expert.data_ptr(), token.data_ptr(), P)
-    _split(n, P * n * a, lambda lo, hi: fn(*args, lo, hi, g.data_ptr()), align=64)
+    fn(left.data_ptr(), a, right.data_ptr(), n, expert.data_ptr(), token.data_ptr(), P, _threads(n // 64, P * n * a),
+       g.data_ptr())
 
 
-def _split(size: int, work: int, call, align: int = 1) -> None:
-    """call(lo, hi) over [0, size), cut into one aligned range per torch thread when the work is worth it."""
-    threads = min(torch.get_num_threads(), max(1, work // MIN_SPLIT), max(1, size // align))
-    if threads == 1:
-        call(0, size)
-        return
-    step = -(-size // threads // align) * align
-    bounds = [(lo, min(lo + step, size)) for lo in range(0, size, step)]
-    list(_pool(threads).map(lambda b: call(*b), bounds))
-
-
-@functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="lorahub-native")
+def _threads(ranges: int, work: int) -> int:
+    """Threads for a call of `work` multiply-adds over `ranges` splittable ranges: one per torch thread, each with
+    at least MIN_SPLIT of the work."""
+    return max(1, min(torch.get_num_threads(), work // MIN_SPLIT, ranges))
 
 
 def _kernel(name: str, dtype: torch.dtype):
@@ -123,8 +115,8 @@ def _kernel(name: str, dtype: torch.dtype):
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int64
-    signatures = {"shrink": [p, i, p, i, p, p, p, i, i, p], "expand": [p, p, p, i, i, i, i, i, p, p, p, i, i, i, i, i, i, p],
-                  "outer": [p, i, p, i, p, p, i, i, i, p]}
+    signatures = {"shrink": [p, i, p, i, p, p, p, i, i, p], "expand": [p, p, p, i, i, i, i, i, p, p, p, i, i, i, i, i, p],
+                  "outer": [p, i, p, i, p, p, i, i, p]}
     for name, args in signatures.items():
         for suffix in SUFFIX.values():
             fn = getattr(lib, f"{name}_{suffix}")
@@ -140,7 +132,7 @@ def _cache_dir() -> Path:
 def _build_key(compiler: str) -> str:
     """Source, compiler and CPU (the build targets this machine's instruction set)."""
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(" ".join([compiler, *FLAGS, platform.machine(), _cpu_flags()]).encode())
+    digest.update(" ".join([compiler, *FLAGS, repr(OPTIONAL_FLAGS), platform.machine(), _cpu_flags()]).encode())
     return digest.hexdigest()[:16]
 
 
@@ -154,13 +146,14 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str, path: Path) -> None:
     """Compile to a temporary file beside `path`, then rename: a concurrent or interrupted build leaves no half file.
-    -march=native where the compiler knows it (GCC, Clang on x86), portable code otherwise."""
+    -march=native where the compiler knows it (GCC, Clang on x86), portable code otherwise; OpenMP where it has it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        for arch in (["-march=native"], []):
-            result = subprocess.run([compiler, *FLAGS, *arch, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        for optional in OPTIONAL_FLAGS:
+            result = subprocess.run([compiler, *FLAGS, *optional, str(SOURCE), "-o", tmp], capture_output=True,
+                                    text=True)
             if result.returncode == 0:
                 os.replace(tmp, path)
                 return

@@ -11,15 +11,14 @@ The first that applies (`SegmentPlan.walk`; speeds from `benchmarks/bench_walks.
   chunks of L rows (L = the gcd of the run lengths); shrink and expand are one bmm each over the chunks, with each
   chunk's k experts' weights gathered (k*r x in per chunk, small next to L x in activations): up to 1.4x faster than the
   compiled walk on rows of 64 tokens at one thread, 1.5-1.8x at two, and far ahead of the dense walk on wide banks.
-- dense (`DensePlan`), for a narrow bank (E * r <= DENSE_COLUMNS_PER_SLOT * k per thread, up to 2: at one thread 4
-  experts of rank 8 for one slot, 8 for two) and at least DENSE_MIN_PAIRS pairs: one matmul each way over all
-  tokens against the whole bank side by side, the pairs' experts picked by a gather (shrink) or a scatter (expand,
-  outer) of rank-r rows. E / k times the multiply-adds the pairs need, at a matmul's speed and threads: as fast as
-  the compiled walk there at one thread, faster at two (its matmuls use the second thread). Any routing.
+- dense (`DensePlan`), for a narrow bank (E * r <= DENSE_COLUMNS_PER_SLOT * k: 4 experts of rank 8 for one slot, 8
+  for two) and at least DENSE_MIN_PAIRS pairs: one matmul each way over all tokens against the whole bank side by
+  side, the pairs' experts picked by a gather (shrink) or a scatter (expand, outer) of rank-r rows. E / k times the
+  multiply-adds the pairs need, at a matmul's speed: as fast as the compiled walk there or faster. Any routing.
 - compiled (fp32 / fp64, with a C++ compiler: `native`): the pairs in tiles of NATIVE_TILE consecutive tokens and by
   expert within a tile (one stable sort on the device; pairs without an expert stay in the walk and the kernels skip
   them); the kernels read and update the tile's activation rows where they lie, in cache, while each expert's weights
-  stay in registers. Any routing: per token over a wide bank, and decoding (one token per row).
+  stay in registers, on torch's threads. Any routing: per token over a wide bank, and decoding (one token per row).
 Without the compiled kernels, the torch walks:
 - segments (torch ops), for per-token routings whose experts get many tokens each: one mm per expert segment
   between a gather and a scatter, no padding.
@@ -44,11 +43,10 @@ MIN_RUN = 16  # shorter runs gather more weight rows than the activation rows th
 MIN_SEGMENT = 64  # mean tokens per expert from which one mm per expert beats padded blocks
 GATHER_BYTES = 1 << 25  # run layout: gathered expert weights (or per-chunk products) per bmm, at most
 NATIVE_TILE = 128  # segment layout, compiled walk: tokens whose activation rows stay in cache (L2) together
-DENSE_COLUMNS_PER_SLOT = 32  # a bank of at most this many columns (experts x rank) per slot and thread is walked
-DENSE_MIN_PAIRS = 64  # densely, as one matmul, by a routing of at least this many pairs (fewer, as in decoding: the
-# pairs' walk is as fast); wider banks cost more in the dense walk's extra multiply-adds than the pairs' walk loses.
-# The dense walk's matmuls use a second thread, the pairs' walk does not: twice the columns at 2 threads or more
-# (measured at 1 and 2 threads, benchmarks/bench_walks.py; more threads are not counted, unmeasured).
+DENSE_COLUMNS_PER_SLOT = 32  # a bank of at most this many columns (experts x rank) per slot is walked densely, as
+DENSE_MIN_PAIRS = 64  # one matmul, by a routing of at least this many pairs (fewer, as in decoding: the pairs' walk
+# is as fast); wider banks cost more in the dense walk's extra multiply-adds than the pairs' walk loses. Both walks
+# use torch's threads, so the bound holds at 1 and 2 threads alike (benchmarks/bench_walks.py).
 FLOAT_SLOTS = 4  # one token with up to this many experts: one expand matmul per slot on views of B (no gather)
 
 
@@ -210,13 +208,12 @@ class SegmentPlan:
 
     def walk(self, rank: int, *tensors: torch.Tensor) -> str:
         """"runs" where the routing has them; else "dense" for a bank of at most DENSE_COLUMNS_PER_SLOT columns
-        (num_experts x rank) per slot and thread (1 or 2) and at least DENSE_MIN_PAIRS pairs; else "compiled" where
-        the kernels take these tensors, else `torch_walk` (benchmarks/bench_walks.py measures each choice)."""
+        (num_experts x rank) per slot and at least DENSE_MIN_PAIRS pairs; else "compiled" where the kernels take
+        these tensors, else `torch_walk` (benchmarks/bench_walks.py measures each choice)."""
         if self.runs is not None:
             return "runs"
         T, k = self.shape
-        threads = min(torch.get_num_threads(), 2)
-        if self.num_experts * rank <= DENSE_COLUMNS_PER_SLOT * k * threads and T * k >= DENSE_MIN_PAIRS:
+        if self.num_experts * rank <= DENSE_COLUMNS_PER_SLOT * k and T * k >= DENSE_MIN_PAIRS:
             return "dense"
         return "compiled" if native.supports(*tensors) else self.torch_walk
 

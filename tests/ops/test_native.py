@@ -1,6 +1,10 @@
 """The compiled CPU kernels: each primitive against the torch walk of the same plan and against the einsum reference,
 across the widths where their vector and rank blocking have tails; threads; the build and its fallbacks."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -125,6 +129,29 @@ def test_threads_split_the_work_without_changing_a_bit(monkeypatch):
         torch.set_num_threads(threads)
     for a, b in zip(one, split):
         assert torch.equal(a, b)
+
+
+OPENMP_RUNTIMES = """
+import sys
+from pathlib import Path
+import torch
+def runtimes():
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    return {line.split()[-1] for line in maps if any(n in line for n in ("libgomp", "libomp", "libiomp"))}
+before = runtimes()
+from lorahub_engine.ops import native
+assert native.library() is not None
+print(len(before), len(runtimes() - before))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mapped libraries (Linux)")
+def test_the_kernels_share_torchs_openmp_runtime():
+    """Loading the kernels maps no OpenMP runtime besides torch's: they fork onto the threads torch's ops use, not
+    onto a second pool competing with it for the cores. (A fresh process: other libraries, faiss, bring their own.)"""
+    result = subprocess.run([sys.executable, "-c", OPENMP_RUNTIMES], capture_output=True, text=True, check=True)
+    torchs, added = map(int, result.stdout.split())
+    assert torchs == 1 and added == 0, result.stdout
 
 
 @pytest.fixture
