@@ -181,6 +181,8 @@ void shrink_run(const S* x, int64_t n, const S* Ae, int64_t r, int64_t j0, const
                 int64_t start, int64_t stop, S* u) {
   int64_t i = start;
   for (; i + SHRINK_ROWS <= stop; i += SHRINK_ROWS) shrink_block<S, W, SHRINK_ROWS>(x, n, Ae, r, j0, token, pair, i, u);
+  if constexpr (SHRINK_ROWS > 2)  // a pair of rows left (decoding: 2 rows per expert) still shares the weight loads
+    for (; i + 2 <= stop; i += 2) shrink_block<S, W, 2>(x, n, Ae, r, j0, token, pair, i, u);
   for (; i < stop; i++) shrink_block<S, W, 1>(x, n, Ae, r, j0, token, pair, i, u);
 }
 
