@@ -13,6 +13,7 @@ learned routers' outputs of that forward only. Index legend: T tokens, k slots, 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -22,6 +23,7 @@ from lorahub_engine.merge.lorahub_factors import lorahub_factors
 from lorahub_engine.ops.grouped import TokenRouting
 
 MODES = ("mixture", "fusion")
+KEPT_SHAPES = 4  # batch shapes (rows, length) whose TokenRouting a per-row mixture keeps across forwards
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,9 @@ class RowRouting:
     mode "mixture" sums the k experts' outputs; "fusion" first merges each row's k experts into one by the LoraHub
     factor rule (gates as weights), then applies that single expert. Equal rows share one merged expert (a LoraHub
     population repeats each candidate over its examples: merged once per candidate and layer, not per row).
+    A mixture keeps the TokenRouting of its last few batch shapes across forwards (a generate's prefill and decode
+    steps), so each decode step reuses the plan and every layer's coefficients of the step before; a change of idx or
+    gates in place, trainable gates or fusion (new merged experts at every call) build them per forward.
     """
 
     def __init__(self, idx: torch.Tensor, gates: torch.Tensor, mode: str = "mixture"):
@@ -130,6 +135,7 @@ class RowRouting:
             raise ValueError(f"idx and gates must both be [rows, k]; got {tuple(idx.shape)}, {tuple(gates.shape)}")
         self.idx, self.gates, self.mode = idx, gates, mode
         self._fused = None
+        self._kept: OrderedDict[tuple[int, int], tuple[tuple[int, int], TokenRouting]] = OrderedDict()
 
     def resolve(self, rows: int, length: int):
         return self
@@ -158,11 +164,21 @@ class RowRouting:
         return A, B, scale, self._tokens(layout, ctx)
 
     def _tokens(self, layout: TokenLayout, ctx: ForwardContext) -> TokenRouting:
-        key = (id(self), layout.rows, layout.length)
-        routing = ctx.shared.get(key)
-        if routing is None:
-            routing = ctx.shared[key] = TokenRouting(*self._per_token(layout))
-        return routing
+        shape = (layout.rows, layout.length)
+        if self.mode == "fusion" or self.gates.requires_grad or self.idx.is_inference() or self.gates.is_inference():
+            key = (id(self), *shape)  # one per forward
+            routing = ctx.shared.get(key)
+            if routing is None:
+                routing = ctx.shared[key] = TokenRouting(*self._per_token(layout))
+            return routing
+        versions = (self.idx._version, self.gates._version)
+        kept = self._kept.get(shape)
+        if kept is None or kept[0] != versions:
+            kept = self._kept[shape] = (versions, TokenRouting(*self._per_token(layout)))
+            while len(self._kept) > KEPT_SHAPES:
+                self._kept.popitem(last=False)
+        self._kept.move_to_end(shape)
+        return kept[1]
 
     def _per_token(self, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "fusion":  # token t uses its row's merged expert

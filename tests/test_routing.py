@@ -124,7 +124,8 @@ def test_records_hold_one_forward_with_its_padding_and_nothing_outlives_the_bloc
     assert dispatch.contexts == [] and dispatch.collectors == [] and len(records) == 2
 
 
-def test_a_fixed_routing_builds_its_token_routing_once_per_forward(monkeypatch):
+def test_a_mixture_builds_its_token_routing_once_per_batch_shape(monkeypatch):
+    """Kept across forwards (a generate's decode steps reuse the plan and coefficients); fusion builds one per forward."""
     base = tiny_llama()
     model = le.attach(copy.deepcopy(base), [le.init_adapter(base, n, ["q_proj", "v_proj"], seed=i)
                                            for i, n in enumerate("ab")])
@@ -136,7 +137,43 @@ def test_a_fixed_routing_builds_its_token_routing_once_per_forward(monkeypatch):
     with le.routing(model, torch.tensor([0, 1])):
         model(x)
         model(x)
-    assert len(calls) == 2  # 4 LoRA layers, 2 forwards
+        assert len(calls) == 1  # 4 LoRA layers, 2 forwards of one shape
+        model(x[:, :3])
+        model(x)
+        assert len(calls) == 2  # a second shape; the first still kept
+    with le.routing(model, torch.tensor([[0, 1], [1, 0]]), torch.full((2, 2), 0.5), mode="fusion"):
+        model(x)
+        model(x)
+    assert len(calls) == 4
+
+
+def test_a_kept_routing_follows_in_place_changes_of_gates_and_scales():
+    """What a mixture keeps across forwards is rebuilt when its gates or a layer's scale change in place."""
+    base = tiny_llama()
+    adapters = [le.init_adapter(base, n, ["q_proj", "v_proj"], seed=i) for i, n in enumerate("ab")]
+    for ad in adapters:
+        for m in ad.modules.values():
+            m.B.normal_()
+    model = le.attach(copy.deepcopy(base), adapters)
+    x, idx = torch.randint(0, 64, (2, 6)), torch.tensor([[0], [1]])
+
+    def fresh(gates):
+        with le.routing(model, idx, gates):
+            return model(x).logits
+
+    gates = torch.ones(2, 1)
+    with torch.no_grad(), le.routing(model, idx, gates):
+        first = model(x).logits
+        gates.mul_(0.5)
+        halved = model(x).logits
+        torch.testing.assert_close(halved, fresh(torch.full((2, 1), 0.5)), atol=0, rtol=0)
+        assert not torch.equal(halved, first)
+        for layer in model.modules():
+            if isinstance(layer, le.lora_layer.LoraLayer):
+                layer.lora_scale.mul_(3.0)
+        tripled = model(x).logits
+        torch.testing.assert_close(tripled, fresh(torch.full((2, 1), 0.5)), atol=0, rtol=0)
+        assert not torch.equal(tripled, halved)
 
 
 def test_explicit_per_row_and_per_token_routings_equal_the_inferred_ones():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import weakref
 from types import ModuleType
 
 import torch
@@ -36,9 +37,11 @@ class TokenRouting:
     """Which experts each token uses: idx [T, k] integer (-1 = none), gates [T, k] (None = ones).
 
     Build it once per forward and share it: validated once; the backend, its plan and the pairs' gates are worked out
-    on a layer's first call and reused by every later call. An idx expanded from one row (`row.expand(T, -1)`, stride 0
-    over tokens) or of one token is known in O(1) to route every token alike: the torch backend then plans no sort.
-    idx must not change in place afterwards; gates may (what derives from them follows gates' version counter).
+    on a layer's first call and reused by every later call, and each layer's coefficients (per scale tensor) on its
+    first call (a routing kept across forwards, as a generate's decode steps keep theirs, then computes none). An idx
+    expanded from one row (`row.expand(T, -1)`, stride 0 over tokens) or of one token is known in O(1) to route every
+    token alike: the torch backend then plans no sort. idx must not change in place afterwards; gates may (what
+    derives from them follows gates' version counter, and from a scale, its version counter).
     """
 
     def __init__(self, idx: torch.Tensor, gates: torch.Tensor | None = None):
@@ -51,6 +54,7 @@ class TokenRouting:
         self._plans: dict[tuple[str, int], object] = {}
         self._pairs: tuple | None = None  # (gates' version, masked gates [T*k], clamped idx [T*k])
         self._uniform: tuple | None = None  # (gates' version, ((expert, gate) per slot) when every token shares them)
+        self._per_scale: dict[tuple[str, int], tuple] = {}  # (kind, id(scale)) -> (weakref, versions, coefficients)
 
     @property
     def num_tokens(self) -> int:
@@ -68,8 +72,9 @@ class TokenRouting:
         return plan
 
     def coefficients(self, scale: torch.Tensor) -> torch.Tensor:
-        """coef[p] = gates[t, j] * scale[e] for valid pairs, 0 for idx == -1. Shape [T*k], at least fp32: two ops per
-        call, the masking of gates done once per routing (and again only if gates change)."""
+        """coef[p] = gates[t, j] * scale[e] for valid pairs, 0 for idx == -1. Shape [T*k], at least fp32; not to be
+        modified in place. The masking of gates is done once per routing, each scale's product once (both again only
+        if gates or that scale change): in a model a layer call's two small ops cost tens of microseconds."""
         version = _version(self.gates)
         if self._pairs is None or version is None or self._pairs[0] != version:
             dtype = torch.promote_types(self.gates.dtype, torch.float32)
@@ -77,23 +82,36 @@ class TokenRouting:
             gates = torch.where(valid, self.gates.detach().to(dtype), 0).reshape(-1)
             self._pairs = (version, gates, self.idx.clamp(min=0).reshape(-1))
         _, gates, safe_idx = self._pairs
-        if scale.dtype != gates.dtype:
-            scale = scale.to(gates.dtype)
-        return gates * scale.index_select(0, safe_idx)
+        return self._per_scale_of("tensor", scale, version, lambda: gates * (
+            scale if scale.dtype == gates.dtype else scale.to(gates.dtype)).index_select(0, safe_idx))
 
     def uniform_coefficients(self, scale: torch.Tensor) -> tuple[float, ...] | None:
         """Each slot's coefficient gates[t, j] * scale[e_j] (0.0 for e_j = -1) as Python floats when every token uses
         the same experts with the same gates (one token, or one row expanded over the tokens: stride 0), on the CPU
         (reading values back is free there; on CUDA it would wait for the device); None otherwise. Experts and gates
-        are read once per routing (again only if gates change), which every layer of the forward shares."""
+        are read once per routing, each scale once (again only if gates or that scale change)."""
         version = _version(self.gates)
         if self._uniform is None or version is None or self._uniform[0] != version:
             self._uniform = (version, self._shared_slots())
         slots = self._uniform[1]
         if slots is None:
             return None
-        values = scale.tolist()  # one call, no indexing op per slot
-        return tuple(0.0 if e < 0 else gate * values[e] for e, gate in slots)
+
+        def floats():
+            values = scale.tolist()  # one call, no indexing op per slot
+            return tuple(0.0 if e < 0 else gate * values[e] for e, gate in slots)
+        return self._per_scale_of("floats", scale, version, floats)
+
+    def _per_scale_of(self, kind: str, scale: torch.Tensor, version: int | None, compute):
+        """compute(), kept per (kind, scale tensor) while the gates (at `version`) and that scale are unchanged."""
+        key, scale_version = (kind, id(scale)), _version(scale)
+        kept = self._per_scale.get(key)
+        if kept is not None and kept[0]() is scale and kept[1] == (version, scale_version):  # never None: not kept
+            return kept[2]
+        value = compute()
+        if version is not None and scale_version is not None:
+            self._per_scale[key] = (weakref.ref(scale), (version, scale_version), value)
+        return value
 
     def _shared_slots(self) -> tuple[tuple[int, float], ...] | None:
         """((expert, gate) per slot) shared by every token, read from the first; None where uniform_coefficients has

@@ -410,10 +410,9 @@ class UniformPlan:
         T, k = self.num_tokens, len(self.experts)
         if isinstance(coef, tuple) and u.dtype == dtype:  # floats, no cast: each slot's matmul with alpha
             target = u.new_zeros(T, B.shape[1]) if out is None else out
-            slots = u.view(T, k, -1)
             for j, (e, c) in enumerate(zip(self.experts, coef)):
-                if e >= 0:  # B[e]^T: contiguous (r, out) for a rank-major B
-                    target.addmm_(slots[:, j], _as(B[e].t(), dtype), alpha=c)
+                if e >= 0:  # slot j's rows of u (one slot: u itself); B[e]^T: contiguous (r, out) for a rank-major B
+                    target.addmm_(u if k == 1 else u.view(T, k, -1)[:, j], _as(B[e].t(), dtype), alpha=c)
             return target
         if isinstance(coef, tuple):  # into a lower-precision out: scaled in u's precision, then cast
             coef = torch.tensor(coef, dtype=u.dtype, device=u.device).repeat(T)  # (T*k,)

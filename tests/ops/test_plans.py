@@ -129,6 +129,27 @@ def test_one_expert_folds_its_coefficient_into_the_matmul_and_matches_einsum(dty
             scale.mul_(0.5)  # read per call: the coefficient follows
 
 
+def test_coefficients_are_computed_once_per_scale_and_follow_in_place_changes():
+    """One product per (routing, scale tensor), against gates * scale[idx] by hand; a scale or the gates changed in
+    place, or another scale tensor with the same values, give their own."""
+    idx, gates = torch.tensor([[0, 2], [1, -1], [2, 0]]), torch.tensor([[0.5, 1.0], [2.0, 3.0], [0.25, 4.0]])
+    scale = torch.tensor([1.0, 10.0, 100.0])
+    routing = TokenRouting(idx, gates)
+
+    def by_hand():
+        return torch.tensor([g * float(scale[e]) if e >= 0 else 0.0
+                             for e, g in zip(idx.reshape(-1).tolist(), gates.reshape(-1).tolist())])
+
+    first = routing.coefficients(scale)
+    torch.testing.assert_close(first, by_hand(), atol=0, rtol=0)
+    assert routing.coefficients(scale) is first
+    assert routing.coefficients(scale.clone()) is not first  # another tensor: its own product
+    scale.mul_(2)
+    torch.testing.assert_close(routing.coefficients(scale), by_hand(), atol=0, rtol=0)
+    gates.mul_(3)
+    torch.testing.assert_close(routing.coefficients(scale), by_hand(), atol=0, rtol=0)
+
+
 def test_per_token_gates_keep_the_tensor_coefficients():
     idx = torch.tensor([[1]]).expand(4, -1)
     assert TokenRouting(idx, torch.rand(4, 1)).uniform_coefficients(torch.ones(3)) is None  # gates differ per token
