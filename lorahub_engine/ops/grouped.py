@@ -31,6 +31,7 @@ import torch
 from lorahub_engine.ops.torch_backend import same_row_for_every_token
 
 BACKENDS = ("auto", "torch", "triton")
+KEPT_PAIRS = 4096  # routings of up to this many pairs keep each scale's coefficients (a few KiB per layer)
 
 
 class TokenRouting:
@@ -73,8 +74,9 @@ class TokenRouting:
 
     def coefficients(self, scale: torch.Tensor) -> torch.Tensor:
         """coef[p] = gates[t, j] * scale[e] for valid pairs, 0 for idx == -1. Shape [T*k], at least fp32; not to be
-        modified in place. The masking of gates is done once per routing, each scale's product once (both again only
-        if gates or that scale change): in a model a layer call's two small ops cost tens of microseconds."""
+        modified in place. The masking of gates is done once per routing, and for up to KEPT_PAIRS pairs each scale's
+        product once (both again only if gates or that scale change): in a model, a layer call's two small ops cost
+        tens of microseconds, which matter at decoding sizes only."""
         version = _version(self.gates)
         if self._pairs is None or version is None or self._pairs[0] != version:
             dtype = torch.promote_types(self.gates.dtype, torch.float32)
@@ -82,8 +84,10 @@ class TokenRouting:
             gates = torch.where(valid, self.gates.detach().to(dtype), 0).reshape(-1)
             self._pairs = (version, gates, self.idx.clamp(min=0).reshape(-1))
         _, gates, safe_idx = self._pairs
-        return self._per_scale_of("tensor", scale, version, lambda: gates * (
-            scale if scale.dtype == gates.dtype else scale.to(gates.dtype)).index_select(0, safe_idx))
+
+        def product():
+            return gates * (scale if scale.dtype == gates.dtype else scale.to(gates.dtype)).index_select(0, safe_idx)
+        return product() if safe_idx.shape[0] > KEPT_PAIRS else self._per_scale_of("tensor", scale, version, product)
 
     def uniform_coefficients(self, scale: torch.Tensor) -> tuple[float, ...] | None:
         """Each slot's coefficient gates[t, j] * scale[e_j] (0.0 for e_j = -1) as Python floats when every token uses

@@ -4,7 +4,7 @@ device sort, and the op's no-grad path, each against the einsum reference (forwa
 import pytest
 import torch
 
-from lorahub_engine.ops import grouped_lora, native, torch_backend
+from lorahub_engine.ops import grouped, grouped_lora, native, torch_backend
 from lorahub_engine.ops.grouped import TokenRouting, grouped_lora_routed
 from tests.ops.reference import grouped_lora_reference
 from tests.ops.test_grouped_torch import (  # noqa: F401 (walk: a fixture)
@@ -129,9 +129,9 @@ def test_one_expert_folds_its_coefficient_into_the_matmul_and_matches_einsum(dty
             scale.mul_(0.5)  # read per call: the coefficient follows
 
 
-def test_coefficients_are_computed_once_per_scale_and_follow_in_place_changes():
+def test_coefficients_are_computed_once_per_scale_and_follow_in_place_changes(monkeypatch):
     """One product per (routing, scale tensor), against gates * scale[idx] by hand; a scale or the gates changed in
-    place, or another scale tensor with the same values, give their own."""
+    place, or another scale tensor with the same values, give their own; above KEPT_PAIRS pairs none is kept."""
     idx, gates = torch.tensor([[0, 2], [1, -1], [2, 0]]), torch.tensor([[0.5, 1.0], [2.0, 3.0], [0.25, 4.0]])
     scale = torch.tensor([1.0, 10.0, 100.0])
     routing = TokenRouting(idx, gates)
@@ -148,6 +148,8 @@ def test_coefficients_are_computed_once_per_scale_and_follow_in_place_changes():
     torch.testing.assert_close(routing.coefficients(scale), by_hand(), atol=0, rtol=0)
     gates.mul_(3)
     torch.testing.assert_close(routing.coefficients(scale), by_hand(), atol=0, rtol=0)
+    monkeypatch.setattr(grouped, "KEPT_PAIRS", 5)  # 6 pairs
+    assert routing.coefficients(scale) is not routing.coefficients(scale)
 
 
 def test_per_token_gates_keep_the_tensor_coefficients():
