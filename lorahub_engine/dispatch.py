@@ -123,9 +123,10 @@ class RowRouting:
     mode "mixture" sums the k experts' outputs; "fusion" first merges each row's k experts into one by the LoraHub
     factor rule (gates as weights), then applies that single expert. Equal rows share one merged expert (a LoraHub
     population repeats each candidate over its examples: merged once per candidate and layer, not per row).
-    A mixture keeps the TokenRouting of its last few batch shapes across forwards (a generate's prefill and decode
-    steps), so each decode step reuses the plan and every layer's coefficients of the step before; a change of idx or
-    gates in place, trainable gates or fusion (new merged experts at every call) build them per forward.
+    A mixture keeps the TokenRouting of its last KEPT_SHAPES batch shapes across forwards (a generate's prefill and
+    decode steps), so each decode step reuses the plan and every layer's coefficients of the step before; an in-place
+    change of idx or gates rebuilds it; trainable gates and fusion (new merged experts at every call) build one per
+    forward.
     """
 
     def __init__(self, idx: torch.Tensor, gates: torch.Tensor, mode: str = "mixture"):

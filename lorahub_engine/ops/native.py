@@ -6,8 +6,9 @@ Without a C++ compiler, or with `LORAHUB_ENGINE_NATIVE=0`, `library()` is None a
 The kernels take fp32 or fp64 contiguous CPU tensors; a call large enough to split runs on up to
 `torch.get_num_threads()` threads of OpenMP's team (ctypes releases the GIL), each owning disjoint output rows or
 columns, so results do not depend on the thread count. Built with `-fopenmp`, the library needs `libgomp.so.1`,
-which torch's Linux wheels have loaded already: the kernels then fork onto the very threads torch's ops use (a wake-up
-of a few microseconds). A compiler without OpenMP builds a one-thread library.
+which torch's Linux wheels have loaded already: the kernels then fork onto the very threads torch's ops use (about
+half a microsecond per fork here; where torch brings another OpenMP runtime, the kernels get a team of their own). A
+compiler without OpenMP builds a one-thread library.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def shrink(x: torch.Tensor, A: torch.Tensor, expert: torch.Tensor, token: torch.
     """u[pair[i]] = A[expert[i]] @ x[token[i]] for every sorted row i. x [T, n], A [E, r, n], u [T*k, r]."""
     x, A = x.contiguous(), A.contiguous()
     fn = _kernel("shrink", x.dtype)
-    n, r, P = x.shape[1], A.shape[1], len(expert)
+    n, r, P = x.shape[1], A.shape[1], expert.shape[0]
     fn(x.data_ptr(), n, A.data_ptr(), r, expert.data_ptr(), token.data_ptr(), pair.data_ptr(), P,
        _threads(P, P * n * r), u.data_ptr())
 
@@ -89,7 +90,7 @@ def expand(u: torch.Tensor, coef: torch.Tensor, Bt: torch.Tensor, expert: torch.
     if Bt.stride(2) != 1 and Bt.stride(1) != 1:
         Bt = Bt.contiguous()
     fn = _kernel("expand", out.dtype)
-    (T, m), r, P = out.shape, u.shape[1], len(expert)
+    (T, m), r, P = out.shape, u.shape[1], expert.shape[0]
     fn(u.data_ptr(), coef.data_ptr(), Bt.data_ptr(), r, m, *Bt.stride(), expert.data_ptr(), token.data_ptr(),
        pair.data_ptr(), P, T, tile, _threads(m // 64, P * m * r), int(accumulate), out.data_ptr())
 
