@@ -15,8 +15,9 @@ down of layers 14-29 of 30).
   lengths_*         the examples in groups of equal length, padding trimmed (by_length=True only)
   prompt_*          the opening tokens all examples share run once per candidate, a KV cache (share_prompt=True only)
   prefix_*          the layers below the lowest adapted one run once, their output reused (reuse_prefix=True only)
-  fast_*            all three
-  default_*         FewShotObjective's defaults, what lorahub_search runs (share_prompt and reuse_prefix on,
+  packed_*          each candidate's examples laid end to end in one sequence, no padding (pack=True only)
+  fast_*            all four
+  default_*         FewShotObjective's defaults, what lorahub_search runs (share_prompt, reuse_prefix and pack on,
                     by_length off: on one CPU thread its extra forwards cost more than the padding they save)
   *_one_by_one / *_population_8 / *_population_all: 1, 8 or all candidates per batched forward
   default_setup     building the default FewShotObjective (its checks and the prefix capture), once per search
@@ -44,15 +45,15 @@ from lorahub_engine.fewshot import example_losses
 from lorahub_engine.search import FewShotObjective, encode_pairs, random_modules
 
 TASK, MODULES, SEED, SEARCH = "navigate", 20, 0, 40  # SEARCH: LoraHub's budget, candidates of one search
-NONE = dict(by_length=False, share_prompt=False, reuse_prefix=False)
+NONE = dict(by_length=False, share_prompt=False, reuse_prefix=False, pack=False)
 LEVERS = {"padded": NONE, "lengths": {**NONE, "by_length": True}, "prompt": {**NONE, "share_prompt": True},
-          "prefix": {**NONE, "reuse_prefix": True},
-          "fast": dict(by_length=True, share_prompt=True, reuse_prefix=True),
+          "prefix": {**NONE, "reuse_prefix": True}, "packed": {**NONE, "pack": True},
+          "fast": dict(by_length=True, share_prompt=True, reuse_prefix=True, pack=True),
           "default": {}}  # FewShotObjective's defaults: what lorahub_search uses
 WAYS = {  # base -> (lever, population) per way; population None = all candidates in one forward
     "tiny": [(lever, p) for lever in LEVERS for p in (1, 8, None)],
-    "smollm2": [("padded", 1), ("padded", 8), ("lengths", 1), ("prompt", 1), ("prefix", 1), ("fast", 1), ("fast", 8),
-                ("default", 1), ("default", 8)],
+    "smollm2": [("padded", 1), ("padded", 8), ("lengths", 1), ("prompt", 1), ("prefix", 1), ("packed", 1),
+                ("fast", 1), ("fast", 8), ("default", 1), ("default", 8)],
 }
 
 

@@ -7,11 +7,10 @@
 
 Candidate p's weights become the "fusion" gates of its rows: every LoRA layer mixes the N adapters' factors by
 LoraHub's rule (A = sum_i w_i sqrt(s_i) A_i, B likewise, see le.merge(method="lorahub")) and applies the result
-through the grouped op; mode="mixture" applies each adapter's delta with its weight (sum_i w_i dW_i). The examples
-run in groups of equal length; P candidates x the n_g examples of a group are one batch of P*n_g rows
-(candidate-major), so a population costs one forward per group (or ceil(P*n_g / batch_size)), plus one of the shared
-opening tokens, never a merge of state dicts. Index legend: P candidates, N adapters, n examples, n_g examples of one
-group.
+through the grouped op; mode="mixture" applies each adapter's delta with its weight (sum_i w_i dW_i). P candidates x
+the n_g examples of a group are one batch of P*n_g rows (candidate-major; packed, P sequences of n_g examples each),
+so a population costs one forward per group (or ceil(P*n_g / batch_size)), plus one of the shared opening tokens,
+never a merge of state dicts. Index legend: P candidates, N adapters, n examples, n_g examples of one group.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import torch
 from lorahub_engine.attach import attached_names, routing
 from lorahub_engine.fewshot import Batch, encode_examples, example_losses
 from lorahub_engine.search.groups import Group, length_groups, take, trim, whole_batch
+from lorahub_engine.search.packing import Packing, packed
 from lorahub_engine.search.prefix import FrozenPrefix, frozen_layers
 from lorahub_engine.search.prompt import SharedPrompt
 
@@ -34,20 +34,22 @@ class FewShotObjective:
     row_losses(model, batch) -> [rows] is what each example scores (default: its mean answer-token CE; the
     unsupervised fit passes the entropy of the first answer token instead).
 
-    Three savings, each exact (the same losses within float rounding; tests/search/test_speed_levers.py, and
-    benchmarks/bench_search.py against merge-and-rerun on SmolLM2): share_prompt (on by default) runs the tokens
-    every example opens with once per candidate and lets each example read them from a KV cache (prompt.py);
-    reuse_prefix (on by default) runs the decoder layers below the lowest adapted one once, at construction, and
-    reuses their output for every candidate (prefix.py); by_length (off by default: on one CPU thread its extra,
-    smaller forwards cost SmolLM2 more than the padding they save, see benchmarks/RESULTS.md) runs the examples in
-    groups of equal length, padding trimmed (groups.py). share_prompt and reuse_prefix are checked on the examples
-    at construction against the full forward and left off where they disagree. All three off is the padded full
-    forward, LoraHub's computation. The model's layers below the adapters must not change while the objective is in
+    Four savings, each exact (the same losses within float rounding; tests/search/test_speed_levers.py,
+    test_packing.py, and benchmarks/bench_search.py against merge-and-rerun on SmolLM2): share_prompt (on by default)
+    runs the tokens every example opens with once per candidate and lets each example read them from a KV cache
+    (prompt.py); reuse_prefix (on by default) runs the decoder layers below the lowest adapted one once, at
+    construction, and reuses their output for every candidate (prefix.py); pack (on by default) lays each
+    candidate's examples end to end in one sequence, so no forward computes padding (packing.py); by_length (off by
+    default: on one CPU thread its extra, smaller forwards cost SmolLM2 more than the padding they save, see
+    benchmarks/RESULTS.md) runs the examples in groups of equal length, padding trimmed (groups.py). share_prompt
+    and pack are checked at construction on the shortest and the longest example, reuse_prefix on every example,
+    against the full forward, and left off where they disagree. All off is the padded full forward, LoraHub's
+    computation. The model's layers below the adapters must not change while the objective is in
     use."""
 
     def __init__(self, model, batch: Batch, batch_size: int | None = None, mode: str = "fusion",
                  row_losses=example_losses, *, by_length: bool = False, share_prompt: bool = True,
-                 reuse_prefix: bool = True):
+                 reuse_prefix: bool = True, pack: bool = True):
         self.model = model
         self.mode = mode  # "fusion": LoraHub's factor mix; "mixture": sum_i w_i dW_i
         self.row_losses = row_losses
@@ -57,10 +59,10 @@ class FewShotObjective:
         self.batch_size = batch_size
         self.by_length = by_length
         self.prompt = SharedPrompt.find(model, batch) if share_prompt else None
+        self.pack = pack and not batch.is_seq2seq  # each candidate's rows run end to end in one sequence
+        if self.prompt is not None or self.pack:
+            self._keep_what_agrees()
         self.groups = self._grouped()
-        if self.prompt is not None and not self._prompt_agrees():
-            self.prompt = None
-            self.groups = self._grouped()
         self.prefix = self._checked_prefix() if reuse_prefix else None
 
     @property
@@ -88,23 +90,24 @@ class FewShotObjective:
             weights = torch.as_tensor(weights, dtype=torch.float32, device=self.device)
             return self._example_losses(weights, self.prefix.reuse if self.prefix is not None else _no_reuse)
 
-    def _example_losses(self, weights: torch.Tensor, layers) -> torch.Tensor:
-        """[P, n] losses; layers(group, rows) is the context each forward of a group's example rows runs in."""
+    def _example_losses(self, weights: torch.Tensor, layers, groups: list[Group] | None = None) -> torch.Tensor:
+        """[P, n] losses of the examples of `groups` (default: all); layers(group, rows, packing) is the context each
+        forward of a group's example rows runs in."""
         if weights.dim() != 2 or weights.shape[1] != self.num_adapters:
             raise ValueError(f"weights must be [candidates, {self.num_adapters}], got {tuple(weights.shape)}")
-        P, n = weights.shape[0], self.num_examples
+        groups = self.groups if groups is None else groups
+        P, n = weights.shape[0], sum(len(group.examples) for group in groups)
         cache = self._prompt_cache(weights)
         losses, places = [], []
-        for g in range(len(self.groups)):
-            group_losses, group_places = self._group_losses(weights, g, layers, cache)
+        for g, group in enumerate(groups):
+            group_losses, group_places = self._group_losses(weights, g, group, n, layers, cache)
             losses += group_losses
             places += group_places
         order = torch.argsort(torch.cat(places)).to(self.device)
         return torch.cat(losses)[order].view(P, n)
 
-    def _group_losses(self, weights: torch.Tensor, g: int, layers, cache) -> tuple[list, list]:
+    def _group_losses(self, weights: torch.Tensor, g: int, group: Group, n: int, layers, cache) -> tuple[list, list]:
         """Group g's losses per forward, and where each goes in the [P * n] result (candidate * n + example)."""
-        group, n = self.groups[g], self.num_examples
         n_g = len(group.examples)
         rows = weights.shape[0] * n_g  # candidate-major: row j is the group's example j % n_g under candidate j // n_g
         size = self.batch_size or rows
@@ -112,14 +115,25 @@ class FewShotObjective:
         for start in range(0, rows, size):
             row = torch.arange(start, min(start + size, rows))
             candidate, example = row // n_g, row % n_g
-            after_prompt = self.prompt.attached(cache, candidate) if cache is not None else contextlib.nullcontext()
-            with layers(g, example), after_prompt:
-                losses.append(self._losses(weights, candidate, take(group.batch, example)))
+            batch = take(group.batch, example).to(self.device)
+            packing = Packing(batch.attention_mask, candidate) if self.pack else None
+            with layers(g, example, packing), self._reading(cache, candidate, packing):
+                losses.append(self._losses(weights, candidate if packing is None else packing.sequences, batch))
             places.append(candidate * n + group.examples[example])
         return losses, places
 
+    def _reading(self, cache, candidate: torch.Tensor, packing: Packing | None):
+        """The context of one forward of example rows (row j under candidate candidate[j]): after the shared
+        prompt's cache, packed, both or neither."""
+        if packing is not None:
+            if cache is None:
+                return packed(self.model, packing)
+            return packed(self.model, packing, self.prompt.selected(cache, packing.sequences), len(self.prompt.ids),
+                          self.prompt.cache_argument)
+        return self.prompt.attached(cache, candidate) if cache is not None else contextlib.nullcontext()
+
     def _losses(self, weights: torch.Tensor, candidate: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Per-row losses of `batch`, whose row j is scored under candidate candidate[j]."""
+        """Per-row losses of `batch`, whose row j (packed: sequence j) is scored under candidate candidate[j]."""
         with self._routed(weights, candidate):
             return self.row_losses(self.model, batch.to(self.device))
 
@@ -136,8 +150,11 @@ class FewShotObjective:
         return weighted(self.model, weights if weights.shape[0] == 1 else weights[candidate.to(self.device)],
                         self.mode)
 
-    def _grouped(self) -> list[Group]:
+    def _grouped(self, examples: torch.Tensor | None = None) -> list[Group]:
+        """The forwards' groups of all examples, or of `examples` only (then numbered 0.. in their order)."""
         rows = self.prompt.suffix if self.prompt is not None else self.batch
+        if examples is not None:
+            rows = trim(take(rows, examples))
         return length_groups(rows) if self.by_length else whole_batch(rows)
 
     def _check_weights(self) -> torch.Tensor:
@@ -146,19 +163,29 @@ class FewShotObjective:
         ramp = torch.linspace(-1.0, 1.0, self.num_adapters, device=self.device)
         return torch.stack([ramp, ramp.flip(0) * 0.5])
 
+    def _check_examples(self) -> torch.Tensor:
+        """The shortest and the longest example (one if all are alike): padding and a row boundary both show."""
+        lengths = self.batch.attention_mask.sum(-1)
+        return torch.unique(torch.stack([lengths.argmin(), lengths.argmax()]))
+
     @torch.no_grad()
-    def _prompt_agrees(self) -> bool:
-        """Whether the shared-prompt path gives the full forward's losses on the smallest group of examples, under
-        two candidates."""
-        g = min(range(len(self.groups)), key=lambda i: self.groups[i].batch.input_ids.numel())
-        check, examples = self._check_weights(), self.groups[g].examples
-        whole = trim(take(self.batch, examples))
-        full = torch.cat([self._losses(w[None], torch.zeros(len(examples), dtype=torch.long), whole) for w in check])
-        try:
-            shared = torch.cat(self._group_losses(check, g, _no_reuse, self._prompt_cache(check))[0])
-        except Exception:  # a model whose forward does not take the cache this way: no sharing
-            return False
-        return torch.allclose(shared, full, rtol=0.0, atol=TOLERANCE)
+    def _keep_what_agrees(self) -> None:
+        """Keep the shared prompt and packing if they give the full forward's losses on the check examples under two
+        candidates (one batched forward each way); else the one of them that does; else neither."""
+        check, examples = self._check_weights(), self._check_examples()
+        whole = trim(take(self.batch, examples.repeat(len(check))))  # candidate-major rows
+        candidate = torch.arange(len(check)).repeat_interleave(len(examples))
+        full = self._losses(check, candidate, whole).view(len(check), len(examples))
+        options = dict.fromkeys([(self.prompt, self.pack), (self.prompt, False), (None, self.pack)])
+        for prompt, pack in [option for option in options if option != (None, False)]:
+            self.prompt, self.pack = prompt, pack
+            try:
+                if torch.allclose(self._example_losses(check, _no_reuse, self._grouped(examples)), full, rtol=0.0,
+                                  atol=TOLERANCE):
+                    return
+            except Exception:  # a model whose forward does not take the cache or the 4D mask this way
+                pass
+        self.prompt, self.pack = None, False
 
     @torch.no_grad()
     def _checked_prefix(self) -> FrozenPrefix | None:
@@ -185,7 +212,7 @@ TOLERANCE = 1e-4
 
 
 @contextlib.contextmanager
-def _no_reuse(group: int, rows: torch.Tensor):
+def _no_reuse(group: int, rows: torch.Tensor, packing: Packing | None):
     yield
 
 

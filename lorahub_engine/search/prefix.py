@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lorahub_engine.lora_layer import LoraLayer
+from lorahub_engine.search.packing import Packing
 
 
 def frozen_layers(model: nn.Module) -> list[nn.Module]:
@@ -64,11 +65,13 @@ class FrozenPrefix:
         self.supported = True  # False once a captured output carried more than hidden states (a cache, attentions)
 
     @contextlib.contextmanager
-    def capture(self, group: int, rows: torch.Tensor):
+    def capture(self, group: int, rows: torch.Tensor, packing: Packing | None = None):
         """Within the block, one ordinary forward of group `group`'s example rows `rows` [n] (local indices) stores
-        the last frozen layer's output for each row."""
+        the last frozen layer's output for each row (run packed: unpacked to the rows first)."""
         def hook(module, args, output):
-            hidden = output if torch.is_tensor(output) else output[0]  # [n, l, d]
+            hidden = output if torch.is_tensor(output) else output[0]  # [n, l, d] (packed: [G, L, d])
+            if packing is not None:
+                hidden = packing.unpack(hidden)
             if not torch.is_tensor(output):
                 self.supported &= all(item is None for item in output[1:])
                 self.rest = tuple(output[1:])
@@ -82,11 +85,14 @@ class FrozenPrefix:
             handle.remove()
 
     @contextlib.contextmanager
-    def reuse(self, group: int, rows: torch.Tensor):
+    def reuse(self, group: int, rows: torch.Tensor, packing: Packing | None = None):
         """Within the block, the frozen layers return the stored output of group `group`'s example rows `rows`
-        [batch rows] (each batch row is that example under some candidate) and compute nothing."""
+        [batch rows] (each batch row is that example under some candidate; packed when the forward is) and compute
+        nothing."""
         stored = self.stored[group]
         hidden = torch.stack([stored[row] for row in rows.tolist()])  # [rows, l, d]
+        if packing is not None:
+            hidden = packing.pack(hidden)  # [G, L, d]
         output = hidden if self.rest is None else (hidden, *self.rest)
         saved = [layer.__dict__.get("forward") for layer in self.layers]  # an instance forward (accelerate) or None
 

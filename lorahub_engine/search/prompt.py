@@ -78,11 +78,16 @@ class SharedPrompt:
                          position_ids=torch.arange(p, device=self.device).expand(rows, p), **self.keep_one)
         return out["cache"] if "cache" in out else out["past_key_values"]
 
+    def selected(self, cache, rows: torch.Tensor):
+        """The cache's rows `rows` (row j: cache row rows[j]); the cache itself is left as it was."""
+        selected = _fork(cache)
+        selected.batch_select_indices(rows.to(self.device))
+        return selected
+
     @contextlib.contextmanager
     def attached(self, cache, rows: torch.Tensor):
         """Within the block, each model forward reads after the prompt: batch row j continues cache row rows[j]."""
-        selected = _fork(cache)
-        selected.batch_select_indices(rows.to(self.device))
+        selected = self.selected(cache, rows)
         p = len(self.ids)
 
         def hook(module, args, kwargs):

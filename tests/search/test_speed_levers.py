@@ -1,7 +1,7 @@
 """The objective's savings change no loss: examples grouped by length (padding trimmed), the shared opening tokens run
-once per candidate (a KV cache), and the layers below the lowest adapted one run once (their output reused) give,
-each alone and together, the padded full forward's losses and the merge-and-rerun reference's, on tiny Llama / Qwen2
-/ GPT-2 / T5, adapters on all layers or on upper ones."""
+once per candidate (a KV cache), the layers below the lowest adapted one run once (their output reused), and each
+candidate's rows packed end to end (no padding) give, each alone and together, the padded full forward's losses and
+the merge-and-rerun reference's, on tiny Llama / Qwen2 / GPT-2 / T5, adapters on all layers or on upper ones."""
 
 import contextlib
 import copy
@@ -29,10 +29,11 @@ EXAMPLES = [(f"{OPENING} {x}", y) for x, y in [
     ("plural of pig answer", "pigs")]]
 SHARED = 1 + 9 + 2  # <s>, the opening, "plural of"
 WEIGHTS = torch.tensor([[0.8, -0.4, 1.2], [-1.5, 0.3, 0.0], [0.0, 0.0, 0.0], [0.2, 1.1, -0.7]])
-NONE = dict(by_length=False, share_prompt=False, reuse_prefix=False)
+NONE = dict(by_length=False, share_prompt=False, reuse_prefix=False, pack=False)
 LEVERS = {"lengths": {**NONE, "by_length": True}, "prompt": {**NONE, "share_prompt": True},
-          "prefix": {**NONE, "reuse_prefix": True},
-          "all": dict(by_length=True, share_prompt=True, reuse_prefix=True)}
+          "prefix": {**NONE, "reuse_prefix": True}, "packed": {**NONE, "pack": True},
+          "default": {},  # FewShotObjective's own: prompt, prefix, packed
+          "all": dict(by_length=True, share_prompt=True, reuse_prefix=True, pack=True)}
 
 
 def three_layers(config_cls, model_cls, tokenizer, **sizes):
@@ -107,12 +108,13 @@ def test_each_lever_gives_the_full_forwards_and_the_merged_references_losses(cas
 
 
 def test_savings_apply_where_they_can(case, tokenizer):
-    """Causal models share the 12 opening tokens; the prefix is exactly the layers below the adapters."""
+    """Causal models share the 12 opening tokens and run packed; the prefix is exactly the layers below the adapters."""
     name, where, base, adapters = case
     causal = MODELS[name][2] is not None
     fast = objective(base, adapters, tokenizer)
     assert fast.reused_layers == (2 if where == "upper" and causal else 0)
     assert fast.shared_tokens == (SHARED if causal else 0)
+    assert fast.pack == causal
     assert len(fast.groups) == (3 if causal else 4)
 
 
@@ -158,8 +160,8 @@ def test_a_cached_path_that_disagrees_with_the_full_forward_is_not_used(tokenize
     expected = merged_losses(base, tokenizer, adapters, WEIGHTS)
     capture = FrozenPrefix.capture
 
-    def off_by_a_little(self, group, rows):
-        with capture(self, group, rows):
+    def off_by_a_little(self, group, rows, packing=None):
+        with capture(self, group, rows, packing):
             yield
         for stored in self.stored.values():
             for h in stored.values():
@@ -172,7 +174,7 @@ def test_a_cached_path_that_disagrees_with_the_full_forward_is_not_used(tokenize
     monkeypatch.setattr(FrozenPrefix, "capture", capture)
 
     @contextlib.contextmanager
-    def refused(self, group, rows):
+    def refused(self, group, rows, packing=None):
         raise TypeError("this model's loop wants something else")
         yield
 
@@ -240,7 +242,7 @@ def test_a_shared_prompt_that_disagrees_with_the_full_forward_is_not_used(tokeni
 
     for planted in (shifted, contextlib.contextmanager(lambda self, cache, rows: (yield self.model.no_such_thing))):
         monkeypatch.setattr(SharedPrompt, "attached", planted)
-        fast = objective(base, adapters, tokenizer)
+        fast = objective(base, adapters, tokenizer, pack=False)  # the shared prompt's own path (packed: see below)
         assert fast.shared_tokens == 0 and len(fast.groups) == 3
         torch.testing.assert_close(fast.example_losses(WEIGHTS), expected, atol=1e-5, rtol=0)
 
@@ -282,8 +284,8 @@ def test_objectives_sharing_one_model_leave_each_other_exact(tokenizer):
         model = le.attach(copy.deepcopy(base), adapters)
         before = _model_state(model)
         batch = encode_pairs(model, tokenizer, EXAMPLES)
-        combos = [dict(by_length=a, share_prompt=b, reuse_prefix=c) for a in (False, True) for b in (False, True)
-                  for c in (False, True)]
+        combos = [dict(by_length=a, share_prompt=b, reuse_prefix=c, pack=d) for a in (False, True)
+                  for b in (False, True) for c in (False, True) for d in (False, True)]
         objectives = [FewShotObjective(model, batch, **levers) for levers in combos]
         for _ in range(2):
             for o in objectives + objectives[::-1]:
@@ -293,9 +295,9 @@ def test_objectives_sharing_one_model_leave_each_other_exact(tokenizer):
                 assert _model_state(model) == before
 
 
-def test_defaults_share_the_prompt_and_reuse_the_prefix_but_keep_the_padded_batch(tokenizer):
+def test_defaults_share_the_prompt_reuse_the_prefix_and_pack_one_batch(tokenizer):
     factory, targets, _ = MODELS["llama"]
     base = factory(tokenizer)
     model = le.attach(copy.deepcopy(base), upper_only(mixed_adapters(base, targets), 2))
     default = FewShotObjective(model, encode_pairs(model, tokenizer, EXAMPLES))
-    assert default.shared_tokens == SHARED and default.reused_layers == 2 and len(default.groups) == 1
+    assert default.shared_tokens == SHARED and default.reused_layers == 2 and default.pack and len(default.groups) == 1
