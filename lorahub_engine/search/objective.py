@@ -36,8 +36,8 @@ class FewShotObjective:
 
     Four savings, each exact (the same losses within float rounding; tests/search/test_speed_levers.py,
     test_packing.py, and benchmarks/bench_search.py against merge-and-rerun on SmolLM2): share_prompt (on by default)
-    runs the tokens every example opens with once per candidate and lets each example read them from a KV cache
-    (prompt.py); reuse_prefix (on by default) runs the decoder layers below the lowest adapted one once, at
+    runs the tokens every example opens with once per candidate (prompt.py: a KV cache each example reads; packed,
+    the head of each candidate's sequence); reuse_prefix (on by default) runs the decoder layers below the lowest adapted one once, at
     construction, and reuses their output for every candidate (prefix.py); pack (on by default) lays each
     candidate's examples end to end in one sequence, so no forward computes padding (packing.py); by_length (off by
     default: on one CPU thread its extra, smaller forwards cost SmolLM2 more than the padding they save, see
@@ -97,7 +97,7 @@ class FewShotObjective:
             raise ValueError(f"weights must be [candidates, {self.num_adapters}], got {tuple(weights.shape)}")
         groups = self.groups if groups is None else groups
         P, n = weights.shape[0], sum(len(group.examples) for group in groups)
-        cache = self._prompt_cache(weights)
+        cache = self._prompt_cache(weights) if not self.pack else None  # packed: the prompt opens each sequence
         losses, places = [], []
         for g, group in enumerate(groups):
             group_losses, group_places = self._group_losses(weights, g, group, n, layers, cache)
@@ -116,20 +116,17 @@ class FewShotObjective:
             row = torch.arange(start, min(start + size, rows))
             candidate, example = row // n_g, row % n_g
             batch = take(group.batch, example).to(self.device)
-            packing = Packing(batch.attention_mask, candidate) if self.pack else None
+            packing = Packing(batch.attention_mask, candidate, self.shared_tokens) if self.pack else None
             with layers(g, example, packing), self._reading(cache, candidate, packing):
                 losses.append(self._losses(weights, candidate if packing is None else packing.sequences, batch))
             places.append(candidate * n + group.examples[example])
         return losses, places
 
     def _reading(self, cache, candidate: torch.Tensor, packing: Packing | None):
-        """The context of one forward of example rows (row j under candidate candidate[j]): after the shared
-        prompt's cache, packed, both or neither."""
+        """The context of one forward of example rows (row j under candidate candidate[j]): packed (each sequence
+        opening with the shared prompt, if any), after the shared prompt's cache, or plain."""
         if packing is not None:
-            if cache is None:
-                return packed(self.model, packing)
-            return packed(self.model, packing, self.prompt.selected(cache, packing.sequences), len(self.prompt.ids),
-                          self.prompt.cache_argument)
+            return packed(self.model, packing, self.prompt.ids if self.prompt is not None else None)
         return self.prompt.attached(cache, candidate) if cache is not None else contextlib.nullcontext()
 
     def _losses(self, weights: torch.Tensor, candidate: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -5,8 +5,9 @@ layer computes the same hidden states under every candidate. `FrozenPrefix` stor
 for every example (captured on one ordinary forward) and, inside `reuse(group, rows)`, makes those layers return the
 stored output instead of computing: the model's own forward still runs (embeddings, masks, positions, the upper
 layers, the head), only the frozen layers' work is skipped. The SmolLM2 zoo adapts layers 14-29 of 30: about half of
-each candidate's forward. With a shared prompt (prompt.py) the prompt's own forward still runs every layer (the KV
-cache needs each layer's keys and values); the examples' forwards skip the frozen ones.
+each candidate's forward. With a shared prompt run as a KV cache (prompt.py) the prompt's own forward still runs
+every layer (the cache needs each layer's keys and values); run packed (packing.py), the prompt is the head of each
+sequence and its frozen layers' output is stored and reused like the examples'.
 
 Decoder-only transformers models whose blocks are one nn.ModuleList of `config.num_hidden_layers` (Llama, Qwen2,
 Mistral, GPT-2, ...); seq2seq models and any LoRA layer outside that list keep the full forward. `frozen_layers`
@@ -61,6 +62,7 @@ class FrozenPrefix:
     def __init__(self, layers: list[nn.Module]):
         self.layers = layers  # bottom first; the last one's output is what the layer above reads
         self.stored: dict[int, dict[int, torch.Tensor]] = {}  # group -> example row -> [l, d]
+        self.head: torch.Tensor | None = None  # run packed: the shared prompt's output [p, d], opening each sequence
         self.rest: tuple | None = None  # the layer output's other items when it is a tuple (all None); None: a tensor
         self.supported = True  # False once a captured output carried more than hidden states (a cache, attentions)
 
@@ -71,6 +73,7 @@ class FrozenPrefix:
         def hook(module, args, output):
             hidden = output if torch.is_tensor(output) else output[0]  # [n, l, d] (packed: [G, L, d])
             if packing is not None:
+                self.head = hidden[0, :packing.head].detach()  # [p, d]: the shared prompt's, alike in every sequence
                 hidden = packing.unpack(hidden)
             if not torch.is_tensor(output):
                 self.supported &= all(item is None for item in output[1:])
@@ -92,7 +95,7 @@ class FrozenPrefix:
         stored = self.stored[group]
         hidden = torch.stack([stored[row] for row in rows.tolist()])  # [rows, l, d]
         if packing is not None:
-            hidden = packing.pack(hidden)  # [G, L, d]
+            hidden = packing.pack(hidden, self.head)  # [G, L, d]
         output = hidden if self.rest is None else (hidden, *self.rest)
         saved = [layer.__dict__.get("forward") for layer in self.layers]  # an instance forward (accelerate) or None
 

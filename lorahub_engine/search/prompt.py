@@ -4,7 +4,8 @@ Few-shot examples of one task open alike (a chat template's system turn, the tas
 shots of SmolLM2 about half of each prompt. Under one candidate those tokens have the same keys and values in every
 example (causal attention: nothing after them changes them), so `SharedPrompt` runs them once per candidate with a
 KV cache, and each example's forward reads only its own remaining tokens against that cache (a forward pre-hook gives
-the model the cache, the prompt's columns in the attention mask and the positions after it).
+the model the cache, the prompt's columns in the attention mask and the positions after it). When the objective
+packs its rows (packing.py), the prompt instead opens each candidate's packed sequence, in the same forward.
 
 Causal models whose forward takes a KV cache (transformers `Cache` with `batch_select_indices`); the objective checks
 the shared path against the full forward on the examples before using it. Index legend: p shared tokens, s the rest
@@ -78,16 +79,11 @@ class SharedPrompt:
                          position_ids=torch.arange(p, device=self.device).expand(rows, p), **self.keep_one)
         return out["cache"] if "cache" in out else out["past_key_values"]
 
-    def selected(self, cache, rows: torch.Tensor):
-        """The cache's rows `rows` (row j: cache row rows[j]); the cache itself is left as it was."""
-        selected = _fork(cache)
-        selected.batch_select_indices(rows.to(self.device))
-        return selected
-
     @contextlib.contextmanager
     def attached(self, cache, rows: torch.Tensor):
         """Within the block, each model forward reads after the prompt: batch row j continues cache row rows[j]."""
-        selected = self.selected(cache, rows)
+        selected = _fork(cache)
+        selected.batch_select_indices(rows.to(self.device))
         p = len(self.ids)
 
         def hook(module, args, kwargs):

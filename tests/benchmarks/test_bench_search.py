@@ -12,7 +12,7 @@ def test_bench_search_ways_agree_and_write_json(one_thread, tmp_path):
     bench_search.main(["--candidates", "4", "--repeats", "1", "--out", str(out)])  # raises if a way disagrees
     result = json.loads(out.read_text())
     zoo = result["sets"]["zoo"]
-    ways = {f"{lever}_{p}" for lever in ("padded", "lengths", "prompt", "prefix", "fast", "default")
+    ways = {f"{lever}_{p}" for lever in ("padded", "lengths", "prompt", "prefix", "packed", "fast", "default")
             for p in ("one_by_one", "population_8", "population_all")}
     assert set(zoo["seconds_per_candidate"]) == {"merge_and_rerun", *ways}
     assert zoo["search_speedup"] > 0 and zoo["default_setup_s"] > 0

@@ -32,12 +32,27 @@ def test_a_layout_by_hand():
     places, index = packing.kept(2)  # each row's last 2 positions
     assert places.tolist() == [[0, 1, 4, 5], [1, 2, 3, 0]]  # sequence 1 keeps 3 real positions, then position 0
     assert index.tolist() == [[0, 1], [2, 3], [4, 5], [-1, 6]]  # row 3's first kept position is padding
-    allowed = packing.mask(1, torch.float32)[:, 0] == 0  # [2, 6, 1 + 6]
-    assert allowed[:, :, 0].all()  # the prompt column: every token
-    assert allowed[0, :, 1:].int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
-                                                [0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
-    assert allowed[1, :, 1:].int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
-                                                [0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 1]]
+    allowed = packing.mask(torch.float32)[:, 0] == 0  # [2, 6, 6]
+    assert allowed[0].int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
+                                         [0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert allowed[1].int().tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                                         [0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 1]]
+
+
+def test_a_layout_with_a_head_by_hand():
+    """Two head tokens (a shared prompt) open every sequence; every row sees them, and only its own tokens after."""
+    packing = Packing(MASK, SEQUENCE, head=2)
+    assert packing.length == 8
+    x = torch.arange(16).view(4, 4) + 1
+    assert packing.pack(x, torch.tensor([98, 99])).tolist() == [[98, 99, 3, 4, 5, 6, 7, 8],
+                                                                [98, 99, 10, 11, 12, 16, 0, 0]]
+    assert packing.unpack(packing.pack(x, torch.tensor([98, 99]))).tolist() == (x * MASK).tolist()
+    places, index = packing.kept(2)
+    assert places.tolist() == [[2, 3, 6, 7], [3, 4, 5, 0]] and index.tolist() == [[0, 1], [2, 3], [4, 5], [-1, 6]]
+    allowed = (packing.mask(torch.float32)[:, 0] == 0).int()
+    assert allowed[1].tolist() == [[1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0],
+                                   [1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 1, 0, 0],
+                                   [1, 1, 0, 0, 0, 0, 1, 0], [1, 1, 0, 0, 0, 0, 1, 1]]
 
 
 @torch.no_grad()
@@ -77,7 +92,7 @@ def test_the_packed_objective_computes_no_padding(tokenizer):
 
 @torch.no_grad()
 def test_packing_that_disagrees_with_the_full_forward_is_not_used(tokenizer, monkeypatch):
-    """Positions off by one, rows that see each other, or a model that refuses the 4D mask: the check at construction
+    """Positions after the prompt off by one, rows that see each other, or a model that refuses the 4D mask: the check at construction
     turns packing off (the shared prompt stays) and the losses stay the full forward's."""
     model = MODELS["llama"][0](tokenizer)
     adapters = mixed_adapters(model, MODELS["llama"][1])
@@ -85,25 +100,23 @@ def test_packing_that_disagrees_with_the_full_forward_is_not_used(tokenizer, mon
     mask = Packing.mask
 
     @contextlib.contextmanager
-    def shifted(model, *args):  # every packed token one position later
+    def shifted(model, packing, head):  # the rows' tokens one position later than after the prompt
         def hook(module, args, kwargs):
-            kwargs["position_ids"] = kwargs["position_ids"] + 1
+            kwargs["position_ids"] = kwargs["position_ids"] + (torch.arange(packing.length) >= packing.head)
             return args, kwargs
 
-        with packed(model, *args):
+        with packed(model, packing, head):
             handle = model.register_forward_pre_hook(hook, with_kwargs=True)
             try:
                 yield
             finally:
                 handle.remove()
 
-    def one_sequence(self, prompt, dtype):  # causal over the whole packed sequence: rows see the rows before them
-        full = mask(self, prompt, dtype)
+    def one_sequence(self, dtype):  # causal over the whole packed sequence: rows see the rows before them
         causal = torch.ones(self.length, self.length, dtype=torch.bool).tril()
-        full[..., prompt:] = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(dtype).min)
-        return full
+        return torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(dtype).min).expand_as(mask(self, dtype))
 
-    def refused(self, prompt, dtype):
+    def refused(self, dtype):
         raise TypeError("this model takes no 4D mask")
 
     for where, planted in ((objective_module, shifted), (Packing, one_sequence), (Packing, refused)):

@@ -128,10 +128,15 @@ def test_reused_layers_compute_nothing(tokenizer):
              for layer in fast.model.model.layers[:2] for m in layer.modules() if m is not layer and
              isinstance(m, torch.nn.Linear)]
     fast.example_losses(WEIGHTS)
-    assert lengths and set(lengths) == {SHARED}  # only the shared prompt's forward, never an example's own tokens
+    assert lengths == []  # packed, the prompt opens each sequence: the frozen layers compute neither
+    cached = FewShotObjective(fast.model, fast.batch, by_length=True, share_prompt=True, pack=False)
     lengths.clear()
-    FewShotObjective(fast.model, fast.batch, by_length=True, share_prompt=True).example_losses(WEIGHTS)
-    assert set(lengths) > {SHARED}  # the same hooks see the examples' tokens on the full forward
+    cached.example_losses(WEIGHTS)
+    assert lengths and set(lengths) == {SHARED}  # the prompt's own forward (its cache), never an example's tokens
+    lengths.clear()
+    FewShotObjective(fast.model, fast.batch, by_length=True, share_prompt=True, reuse_prefix=False).example_losses(
+        WEIGHTS)
+    assert max(lengths) > SHARED  # the same hooks see the examples' tokens without the reuse
     for h in hooks:
         h.remove()
     assert "forward" not in vars(fast.model.model.layers[0])  # the layers' own forward is back after each call
