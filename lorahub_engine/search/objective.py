@@ -9,8 +9,8 @@ Candidate p's weights become the "fusion" gates of its rows: every LoRA layer mi
 LoraHub's rule (A = sum_i w_i sqrt(s_i) A_i, B likewise, see le.merge(method="lorahub")) and applies the result
 through the grouped op; mode="mixture" applies each adapter's delta with its weight (sum_i w_i dW_i). P candidates x
 the n_g examples of a group are one batch of P*n_g rows (candidate-major; packed, P sequences of n_g examples each),
-so a population costs one forward per group (or ceil(P*n_g / batch_size)), plus one of the shared opening tokens,
-never a merge of state dicts. Index legend: P candidates, N adapters, n examples, n_g examples of one group.
+so a population costs one forward per group (or ceil(P*n_g / batch_size); unpacked, plus one of the shared opening
+tokens), never a merge of state dicts. Index legend: P candidates, N adapters, n examples, n_g examples of one group.
 """
 
 from __future__ import annotations
@@ -37,15 +37,14 @@ class FewShotObjective:
     Four savings, each exact (the same losses within float rounding; tests/search/test_speed_levers.py,
     test_packing.py, and benchmarks/bench_search.py against merge-and-rerun on SmolLM2): share_prompt (on by default)
     runs the tokens every example opens with once per candidate (prompt.py: a KV cache each example reads; packed,
-    the head of each candidate's sequence); reuse_prefix (on by default) runs the decoder layers below the lowest adapted one once, at
-    construction, and reuses their output for every candidate (prefix.py); pack (on by default) lays each
-    candidate's examples end to end in one sequence, so no forward computes padding (packing.py); by_length (off by
-    default: on one CPU thread its extra, smaller forwards cost SmolLM2 more than the padding they save, see
-    benchmarks/RESULTS.md) runs the examples in groups of equal length, padding trimmed (groups.py). share_prompt
-    and pack are checked at construction on the shortest and the longest example, reuse_prefix on every example,
-    against the full forward, and left off where they disagree. All off is the padded full forward, LoraHub's
-    computation. The model's layers below the adapters must not change while the objective is in
-    use."""
+    the head of each candidate's sequence); reuse_prefix (on by default) runs the decoder layers below the lowest
+    adapted one once, at construction, and reuses their output for every candidate (prefix.py); pack (on by default)
+    lays each candidate's examples end to end in one sequence, so no forward computes padding (packing.py);
+    by_length (off by default: on one CPU thread its extra, smaller forwards cost SmolLM2 more than the padding they
+    save, see benchmarks/RESULTS.md) runs the examples in groups of equal length, padding trimmed (groups.py).
+    share_prompt and pack are checked at construction on the shortest and the longest example, reuse_prefix on every
+    example, against the full forward, and left off where they disagree. All off is the padded full forward,
+    LoraHub's computation. The model's layers below the adapters must not change while the objective is in use."""
 
     def __init__(self, model, batch: Batch, batch_size: int | None = None, mode: str = "fusion",
                  row_losses=example_losses, *, by_length: bool = False, share_prompt: bool = True,

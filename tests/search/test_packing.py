@@ -92,8 +92,8 @@ def test_the_packed_objective_computes_no_padding(tokenizer):
 
 @torch.no_grad()
 def test_packing_that_disagrees_with_the_full_forward_is_not_used(tokenizer, monkeypatch):
-    """Positions after the prompt off by one, rows that see each other, or a model that refuses the 4D mask: the check at construction
-    turns packing off (the shared prompt stays) and the losses stay the full forward's."""
+    """Positions after the prompt off by one, rows that see each other, or a model that refuses the 4D mask: the
+    check at construction turns packing off (the shared prompt stays) and the losses stay the full forward's."""
     model = MODELS["llama"][0](tokenizer)
     adapters = mixed_adapters(model, MODELS["llama"][1])
     expected = merged_losses(model, tokenizer, adapters, WEIGHTS)
