@@ -46,6 +46,8 @@ SETTINGS = {
     "cma_pop4": {"optimizer": "cma", "start": "random", "population": 4},
     "cma_single": {"optimizer": "cma", "start": "single"},
     "cma_single_step0.25": {"optimizer": "cma", "start": "single", "step": 0.25},
+    "ngopt_single": {"optimizer": "NGOpt", "start": "single", "population": 1},  # COBYLA from the best single
+    "powell": {"optimizer": "Powell", "start": "zero", "population": 1},
 }
 
 
