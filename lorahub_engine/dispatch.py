@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from lorahub_engine.merge.lorahub_factors import lorahub_factors
-from lorahub_engine.ops.grouped import TokenRouting
+from lorahub_engine.ops.grouped import TokenRouting, version_of
 
 MODES = ("mixture", "fusion")
 KEPT_SHAPES = 4  # batch shapes (rows, length) whose TokenRouting a per-row mixture keeps across forwards
@@ -166,13 +166,13 @@ class RowRouting:
 
     def _tokens(self, layout: TokenLayout, ctx: ForwardContext) -> TokenRouting:
         shape = (layout.rows, layout.length)
-        if self.mode == "fusion" or self.gates.requires_grad or self.idx.is_inference() or self.gates.is_inference():
+        versions = (version_of(self.idx), version_of(self.gates))
+        if self.mode == "fusion" or self.gates.requires_grad or None in versions:
             key = (id(self), *shape)  # one per forward
             routing = ctx.shared.get(key)
             if routing is None:
                 routing = ctx.shared[key] = TokenRouting(*self._per_token(layout))
             return routing
-        versions = (self.idx._version, self.gates._version)
         kept = self._kept.get(shape)
         if kept is None or kept[0] != versions:
             kept = self._kept[shape] = (versions, TokenRouting(*self._per_token(layout)))

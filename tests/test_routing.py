@@ -147,14 +147,18 @@ def test_a_mixture_builds_its_token_routing_once_per_batch_shape(monkeypatch):
     assert len(calls) == 4
 
 
-def test_a_kept_routing_follows_in_place_changes_of_gates_and_scales():
-    """What a mixture keeps across forwards is rebuilt when its gates or a layer's scale change in place."""
-    base = tiny_llama()
-    adapters = [le.init_adapter(base, n, ["q_proj", "v_proj"], seed=i) for i, n in enumerate("ab")]
+def with_random_b(base, targets, names):
+    """A copy of the base with adapters `names` on `targets` attached, each B drawn at random (PEFT starts it at 0)."""
+    adapters = [le.init_adapter(base, n, targets, seed=i) for i, n in enumerate(names)]
     for ad in adapters:
         for m in ad.modules.values():
             m.B.normal_()
-    model = le.attach(copy.deepcopy(base), adapters)
+    return le.attach(copy.deepcopy(base), adapters)
+
+
+def test_a_kept_routing_follows_in_place_changes_of_gates_and_scales():
+    """What a mixture keeps across forwards is rebuilt when its gates or a layer's scale change in place."""
+    model = with_random_b(tiny_llama(), ["q_proj", "v_proj"], "ab")
     x, idx = torch.randint(0, 64, (2, 6)), torch.tensor([[0], [1]])
 
     def fresh(gates):
@@ -177,12 +181,7 @@ def test_a_kept_routing_follows_in_place_changes_of_gates_and_scales():
 
 
 def test_explicit_per_row_and_per_token_routings_equal_the_inferred_ones():
-    base = tiny_llama()
-    adapters = [le.init_adapter(base, n, ["q_proj", "down_proj"], seed=i) for i, n in enumerate("abc")]
-    for ad in adapters:
-        for m in ad.modules.values():
-            m.B.normal_()
-    model = le.attach(copy.deepcopy(base), adapters)
+    model = with_random_b(tiny_llama(), ["q_proj", "down_proj"], "abc")
     x = torch.randint(0, 64, (2, 6))
     per_token = torch.randint(-1, 3, (12, 2), generator=torch.Generator().manual_seed(0))
     for idx, per in ((torch.tensor([[0, 2], [1, -1]]), "row"), (per_token, "token")):

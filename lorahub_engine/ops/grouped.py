@@ -77,7 +77,7 @@ class TokenRouting:
         modified in place. The masking of gates is done once per routing, and for up to KEPT_PAIRS pairs each scale's
         product once (both again only if gates or that scale change): in a model, a layer call's two small ops cost
         tens of microseconds, which matter at decoding sizes only."""
-        version = _version(self.gates)
+        version = version_of(self.gates)
         if self._pairs is None or version is None or self._pairs[0] != version:
             dtype = torch.promote_types(self.gates.dtype, torch.float32)
             valid = self.idx >= 0
@@ -94,7 +94,7 @@ class TokenRouting:
         the same experts with the same gates (one token, or one row expanded over the tokens: stride 0), on the CPU
         (reading values back is free there; on CUDA it would wait for the device); None otherwise. Experts and gates
         are read once per routing, each scale once (again only if gates or that scale change)."""
-        version = _version(self.gates)
+        version = version_of(self.gates)
         if self._uniform is None or version is None or self._uniform[0] != version:
             self._uniform = (version, self._shared_slots())
         slots = self._uniform[1]
@@ -108,7 +108,7 @@ class TokenRouting:
 
     def _per_scale_of(self, kind: str, scale: torch.Tensor, version: int | None, compute):
         """compute(), kept per (kind, scale tensor) while the gates (at `version`) and that scale are unchanged."""
-        key, scale_version = (kind, id(scale)), _version(scale)
+        key, scale_version = (kind, id(scale)), version_of(scale)
         kept = self._per_scale.get(key)
         if kept is not None and kept[0]() is scale and kept[1] == (version, scale_version):  # never None: not kept
             return kept[2]
@@ -126,7 +126,7 @@ class TokenRouting:
         return tuple(zip(idx[0].tolist(), gates[0].tolist()))
 
 
-def _version(t: torch.Tensor) -> int | None:
+def version_of(t: torch.Tensor) -> int | None:
     """t's in-place version counter; None for a tensor made under torch.inference_mode (it keeps none: whatever is
     cached from it is recomputed at every call)."""
     return None if t.is_inference() else t._version

@@ -39,8 +39,7 @@ class Packing:
         order = torch.arange(R, device=device)
         self.before = (self.slot[:, None] == self.slot[None, :]) & (order[None, :] < order[:, None])  # [R, R]
         offset = (self.before * lengths[None, :]).sum(-1)  # [R]: tokens of earlier rows in row j's sequence
-        self.length = head + int(torch.zeros(self.count, dtype=torch.long, device=device)
-                                 .index_add_(0, self.slot, lengths).max())  # L
+        self.length = head + self._longest(lengths)  # L
         column = torch.arange(s, device=device)
         place = self.slot[:, None] * self.length + head + offset[:, None] + column - (s - lengths)[:, None]  # [R, s]
         self.target = torch.where(real, place, -1)  # [R, s]: flat index into [G * L], -1 at padding
@@ -51,6 +50,10 @@ class Packing:
         segment[self.target[real]] = order[:, None].expand(R, s)[real]
         self.segment = segment.view(self.count, self.length)  # [G, L]: the row each packed token comes from
         self.segment[:, :head] = HEAD
+
+    def _longest(self, counts: torch.Tensor) -> int:
+        """The largest sum of `counts` [R] over the rows of one sequence."""
+        return int(counts.new_zeros(self.count).index_add_(0, self.slot, counts).max())
 
     def pack(self, x: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
         """[R, s, ...] -> [G, L, ...], zeros at the packed padding; `head` [head, ...] opens every sequence."""
@@ -79,8 +82,7 @@ class Packing:
         valid = wanted >= 0
         earlier = (self.before * valid.sum(-1)[None, :]).sum(-1)  # [R]: kept positions of earlier rows in the sequence
         rank = earlier[:, None] + valid.long().cumsum(-1) - 1  # [R, keep]
-        K = int(torch.zeros(self.count, dtype=torch.long, device=wanted.device)
-                .index_add_(0, self.slot, valid.sum(-1)).max())
+        K = self._longest(valid.sum(-1))
         at = self.slot[:, None].expand_as(wanted) * K + rank  # [R, keep]
         places = torch.zeros(self.count * K, dtype=torch.long, device=wanted.device)
         places[at[valid]] = wanted[valid] % self.length
