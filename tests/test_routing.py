@@ -180,6 +180,22 @@ def test_a_kept_routing_follows_in_place_changes_of_gates_and_scales():
         assert not torch.equal(tripled, halved)
 
 
+def test_a_routing_made_in_inference_mode_follows_in_place_changes():
+    """Inference tensors keep no version counter: such a routing is built per forward, so changed gates show."""
+    model = with_random_b(tiny_llama(), ["q_proj", "v_proj"], "ab")
+    x = torch.randint(0, 64, (2, 6))
+    with torch.no_grad(), le.routing(model, torch.tensor([[0], [1]]), torch.full((2, 1), 0.5)):
+        expected = model(x).logits
+    with torch.inference_mode():
+        idx, gates = torch.tensor([[0], [1]]), torch.ones(2, 1)
+        with le.routing(model, idx, gates):
+            first = model(x).logits
+            gates.mul_(0.5)  # no version bump in inference mode
+            halved = model(x).logits
+    torch.testing.assert_close(halved, expected, atol=0, rtol=0)
+    assert not torch.equal(halved, first)
+
+
 def test_explicit_per_row_and_per_token_routings_equal_the_inferred_ones():
     model = with_random_b(tiny_llama(), ["q_proj", "down_proj"], "abc")
     x = torch.randint(0, 64, (2, 6))
