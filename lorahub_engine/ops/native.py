@@ -6,9 +6,9 @@ Without a C++ compiler, or with `LORAHUB_ENGINE_NATIVE=0`, `library()` is None a
 The kernels take fp32 or fp64 contiguous CPU tensors; a call large enough to split runs on up to
 `torch.get_num_threads()` threads of OpenMP's team (ctypes releases the GIL), each owning disjoint output rows or
 columns, so results do not depend on the thread count. Built with `-fopenmp`, the library needs `libgomp.so.1`,
-which torch's Linux wheels have loaded already: the kernels then fork onto the very threads torch's ops use (about
-half a microsecond per fork here; where torch brings another OpenMP runtime, the kernels get a team of their own). A
-compiler without OpenMP builds a one-thread library.
+which torch's Linux wheels have loaded already: the kernels then fork onto the very threads torch's ops use (cheap
+against a decode-sized call, see benchmarks/bench_native_threads.py; where torch brings another OpenMP runtime, the
+kernels get a team of their own). A compiler without OpenMP builds a one-thread library.
 """
 
 from __future__ import annotations
