@@ -28,7 +28,7 @@ import benchmarks.router_methods  # noqa: F401  (the routers: arrow, mole_shots,
 import benchmarks.search_methods  # noqa: F401  (issue 12's search and fit rows)
 from benchmarks.harness import METHODS, Context, Method, Settings
 from benchmarks.runs import RunStore, zoo_digest
-from benchmarks.taskworld import Task, accuracy, examples, get_task, list_tasks
+from benchmarks.taskworld import Task, accuracy, balanced_accuracy, examples, get_task, list_tasks
 from benchmarks.timing import run_info
 from lorahub_engine._io import save_figure, write_json_atomic, write_text_atomic
 from lorahub_engine.progress import progress_bar
@@ -160,8 +160,11 @@ def _evaluate(method: Method, base, zoo, index, task: Task, test, seeds: list[in
             if store:
                 store.put(task.name, method.name, seed, run)
         runs.append(run)
-    scores = [r["score"] for r in runs] * (1 if method.uses_shots else len(seeds))
-    return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "scores": scores, "n_test": len(test),
+    copies = 1 if method.uses_shots else len(seeds)
+    scores = [r["score"] for r in runs] * copies
+    balanced = [r.get("balanced") for r in runs] * copies  # runs stored before it was recorded have none
+    return {"mean": statistics.fmean(scores),
+            "balanced": None if None in balanced else statistics.fmean(balanced), "std": statistics.pstdev(scores), "scores": scores, "n_test": len(test),
             "tokens": statistics.fmean(r["tokens"] for r in runs),
             "seconds": statistics.fmean(r["seconds"] for r in runs), "per_seed": method.uses_shots,
             "span": _span(runs), "info": [r["info"] for r in runs], "first_predictions": runs[0]["first_predictions"]}
@@ -184,7 +187,8 @@ def wall_span(results: dict) -> float | None:
 
 
 def _run_once(method: Method, ctx: Context) -> dict:
-    """One (task, method, seed): score, prompt tokens per query, wall seconds, the method's info, 3 answers."""
+    """One (task, method, seed): score, balanced accuracy (None beyond MAX_CLASSES answers), prompt tokens per query,
+    wall seconds, the method's info, 3 answers."""
     ctx.shots = ctx.shots_of(ctx.seed)
     start = time.perf_counter()
     with torch.no_grad():
@@ -192,8 +196,9 @@ def _run_once(method: Method, ctx: Context) -> dict:
     seconds = time.perf_counter() - start
     if len(output.predictions) != len(ctx.test):
         raise ValueError(f"method {method.name} returned {len(output.predictions)} predictions for {len(ctx.test)}")
-    return {"score": accuracy(output.predictions, [y for _, y in ctx.test]), "tokens": output.prompt_tokens,
-            "seconds": seconds, "finished": time.time(), "info": output.info,
+    answers = [y for _, y in ctx.test]
+    return {"score": accuracy(output.predictions, answers), "balanced": balanced_accuracy(output.predictions, answers),
+            "tokens": output.prompt_tokens, "seconds": seconds, "finished": time.time(), "info": output.info,
             "first_predictions": output.predictions[:3]}
 
 
@@ -233,13 +238,27 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def balanced_table(results: dict) -> str | None:
+    """Balanced accuracy (mean over seeds) of the tasks whose answers are classes, with their mean; None if none
+    are (or runs were stored before it was recorded)."""
+    methods = list(next(iter(results.values())))
+    tasks = [t for t, row in results.items() if all(row[m].get("balanced") is not None for m in methods)]
+    if not tasks:
+        return None
+    lines = ["| task (balanced accuracy) | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    lines += [f"| {t} | " + " | ".join(f"{results[t][m]['balanced']:.3f}" for m in methods) + " |" for t in tasks]
+    means = [statistics.fmean(results[t][m]["balanced"] for t in tasks) for m in methods]
+    lines.append("| **mean** | " + " | ".join(f"**{v:.3f}**" for v in means) + " |")
+    return "\n".join(lines)
+
+
 def write_report(results: dict, out: Path, base_name: str, settings: Settings, seeds: list[int],
                  stem: str | None = None) -> dict[str, Path]:
     """Write <stem>.md, <stem>.json and <stem>.png into `out`; print the table. Returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     stem = stem or f"cross_task_{base_name}"
     paths = {ext: out / f"{stem}.{ext}" for ext in ("md", "json", "png")}
-    table = markdown_table(results)
+    table = "\n\n".join(t for t in (markdown_table(results), balanced_table(results)) if t is not None)
     span = wall_span(results)
     print(table)
     if span is not None:

@@ -7,7 +7,9 @@ For rows validated by exact match it also answers a counterfactual from the reco
 exact match gone to the fallbacks (w = 0, then the single adapter) instead of to the lowest cross-entropy, which
 runs would have returned w = 0, and the mean score then (w = 0 answers as zero-shot does: its composition adds
 nothing to the base; the task's zero_shot run supplies the score). Runs where that rule picks another option than
-the one run (not w = 0) cannot be scored from the file; they are counted apart.
+the one run (not w = 0) cannot be scored from the file; they are counted apart. `--margin m` asks the same of a
+stricter rule: w = 0 wins unless another option answers a share of the held-out shots more than m above its own
+(m = 0.2: at least two more shots of five, leave-one-out).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from lorahub_engine.search.validate import FALLBACKS, option_name
 KINDS = ("search", "single", "zero")
 
 
-def ties_to_fallback(held_out: dict) -> str:
+def ties_to_fallback(held_out: dict, margin: float = 0.0) -> str:
     """The option that wins by held-out exact match with ties going to w = 0, then the single adapter, then the
-    search with the lowest cross-entropy."""
+    search with the lowest cross-entropy; w = 0 also wins where no option beats its share by more than `margin`."""
     best = max(score["exact_match"] for score in held_out.values())
+    if best - held_out["zero"]["exact_match"] <= margin + 1e-9:
+        return "zero"
     tied = [name for name, score in held_out.items() if score["exact_match"] == best]
     for fallback in FALLBACKS:
         if fallback in tied:
@@ -41,8 +45,9 @@ def _option(validation: dict) -> str:
     return option_name(validation["l1"], validation["evaluations"])
 
 
-def summarize(runs: dict) -> list[dict]:
-    """One row per (method, task) whose runs record a validation: counts per kind, mean score, counterfactual."""
+def summarize(runs: dict, margin: float = 0.0) -> list[dict]:
+    """One row per (method, task) whose runs record a validation: counts per kind, mean score, counterfactual
+    (ties_to_fallback with `margin`)."""
     rows: dict[tuple[str, str], dict] = {}
     for key, run in runs.items():
         task, method, _ = key.split("|")
@@ -56,7 +61,7 @@ def summarize(runs: dict) -> list[dict]:
         held = validation["held_out"]
         if not all(isinstance(s, dict) and s.get("exact_match") is not None for s in held.values()):
             continue  # ranked by cross-entropy alone: no counterfactual
-        pick, zero = ties_to_fallback(held), runs.get(f"{task}|zero_shot|0")
+        pick, zero = ties_to_fallback(held, margin), runs.get(f"{task}|zero_shot|0")
         if pick == _option(validation):
             row["fallback_scores"].append(run["score"])
         elif pick == "zero" and zero is not None:
@@ -81,11 +86,15 @@ def _counterfactual(row: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", help="a cross-task runs file (benchmarks/runs.py)")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="the counterfactual's margin: the share of held-out shots an option must answer right above "
+                        "w = 0's to win (default 0: ties to w = 0)")
     args = p.parse_args(argv)
     runs = json.loads(Path(args.runs).read_text())["runs"]
-    print("| method | task | search / single / zero | mean score | ties to fallback: runs to w = 0, mean (unknown) |")
+    rule = "ties to fallback" if args.margin == 0 else f"w = 0 unless beaten by > {args.margin:g}"
+    print(f"| method | task | search / single / zero | mean score | {rule}: runs to w = 0, mean (unknown) |")
     print("|---|---|---|---|---|")
-    for row in sorted(summarize(runs), key=lambda r: (r["method"], r["task"])):
+    for row in sorted(summarize(runs, args.margin), key=lambda r: (r["method"], r["task"])):
         kinds = " / ".join(str(row["kinds"][k]) for k in KINDS)
         print(f"| {row['method']} | {row['task']} | {kinds} | {row['mean']:.3f} | {_counterfactual(row)} |")
     return 0

@@ -18,7 +18,7 @@ from benchmarks.taskworld.core import (
     unregister_task,
 )
 from benchmarks.taskworld.prompts import format_prompt
-from benchmarks.taskworld.scoring import accuracy, exact_match, normalize_answer
+from benchmarks.taskworld.scoring import accuracy, balanced_accuracy, exact_match, normalize_answer
 from benchmarks.taskworld.splits import SPLITS, Example, examples, split_of
 from benchmarks.taskworld import bbh, tasks_heldout, tasks_reasoning, tasks_words  # noqa: F401  (registers built-ins)
 
@@ -28,6 +28,7 @@ __all__ = [
     "Task",
     "TaskError",
     "accuracy",
+    "balanced_accuracy",
     "define_task",
     "examples",
     "exact_match",

@@ -51,6 +51,7 @@ def test_scores_and_aggregates_over_seeds(micro_zoo, fake_methods):
         assert oracle["tokens"] == 7.0 and [i["seed"] for i in oracle["info"]] == [0, 1]
         assert seed0["scores"] == [1.0, 0.0] and seed0["mean"] == 0.5 and seed0["std"] == pytest.approx(0.5)
         assert half["scores"] == [0.5, 0.5] and len(half["info"]) == 1  # run once, counted for both seeds
+        assert oracle["balanced"] == 1.0 and seed0["balanced"] == 0.5  # counts are classes (<= 8 answers)
     summary = cross_task.summary(results)
     assert summary["test_seed0"]["mean"] == 0.5 and summary["test_seed0"]["std"] == pytest.approx(0.5)
 
@@ -111,6 +112,17 @@ def test_markdown_table_layout():
     lines = table.splitlines()
     assert lines[0] == "| task | a | b |" and lines[2] == "| t1 | 0.500 ± 0.100 | 0.500 ± 0.100 |"
     assert lines[-2] == "| prompt tokens / query | 12 | 12 |" and lines[-1] == "| wall s / run | 1.5 | 1.5 |"
+
+
+def test_balanced_table_covers_the_tasks_whose_answers_are_classes():
+    def stats(balanced):
+        return {"mean": 0.5, "std": 0.0, "scores": [0.5], "tokens": 1.0, "seconds": 1.0, "balanced": balanced}
+
+    results = {"t1": {"a": stats(0.5), "b": stats(0.75)}, "t2": {"a": stats(None), "b": stats(0.5)},
+               "t3": {"a": stats(0.25), "b": stats(1.0)}}
+    lines = cross_task.balanced_table(results).splitlines()
+    assert lines[2:] == ["| t1 | 0.500 | 0.750 |", "| t3 | 0.250 | 1.000 |", "| **mean** | **0.375** | **0.875** |"]
+    assert cross_task.balanced_table({"t2": results["t2"]}) is None
 
 
 def test_a_stopped_run_resumes_from_its_stored_runs(micro_zoo, fake_methods, tmp_path):

@@ -12,6 +12,7 @@ from benchmarks.taskworld import (
     Task,
     TaskError,
     accuracy,
+    balanced_accuracy,
     examples,
     exact_match,
     format_prompt,
@@ -192,5 +193,15 @@ def test_scoring_and_prompt_format():
     assert accuracy(["cats", "dog", "Mice."], ["cats", "dogs", "mice"]) == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
         accuracy([], [])
+
+
+def test_balanced_accuracy_weighs_each_answer_equally():
+    answers = ["no"] * 6 + ["yes"] * 2
+    assert accuracy(["No."] * 8, answers) == pytest.approx(0.75)
+    assert balanced_accuracy(["No."] * 8, answers) == pytest.approx(0.5)  # one answer for all: 1 / classes
+    assert balanced_accuracy(["no"] * 3 + ["yes"] * 3 + ["yes", "no"], answers) == pytest.approx((3 / 6 + 1 / 2) / 2)
+    assert balanced_accuracy([str(i) for i in range(9)], [str(i) for i in range(9)]) is None  # 9 answers: no classes
+    with pytest.raises(ValueError):
+        balanced_accuracy(["a"], [])
     assert format_prompt("Add.", "1 + 2") == "Add.\ninput: 1 + 2\nanswer:"
     assert format_prompt("Add.", "1 + 2", [("2 + 2", "4")]) == "Add.\ninput: 2 + 2\nanswer: 4\n\ninput: 1 + 2\nanswer:"

@@ -38,6 +38,15 @@ def test_ties_go_to_the_fallbacks_in_order_then_the_lowest_cross_entropy():
     assert ties_to_fallback(scores((0.2, 0.9), (0.4, 0.5), (0.8, 0.4))) == SEARCH
 
 
+def test_a_margin_keeps_w0_until_an_option_beats_it_by_more():
+    held = scores((0.4, 0.9), (0.4, 0.5), (0.8, 0.4))  # the search answers two more shots of five
+    assert ties_to_fallback(held, margin=0.2) == SEARCH
+    assert ties_to_fallback(held, margin=0.4) == "zero"  # 0.8 - 0.4 is not more than 0.4
+    assert ties_to_fallback(scores((0.4, 0.9), (0.8, 0.5), (0.6, 0.4)), margin=0.2) == "single"
+    rows = {(r["method"], r["task"]): r for r in summarize(RUNS, margin=0.4)}
+    assert rows["em", "t"]["to_zero"] == 2 and rows["em", "t"]["fallback_mean"] == pytest.approx(0.7)
+
+
 def test_summary_counts_choices_and_scores_the_counterfactual(tmp_path, capsys):
     rows = {(r["method"], r["task"]): r for r in summarize(RUNS)}
     assert set(rows) == {("em", "t"), ("em", "u"), ("ce", "t")}
