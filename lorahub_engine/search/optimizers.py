@@ -101,9 +101,11 @@ class NevergradOptimizer:
     def __init__(self, config: SearchConfig, dimension: int, start: np.ndarray | None = None):
         import nevergrad as ng  # ~1.5 s to import: only when a search runs
 
-        # nevergrad hands scipy's COBYLA an end radius above its start radius for short budgets; scipy resets it
-        # and warns from the optimizer's own thread (so no local catch_warnings can see it): harmless, silenced.
-        warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND")
+        # nevergrad hands scipy's COBYLA an end radius above its start radius for short budgets, and, restarting
+        # it when it converges early, fewer evaluations than its first simplex needs; scipy resets either and warns
+        # from the optimizer's own thread (so no local catch_warnings can see it): harmless (the search loop asks
+        # no more than the budget), silenced.
+        warnings.filterwarnings("ignore", message="COBYLA: Invalid (RHOEND|MAXFUN)")
 
         registry = ng.optimizers.registry
         if config.optimizer not in registry:

@@ -22,8 +22,7 @@ from lorahub_engine.search import (
 from lorahub_engine.search.answers import MARGIN
 from tests.search.conftest import EXAMPLES
 
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.filterwarnings("ignore:COBYLA. Invalid MAXFUN")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 MERGE = {"fusion": "lorahub", "mixture": "task_arithmetic"}
 SEARCHES = {f"l1={l1:g} evaluations={t}" for l1 in (0.05, 0.5) for t in (1, 2, 4)}
 
