@@ -163,8 +163,8 @@ def _evaluate(method: Method, base, zoo, index, task: Task, test, seeds: list[in
     copies = 1 if method.uses_shots else len(seeds)
     scores = [r["score"] for r in runs] * copies
     balanced = [r.get("balanced") for r in runs] * copies  # runs stored before it was recorded have none
-    return {"mean": statistics.fmean(scores),
-            "balanced": None if None in balanced else statistics.fmean(balanced), "std": statistics.pstdev(scores), "scores": scores, "n_test": len(test),
+    return {"mean": statistics.fmean(scores), "std": statistics.pstdev(scores), "scores": scores,
+            "balanced": None if None in balanced else statistics.fmean(balanced), "n_test": len(test),
             "tokens": statistics.fmean(r["tokens"] for r in runs),
             "seconds": statistics.fmean(r["seconds"] for r in runs), "per_seed": method.uses_shots,
             "span": _span(runs), "info": [r["info"] for r in runs], "first_predictions": runs[0]["first_predictions"]}
@@ -230,7 +230,8 @@ def markdown_table(results: dict) -> str:
     total = summary(results)
     lines = ["| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for task, row in results.items():
-        lines.append(f"| {task} | " + " | ".join(f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in methods) + " |")
+        cells = (f"{row[m]['mean']:.3f} ± {row[m]['std']:.3f}" for m in methods)
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{total[m]['mean']:.3f}** ± {total[m]['std']:.3f}" for m in methods)
                  + " |")
     lines.append("| prompt tokens / query | " + " | ".join(f"{total[m]['tokens']:.0f}" for m in methods) + " |")
