@@ -5,7 +5,9 @@ Every row composes the 20 modules retrieved for the shots' prompts (as `retrieva
 row) and answers the test inputs with the composition. Validation (folds=5) is leave-one-out over the 5 shots: it
 picks l1 and the number of evaluations (or steps), or falls back to w = 0 / the best single adapter. The first rows
 (`*_validated`) rank those options by held-out cross-entropy (validate="cross_entropy", the rule they were measured
-with); the `*_validated_em` rows by held-out exact match of the greedy answers, CE breaking ties (the default).
+with); the `*_validated_em` rows by held-out exact match of the greedy answers, CE breaking ties (the default); the
+`*_validated_fallback` rows the same with exact-match ties going to w = 0, then the single adapter
+(validate="exact_match_fallback": a search must answer more held-out shots right than the base).
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ def search_validated_em(ctx: Context) -> MethodOutput:
     return _search(ctx, folds=5, validate="exact_match")
 
 
+@register_method("search_validated_fallback")
+def search_validated_fallback(ctx: Context) -> MethodOutput:
+    """The default search, validated leave-one-out by held-out exact match, ties going to w = 0 / the single adapter."""
+    return _search(ctx, folds=5, validate="exact_match_fallback")
+
+
 @register_method("search_mixture_validated")
 def search_mixture_validated(ctx: Context) -> MethodOutput:
     """The validated search in the exact space: weights of sum_i w_i dW_i (mode="mixture")."""
@@ -79,6 +87,12 @@ def fit_fusion_validated(ctx: Context) -> MethodOutput:
 def fit_fusion_validated_em(ctx: Context) -> MethodOutput:
     """le.fit_weights on the shots, factor mix, validated by held-out exact match (CE breaks ties)."""
     return _fit(ctx, ctx.shot_pairs(), mode="fusion", folds=5, validate="exact_match")
+
+
+@register_method("fit_fusion_validated_fallback")
+def fit_fusion_validated_fallback(ctx: Context) -> MethodOutput:
+    """le.fit_weights on the shots, factor mix, validated by held-out exact match, ties going to the fallbacks."""
+    return _fit(ctx, ctx.shot_pairs(), mode="fusion", folds=5, validate="exact_match_fallback")
 
 
 @register_method("fit_mixture_validated")

@@ -20,22 +20,19 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from lorahub_engine.search.validate import FALLBACKS, option_name
+from lorahub_engine.search.validate import best_option, option_name
 
 KINDS = ("search", "single", "zero")
 
 
 def ties_to_fallback(held_out: dict, margin: float = 0.0) -> str:
-    """The option that wins by held-out exact match with ties going to w = 0, then the single adapter, then the
-    search with the lowest cross-entropy; w = 0 also wins where no option beats its share by more than `margin`."""
+    """The option that validate="exact_match_fallback" picks (ties on held-out exact match go to w = 0, then the
+    single adapter, then the search with the lowest cross-entropy); w = 0 also wins where no option beats its share
+    by more than `margin`."""
     best = max(score["exact_match"] for score in held_out.values())
     if best - held_out["zero"]["exact_match"] <= margin + 1e-9:
         return "zero"
-    tied = [name for name, score in held_out.items() if score["exact_match"] == best]
-    for fallback in FALLBACKS:
-        if fallback in tied:
-            return fallback
-    return min(tied, key=lambda name: held_out[name]["cross_entropy"])
+    return best_option(held_out, prefer_fallbacks=True)
 
 
 def _option(validation: dict) -> str:

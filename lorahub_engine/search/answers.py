@@ -60,6 +60,6 @@ class HeldOutAnswers:
 
 def answers_for(validate: str, model, tokenizer, examples: Sequence[tuple[str, str]], mode: str,
                 batch_size: int | None = None) -> HeldOutAnswers | None:
-    """What cross_validate ranks by under the rule `validate`: held-out answers for "exact_match", None (held-out
-    cross-entropy alone) for "cross_entropy"."""
-    return HeldOutAnswers(model, tokenizer, examples, mode, batch_size) if validate == "exact_match" else None
+    """What cross_validate ranks by under the rule `validate`: held-out answers for "exact_match" and
+    "exact_match_fallback", None (held-out cross-entropy alone) for "cross_entropy"."""
+    return None if validate == "cross_entropy" else HeldOutAnswers(model, tokenizer, examples, mode, batch_size)

@@ -19,7 +19,7 @@ from lorahub_engine.search.errors import SearchError
 
 MODES = ("fusion", "mixture")  # fusion: LoraHub's factor mix; mixture: the exact sum of the weighted deltas
 STARTS = ("zero", "random", "single")
-VALIDATIONS = ("exact_match", "cross_entropy")  # what validation ranks its options by (see validate.py)
+VALIDATIONS = ("exact_match", "exact_match_fallback", "cross_entropy")  # how validation ranks (see validate.py)
 
 
 class JsonConfig:
@@ -60,8 +60,9 @@ class SearchConfig(JsonConfig):
     folds: int = 0  # 0: no validation; k >= 2: k-fold over the examples (>= n: leave-one-out) picks l1, the
     #                 number of evaluations, or a fallback (w = 0, the best single adapter); see validate.py
     validate: str = "exact_match"  # with folds: rank the options by the held-out shots' greedy answers (normalized
-    #                                exact match, cross-entropy breaking ties), or "cross_entropy" alone (the first
-    #                                rule: it never fell back to w = 0 on the tiny base, benchmarks/RESULTS.md)
+    #                                exact match, cross-entropy breaking ties); "exact_match_fallback": ties go to the
+    #                                fallbacks (a search must answer more shots right than w = 0); "cross_entropy"
+    #                                alone (the first rule: it never fell back to w = 0 on the tiny base, RESULTS.md)
     batch_size: int | None = None  # rows per forward (population x examples); None = all rows in one forward
 
     @classmethod

@@ -47,7 +47,8 @@ def lorahub_search(model, tokenizer, adapters: Sequence[LoraAdapter], examples: 
         of evaluations of the final search, or returns w = 0 or the best single adapter when no search beats them
         on held-out examples (`result.validation` records the comparison). 0 (default): search once.
     validate: what "beats" means with folds: "exact_match" (default) answers more held-out examples right (greedy
-        answers, normalized exact match; held-out CE breaks ties), "cross_entropy" has the lower held-out CE.
+        answers, normalized exact match; held-out CE breaks ties), "exact_match_fallback" the same with ties going
+        to w = 0 (then the single adapter) before CE is read, "cross_entropy" has the lower held-out CE.
     budget: objective evaluations in all; batch_size: rows per forward (default: all P x n rows).
     """
     config = SearchConfig(budget=budget, bound=bound, l1=l1, optimizer=optimizer, population=population,
@@ -74,7 +75,8 @@ def search_with(model, tokenizer, adapters: Sequence[LoraAdapter], examples: Seq
         if config.folds:
             answers = answers_for(config.validate, model, tokenizer, examples, config.mode, config.batch_size)
             choice = cross_validate(objective, lambda fold, l1: search_history(fold, config.replace(l1=l1), False),
-                                    config.budget, config.folds, answers=answers)
+                                    config.budget, config.folds, answers=answers,
+                                    prefer_fallbacks=config.validate == "exact_match_fallback")
         if choice is None or choice.kind == "search":
             if choice is not None:  # the l1 and number of evaluations that validation picked
                 final = config.replace(l1=choice.l1, budget=choice.evaluations)

@@ -13,7 +13,8 @@ objective) is an option. Two fallbacks are options too: w = 0 (the base) and the
   option), all in one batched generate (answers.py), scored by normalized exact match.
 Each score is averaged over the shots of a fold, then over folds. The winner answers most held-out shots right,
 cross-entropy breaking ties (without `answers`: the lowest cross-entropy alone); ties left go to the fallback, w = 0
-first, then the single adapter. Held-out CE rewards moving toward the answers' format, not getting them right: on
+first, then the single adapter. With `prefer_fallbacks` (validate="exact_match_fallback") a tie on exact match goes
+to the fallbacks before cross-entropy is read: a search must answer more held-out shots right than w = 0 to win. Held-out CE rewards moving toward the answers' format, not getting them right: on
 the tiny base it never chose w = 0, even where zero-shot beats every search (benchmarks/RESULTS.md).
 Index legend: P candidates, N adapters, n shots, R (fold, option, held-out shot) rows.
 """
@@ -78,13 +79,14 @@ class _FoldObjective:
 
 def cross_validate(objective: FewShotObjective, run: Callable[[object, float], list[Evaluation]], length: int,
                    folds: int | None = None, l1_grid: Sequence[float] = L1_GRID,
-                   fractions: Sequence[float] = FRACTIONS, answers=None) -> Choice:
+                   fractions: Sequence[float] = FRACTIONS, answers=None, prefer_fallbacks: bool = False) -> Choice:
     """Pick (l1, number of evaluations) for a run on all shots, or a fallback, by held-out scores over folds.
 
     run(fold_objective, l1) -> the run's evaluations in order (a search's, or a gradient fit's steps), `length`
     of them; after each fraction of `length`, the best so far by its training objective is an option.
     answers: anything with exact_match(weights [R, N], rows) -> R bools (a HeldOutAnswers over the objective's
-    examples): rank by held-out exact match first; None: by held-out cross-entropy alone.
+    examples): rank by held-out exact match first; None: by held-out cross-entropy alone. prefer_fallbacks: on
+    equal exact match the fallbacks win before cross-entropy is compared.
     """
     n, N = objective.num_examples, objective.num_adapters
     splits = folds_of(n, folds)
@@ -106,7 +108,7 @@ def cross_validate(objective: FewShotObjective, run: Callable[[object, float], l
     hits = None if answers is None else _exact_match(answers, options, splits)
     held = {name: {"exact_match": None if hits is None else hits[name],
                    "cross_entropy": float(np.mean([ce for _, ce in per_fold]))} for name, per_fold in options.items()}
-    winner = min(held, key=lambda name: _rank(name, held[name]))  # min keeps the first of equal keys
+    winner = best_option(held, prefer_fallbacks)
     if winner == "zero":
         return Choice("zero", None, None, None, held)
     if winner == "single":
@@ -130,12 +132,15 @@ def _exact_match(answers, options: dict[str, list[tuple[torch.Tensor, float]]],
             for name in options}
 
 
-def _rank(name: str, score: dict) -> tuple:
-    """Sort key, best first: more held-out answers right (when scored), lower held-out CE, then the fallbacks in
-    FALLBACKS' order before any search."""
-    right = score["exact_match"]
-    order = FALLBACKS.index(name) if name in FALLBACKS else len(FALLBACKS)
-    return (0.0 if right is None else -right, score["cross_entropy"], order)
+def best_option(held: dict, prefer_fallbacks: bool = False) -> str:
+    """The winning option of held-out scores {name: {"exact_match", "cross_entropy"}}: more held-out answers right
+    (when scored), then the lower held-out CE, then the fallbacks in FALLBACKS' order before any search; with
+    prefer_fallbacks the fallbacks' order comes before the CE."""
+    def rank(name: str) -> tuple:
+        right, ce = held[name]["exact_match"], held[name]["cross_entropy"]
+        order = FALLBACKS.index(name) if name in FALLBACKS else len(FALLBACKS)
+        return (0.0 if right is None else -right, *((order, ce) if prefer_fallbacks else (ce, order)))
+    return min(held, key=rank)  # min keeps the first of equal keys
 
 
 def option_name(l1: float, evaluations: int) -> str:

@@ -20,6 +20,8 @@ from lorahub_engine.search import (
     lorahub_search,
 )
 from lorahub_engine.search.answers import MARGIN
+from lorahub_engine.search.config import VALIDATIONS
+from lorahub_engine.search.validate import best_option, option_name
 from tests.search.conftest import EXAMPLES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,8 +59,9 @@ class HandAnswers:
         return [bool(self.right(w, e)) for w, e in zip(weights, rows)]
 
 
-def validate(answers=None, drop=0.1, folds=None):
-    return cross_validate(HandObjective(drop=drop), run, length=4, folds=folds, answers=answers)
+def validate(answers=None, drop=0.1, folds=None, prefer_fallbacks=False):
+    return cross_validate(HandObjective(drop=drop), run, length=4, folds=folds, answers=answers,
+                          prefer_fallbacks=prefer_fallbacks)
 
 
 def test_cross_entropy_prefers_the_search_where_exact_match_prefers_zero():
@@ -85,6 +88,17 @@ def test_exact_match_ties_go_to_cross_entropy_then_to_the_fallbacks_in_order():
     assert validate(HandAnswers(lambda w, e: True), drop=0.0).kind == "zero"  # CE equal too: w = 0 first
     single = validate(HandAnswers(lambda w, e: bool(w.any())), drop=0.0)  # w = 0 wrong; single and searches tie
     assert single.kind == "single" and single.adapter == 0  # before any search; adapter 0 of two equal ones
+
+
+def test_with_prefer_fallbacks_exact_match_ties_go_to_the_fallbacks_before_cross_entropy():
+    tie = validate(HandAnswers(lambda w, e: True), prefer_fallbacks=True)  # the search has the lower CE, yet w = 0
+    assert tie.kind == "zero" and tie.held_out == validate(HandAnswers(lambda w, e: True)).held_out
+    single = validate(HandAnswers(lambda w, e: bool(w.any())), prefer_fallbacks=True)  # w = 0 wrong: single next
+    assert single.kind == "single"
+    searches = validate(HandAnswers(lambda w, e: bool((w >= 0.5).all())), prefer_fallbacks=True)  # w >= 0.5 right
+    assert (searches.kind, searches.l1, searches.evaluations) == ("search", 0.05, 4)  # a strict win; CE among them
+    assert best_option({"zero": {"exact_match": 0.4, "cross_entropy": 0.9},
+                        "l1=0.5 evaluations=2": {"exact_match": 0.4, "cross_entropy": 0.1}}, True) == "zero"
 
 
 def test_k_fold_averages_each_folds_shots_then_the_folds():
@@ -145,6 +159,20 @@ def test_search_validated_by_exact_match_records_both_scores(base, tokenizer, zo
     assert held[winner]["cross_entropy"] == min(s["cross_entropy"] for s in held.values() if s["exact_match"] == best)
 
 
+def test_search_validated_with_ties_to_the_fallbacks(base, tokenizer, zoo):
+    result = lorahub_search(base, tokenizer, zoo, EXAMPLES, budget=12, folds=5, validate="exact_match_fallback",
+                            progress=False)
+    choice = result.validation
+    held, kind = choice["held_out"], choice["kind"]
+    best = max(s["exact_match"] for s in held.values())
+    winner = kind if kind != "search" else option_name(choice["l1"], choice["evaluations"])
+    assert held[winner]["exact_match"] == best
+    if held["zero"]["exact_match"] == best:
+        assert kind == "zero" and result.weights == dict.fromkeys(result.names, 0.0)
+    elif kind == "search":
+        assert held["single"]["exact_match"] < best
+
+
 def test_fit_validated_by_exact_match_and_by_cross_entropy(base, tokenizer, zoo):
     by_em = fit_weights(base, tokenizer, zoo, EXAMPLES, steps=8, folds=5, progress=False)
     by_ce = fit_weights(base, tokenizer, zoo, EXAMPLES, steps=8, folds=5, validate="cross_entropy", progress=False)
@@ -158,17 +186,19 @@ def test_fit_validated_by_exact_match_and_by_cross_entropy(base, tokenizer, zoo)
 
 
 @pytest.mark.parametrize("config", [SearchConfig(folds=3, validate="cross_entropy"), SearchConfig(folds=5),
+                                    SearchConfig(folds=5, validate="exact_match_fallback"),
                                     FitConfig(folds=2, validate="cross_entropy"), FitConfig()])
 def test_config_round_trip_keeps_validate(config):
     record = config.to_json()
-    assert record["validate"] in ("exact_match", "cross_entropy")
+    assert record["validate"] in VALIDATIONS
     assert type(config).from_json(record) == config
 
 
 @pytest.mark.parametrize("make", [SearchConfig, FitConfig])
 @pytest.mark.parametrize("value", ["accuracy", "", None, 1, ["exact_match"]])
 def test_bad_validate_is_a_search_error(make, value):
-    with pytest.raises(SearchError, match="validate must be one of .'exact_match', 'cross_entropy'."):
+    with pytest.raises(SearchError, match="validate must be one of .'exact_match', 'exact_match_fallback', "
+                                          "'cross_entropy'."):
         make(folds=5, validate=value)
 
 
