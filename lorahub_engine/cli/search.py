@@ -57,8 +57,8 @@ def add_search(commands) -> None:
     p.add_argument("--folds", type=int, default=d.folds,
                    help="k-fold validation on the examples picking l1, budget or a fallback; 0 = off")
     p.add_argument("--validate", choices=VALIDATIONS, default=d.validate,
-                   help="with --folds, rank by held-out exact match (greedy answers; CE breaks ties), the same with "
-                        "ties going to w = 0 (exact_match_fallback), or by CE")
+                   help="with --folds, rank by held-out exact match of the greedy answers, ties going to w = 0 "
+                        "(exact_match_fallback), or to the lower held-out CE (exact_match), or by CE alone")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the optimizer and of --random")
     p.add_argument("--batch-size", type=positive_int, help="rows per forward (None: population x examples)")
     p.add_argument("--name", default="lorahub", help="name of the composed adapter")

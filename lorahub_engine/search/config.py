@@ -59,10 +59,10 @@ class SearchConfig(JsonConfig):
     mode: str = "fusion"  # "fusion" (LoraHub's factor mix) or "mixture" (exact sum of w_i dW_i)
     folds: int = 0  # 0: no validation; k >= 2: k-fold over the examples (>= n: leave-one-out) picks l1, the
     #                 number of evaluations, or a fallback (w = 0, the best single adapter); see validate.py
-    validate: str = "exact_match"  # with folds: rank the options by the held-out shots' greedy answers (normalized
-    #                                exact match, cross-entropy breaking ties); "exact_match_fallback": ties go to the
-    #                                fallbacks (a search must answer more shots right than w = 0); "cross_entropy"
-    #                                alone (the first rule: it never fell back to w = 0 on the tiny base, RESULTS.md)
+    validate: str = "exact_match_fallback"  # with folds: rank the options by the held-out shots' greedy answers
+    #                   (normalized exact match), ties going to the fallbacks (a search must answer more shots right
+    #                   than w = 0), then cross-entropy; "exact_match": cross-entropy breaks ties; "cross_entropy"
+    #                   alone (the first rule: it never fell back to w = 0 on the tiny base, RESULTS.md)
     batch_size: int | None = None  # rows per forward (population x examples); None = all rows in one forward
 
     @classmethod

@@ -10,8 +10,8 @@ the adapters and the base stay frozen. loss="cross_entropy" minimizes the answer
 first answer token's distribution on unlabeled inputs (AdaMerging, Yang et al. ICLR 2024,
 https://arxiv.org/abs/2310.02575). folds >= 2 validates as lorahub_search does (validate.py): k-fold over the
 examples picks l1 and the number of steps, or falls back to w = 0 / the best single adapter, by held-out exact match
-(validate="exact_match", the default; "exact_match_fallback": ties to the fallbacks) or cross-entropy
-(validate="cross_entropy").
+(validate="exact_match_fallback", the default: ties go to the fallbacks; "exact_match": cross-entropy breaks ties)
+or cross-entropy (validate="cross_entropy").
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class FitConfig(JsonConfig):
     init: float = 0.1  # fusion starts at w ~ N(0, init^2): w = 0 has zero gradient there (dW is quadratic in w)
     seed: int = 0  # seeds the start
     folds: int = 0  # 0: no validation; k >= 2: k-fold over the examples (see validate.py)
-    validate: str = "exact_match"  # with folds: a rule of VALIDATIONS (search/config.py; validate.py)
+    validate: str = "exact_match_fallback"  # with folds: a rule of VALIDATIONS (search/config.py; validate.py)
 
     def __post_init__(self):
         check_positive_int("steps", self.steps)

@@ -46,9 +46,9 @@ def lorahub_search(model, tokenizer, adapters: Sequence[LoraAdapter], examples: 
     folds: k >= 2 validates on the examples first (k-fold, leave-one-out when k >= n): it picks l1 and the number
         of evaluations of the final search, or returns w = 0 or the best single adapter when no search beats them
         on held-out examples (`result.validation` records the comparison). 0 (default): search once.
-    validate: what "beats" means with folds: "exact_match" (default) answers more held-out examples right (greedy
-        answers, normalized exact match; held-out CE breaks ties), "exact_match_fallback" the same with ties going
-        to w = 0 (then the single adapter) before CE is read, "cross_entropy" has the lower held-out CE.
+    validate: what "beats" means with folds: "exact_match_fallback" (default) answers more held-out examples right
+        (greedy answers, normalized exact match), ties going to w = 0, then the single adapter, then the lower
+        held-out CE; "exact_match" the same with CE breaking every tie; "cross_entropy" has the lower held-out CE.
     budget: objective evaluations in all; batch_size: rows per forward (default: all P x n rows).
     """
     config = SearchConfig(budget=budget, bound=bound, l1=l1, optimizer=optimizer, population=population,

@@ -145,8 +145,9 @@ def zero_by_hand(base, tokenizer, max_new_tokens: int) -> float:
 
 
 def test_search_validated_by_exact_match_records_both_scores(base, tokenizer, zoo):
-    result = lorahub_search(base, tokenizer, zoo, EXAMPLES, budget=12, folds=5, progress=False)
-    assert result.config.validate == "exact_match" == SearchConfig().validate
+    result = lorahub_search(base, tokenizer, zoo, EXAMPLES, budget=12, folds=5, validate="exact_match",
+                            progress=False)
+    assert result.config.validate == "exact_match"
     held = result.validation["held_out"]
     assert set(held) == {"zero", "single"} | {f"l1={l1:g} evaluations={t}" for l1 in (0.05, 0.5) for t in (3, 6, 12)}
     assert all(set(s) == {"exact_match", "cross_entropy"} and 0 <= s["exact_match"] <= 1 for s in held.values())
@@ -159,9 +160,9 @@ def test_search_validated_by_exact_match_records_both_scores(base, tokenizer, zo
     assert held[winner]["cross_entropy"] == min(s["cross_entropy"] for s in held.values() if s["exact_match"] == best)
 
 
-def test_search_validated_with_ties_to_the_fallbacks(base, tokenizer, zoo):
-    result = lorahub_search(base, tokenizer, zoo, EXAMPLES, budget=12, folds=5, validate="exact_match_fallback",
-                            progress=False)
+def test_search_validated_by_default_with_ties_to_the_fallbacks(base, tokenizer, zoo):
+    result = lorahub_search(base, tokenizer, zoo, EXAMPLES, budget=12, folds=5, progress=False)
+    assert result.config.validate == "exact_match_fallback" == SearchConfig().validate == FitConfig().validate
     choice = result.validation
     held, kind = choice["held_out"], choice["kind"]
     best = max(s["exact_match"] for s in held.values())
@@ -174,7 +175,7 @@ def test_search_validated_with_ties_to_the_fallbacks(base, tokenizer, zoo):
 
 
 def test_fit_validated_by_exact_match_and_by_cross_entropy(base, tokenizer, zoo):
-    by_em = fit_weights(base, tokenizer, zoo, EXAMPLES, steps=8, folds=5, progress=False)
+    by_em = fit_weights(base, tokenizer, zoo, EXAMPLES, steps=8, folds=5, validate="exact_match", progress=False)
     by_ce = fit_weights(base, tokenizer, zoo, EXAMPLES, steps=8, folds=5, validate="cross_entropy", progress=False)
     assert by_em.config.validate == "exact_match" and by_ce.config.validate == "cross_entropy"
     em, ce = by_em.validation["held_out"], by_ce.validation["held_out"]
