@@ -1,7 +1,7 @@
 """Search quality on planted problems: the share of the base-to-teacher loss gap each search setting closes.
 
     HF_HUB_OFFLINE=1 python -m benchmarks.search_quality [--n 5 20] [--budgets 40 200] [--seeds 12]
-        [--first-seed 100] [--settings default cma_random ...] [--mode fusion|mixture] [--out FILE.json]
+        [--first-seed 100] [--settings default cma_random adam ...] [--mode fusion|mixture] [--out FILE.json]
 
 A problem (N, seed): N adapters of the tiny zoo drawn at random, known weights w* (|w_i| uniform in [0.5, 1.5], random
 signs), a held-out task's 5 few-shot inputs, and as answers what the teacher (the composition at w*, LoraHub's
@@ -28,6 +28,7 @@ import lorahub_engine as le
 from lorahub_engine._io import write_json_atomic
 from lorahub_engine.fewshot import generate_answers
 from lorahub_engine.search import FewShotObjective, SearchConfig, encode_pairs, random_modules, search_history
+from lorahub_engine.search.fit import FitConfig, descend
 
 SHOTS = 5
 MIN_GAP = 0.5  # nats: problems whose teacher is closer to the base are left out of the summary (counted in the JSON)
@@ -49,6 +50,14 @@ SETTINGS = {
     "ngopt_single": {"optimizer": "NGOpt", "start": "single", "population": 1},  # COBYLA from the best single
     "powell": {"optimizer": "Powell", "start": "zero", "population": 1},
 }
+# name -> FitConfig overrides: Adam through the grouped op's backward (`le.fit_weights`' descent) on the same
+# objective, budget // STEP_COST steps (a forward and backward of every example costs about STEP_COST forwards;
+# each run's seconds are recorded beside the searches')
+FITS = {
+    "adam": {},  # FitConfig's defaults: lr 0.1, fusion from w ~ N(0, 0.1^2)
+    "adam_lr0.3": {"lr": 0.3},
+}
+STEP_COST = 3
 
 
 def problem(base, zoo, n: int, seed: int, mode: str):
@@ -83,14 +92,20 @@ def run_problem(base, zoo, n: int, seed: int, mode: str, budgets, settings, done
             objective = FewShotObjective(model, encode_pairs(model, base.tokenizer, pairs), mode=mode)
             ce0, ce_teacher = objective.cross_entropy(torch.tensor([[0.0] * n, teacher])).tolist()
             for setting, budget in todo:
-                config = SearchConfig(**{**SETTINGS[setting], "budget": budget, "mode": mode, "seed": seed})
                 start = time.process_time()
-                history = search_history(objective, config, progress=False)
+                if setting in FITS:
+                    config = FitConfig(**{**FITS[setting], "steps": max(1, budget // STEP_COST), "mode": mode,
+                                          "seed": seed})
+                    history = descend(objective, config, progress=False)
+                else:
+                    config = SearchConfig(**{**SETTINGS[setting], "budget": budget, "mode": mode, "seed": seed})
+                    history = search_history(objective, config, progress=False)
                 best = min(history, key=lambda e: e.loss)
                 records[_key(setting, mode, n, budget, seed)] = {
                     "setting": setting, "mode": mode, "n": n, "budget": budget, "seed": seed, "ce0": ce0,
                     "ce_teacher": ce_teacher, "ce_found": best.cross_entropy,
-                    "share": (ce0 - best.cross_entropy) / (ce0 - ce_teacher), "seconds": time.process_time() - start}
+                    "share": (ce0 - best.cross_entropy) / (ce0 - ce_teacher), "seconds": time.process_time() - start,
+                    "evaluations": len(history)}
     finally:
         le.detach(model)
     return records
@@ -117,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--first-seed", type=int, default=100, help="seeds first..first+seeds-1 (defaults were "
                         "tuned on seeds 0-7; report on others)")
     parser.add_argument("--settings", nargs="+", default=["default", "cma_random", "cma_single"],
-                        choices=sorted(SETTINGS))
+                        choices=sorted(SETTINGS | FITS))
     parser.add_argument("--mode", choices=("fusion", "mixture"), default="fusion")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_quality.json")

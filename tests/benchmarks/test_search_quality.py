@@ -1,5 +1,6 @@
 """Smoke run of benchmarks/search_quality.py on the shipped tiny base: a planted problem's score is the share of the
-base-to-teacher gap, from the CEs it records; the JSON is resumed (a rerun adds nothing it holds)."""
+base-to-teacher gap, from the CEs it records; Adam gets a third of a search's budget in steps; the JSON is resumed (a
+rerun adds nothing it holds)."""
 
 import json
 
@@ -11,10 +12,12 @@ from benchmarks import search_quality
 def test_planted_problem_scores_the_share_of_the_gap_and_resumes(one_thread, tmp_path):
     out = tmp_path / "quality.json"
     argv = ["--n", "3", "--budgets", "6", "--seeds", "1", "--first-seed", "0", "--settings", "default",
-            "cma_random", "--out", str(out)]
+            "cma_random", "adam", "--out", str(out)]
     search_quality.main(argv)
     runs = json.loads(out.read_text())["runs"]
-    assert sorted(runs) == ["cma_random|fusion|3|6|0", "default|fusion|3|6|0"]
+    assert sorted(runs) == ["adam|fusion|3|6|0", "cma_random|fusion|3|6|0", "default|fusion|3|6|0"]
+    assert runs["adam|fusion|3|6|0"]["evaluations"] == 6 // search_quality.STEP_COST
+    assert runs["default|fusion|3|6|0"]["evaluations"] == 6
     for r in runs.values():
         assert r["share"] == pytest.approx((r["ce0"] - r["ce_found"]) / (r["ce0"] - r["ce_teacher"]))
     assert runs["default|fusion|3|6|0"]["ce0"] == runs["cma_random|fusion|3|6|0"]["ce0"]  # one problem, two searches
