@@ -8,12 +8,12 @@ A backend is a module with four functions over one `plan` it builds from `idx`:
     plan(idx[T,k], num_experts)            -> opaque metadata (pairs grouped by expert)
     shrink(x[T,in], A[E,r,in], plan)       -> u[T*k, r] acc,   u[p] = A[e] @ x[t]          (0 where idx < 0)
     expand(u[T*k,r], B[E,out,r], coef[T*k], plan, out[T,out] | None) -> out,  out[t] += sum_j coef[p] * B[e] @ u[p]
-                                           (out None: a new [T, out] tensor of u's dtype holding the sums; a plan
-                                           whose `float_coefficients` is true also takes coef as a tuple of one
-                                           Python float per slot, shared by every token)
+                                           (out None: a new [T, out] tensor of u's dtype holding the sums)
     outer(left[T*k,a], right[T,b], plan)   -> g[E,a,b] acc,   g[e] = sum_{p: idx=e} left[p]^T right[t]
 "acc" is the accumulation dtype: fp32 for half inputs, the input's own precision above that.
 The forward and the backward below are written once in terms of these, so every backend trains the same way.
+A plan whose `float_coefficients` is true (every token routed alike, on the CPU) also has `bind(A, B, floats)`:
+its shrink and expand on one bank with one Python float per slot, a callable (x, out) -> out kept per layer.
 A `TokenRouting` holds idx and gates and caches the plan: build it once per forward and every layer shares it.
 With nothing to differentiate (no grad mode, or no input requiring grad) the forward runs outside autograd.
 """
@@ -55,7 +55,7 @@ class TokenRouting:
         self._plans: dict[tuple[str, int], object] = {}
         self._pairs: tuple | None = None  # (gates' version, masked gates [T*k], clamped idx [T*k])
         self._uniform: tuple | None = None  # (gates' version, ((expert, gate) per slot) when every token shares them)
-        self._per_scale: dict[tuple[str, int], tuple] = {}  # (kind, id(scale)) -> (weakref, versions, coefficients)
+        self._per_scale: dict[tuple, tuple] = {}  # (kind, ids of the tensors) -> (weakrefs, versions, value)
 
     @property
     def num_tokens(self) -> int:
@@ -87,7 +87,7 @@ class TokenRouting:
 
         def product():
             return gates * (scale if scale.dtype == gates.dtype else scale.to(gates.dtype)).index_select(0, safe_idx)
-        return product() if safe_idx.shape[0] > KEPT_PAIRS else self._per_scale_of("tensor", scale, version, product)
+        return product() if safe_idx.shape[0] > KEPT_PAIRS else self._kept("tensor", (scale,), version, product)
 
     def uniform_coefficients(self, scale: torch.Tensor) -> tuple[float, ...] | None:
         """Each slot's coefficient gates[t, j] * scale[e_j] (0.0 for e_j = -1) as Python floats when every token uses
@@ -104,17 +104,31 @@ class TokenRouting:
         def floats():
             values = scale.tolist()  # one call, no indexing op per slot
             return tuple(0.0 if e < 0 else gate * values[e] for e, gate in slots)
-        return self._per_scale_of("floats", scale, version, floats)
+        return self._kept("floats", (scale,), version, floats)
 
-    def _per_scale_of(self, kind: str, scale: torch.Tensor, version: int | None, compute):
-        """compute(), kept per (kind, scale tensor) while the gates (at `version`) and that scale are unchanged."""
-        key, scale_version = (kind, id(scale)), version_of(scale)
+    def bound(self, plan, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor):
+        """`plan.bind(A, B, floats)` for a plan with `float_coefficients`: the layer's shrink and expand with
+        views of its bank and the coefficients as floats, kept per bank while the gates and the scales are unchanged
+        (in place changes of the bank need nothing: its views see them); None where the coefficients are not floats.
+        A decode step's layer call then costs its two matmuls and a lookup."""
+        version = version_of(self.gates)
+
+        def bind():
+            floats = self.uniform_coefficients(scale)
+            return None if floats is None else plan.bind(A, B, floats)
+        return self._kept("bound", (A, B, scale), version, bind)
+
+    def _kept(self, kind, tensors: tuple[torch.Tensor, ...], version: int | None, compute):
+        """compute(), kept per (kind, tensors) while the gates (at `version`) and the last tensor (a scale) are
+        unchanged; the tensors are matched by identity (held weakly)."""
+        key, scale_version = (kind, *map(id, tensors)), version_of(tensors[-1])
         kept = self._per_scale.get(key)
-        if kept is not None and kept[0]() is scale and kept[1] == (version, scale_version):  # never None: not kept
+        if kept is not None and kept[1] == (version, scale_version) and all(
+                ref() is t for ref, t in zip(kept[0], tensors)):  # never None: not kept
             return kept[2]
         value = compute()
         if version is not None and scale_version is not None:
-            self._per_scale[key] = (weakref.ref(scale), (version, scale_version), value)
+            self._per_scale[key] = (tuple(map(weakref.ref, tensors)), (version, scale_version), value)
         return value
 
     def _shared_slots(self) -> tuple[tuple[int, float], ...] | None:
@@ -172,9 +186,11 @@ def grouped_lora_routed(
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
                                     or routing.gates.requires_grad or (out is not None and out.requires_grad)):
         return _GroupedLora.apply(out, x, A, B, scale, routing.gates, routing, impl, plan)
-    # the same experts and gates for every token: coefficients as floats the plan folds into its matmuls' alphas
-    coef = routing.uniform_coefficients(scale) if getattr(plan, "float_coefficients", False) else None
-    return _forward(impl, plan, routing.coefficients(scale) if coef is None else coef, x, A, B, out)[0]
+    if getattr(plan, "float_coefficients", False):  # every token alike: the coefficients as the matmuls' alphas
+        bound = routing.bound(plan, A, B, scale)
+        if bound is not None:
+            return bound(x, out)
+    return _forward(impl, plan, routing.coefficients(scale), x, A, B, out)[0]
 
 
 def resolve_backend(name: str, x: torch.Tensor) -> ModuleType:

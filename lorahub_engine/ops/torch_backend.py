@@ -370,11 +370,11 @@ class DensePlan:
 @dataclass(frozen=True)
 class UniformPlan:
     """Every token routes to the same k experts (a single token, or one row expanded over the tokens): shrink is one
-    matmul over all tokens with the k experts' A side by side (for k = 1 a view of the bank); nothing sorted, nothing
-    read back from the device per call. Where the coefficients come as floats (`float_coefficients`: one expert, or
-    one token with up to FLOAT_SLOTS experts, as a router's top-k in decoding), the expand adds each slot's matmul
-    with its expert's B^T, a view of the bank, and the coefficient as alpha; else one matmul with the k experts' B^T
-    side by side and the coefficients as a tensor."""
+    matmul over all tokens with the k experts' A side by side (for k = 1 a view of the bank), expand one matmul with
+    their B^T side by side; nothing sorted, nothing read back from the device per call. Where the coefficients come
+    as floats (`float_coefficients`: one expert, or one token with up to FLOAT_SLOTS experts, as a router's top-k in
+    decoding), `bind` gives the layer's whole forward as each slot's two matmuls on views of the bank, the
+    coefficient as alpha."""
 
     experts: tuple[int, ...]  # (k,) -1 = none
     index: torch.Tensor  # (k,) the experts, -1 read as 0 (its pairs are masked)
@@ -383,8 +383,13 @@ class UniformPlan:
 
     @property
     def float_coefficients(self) -> bool:
-        """expand takes coef as a tuple of one float per slot (shared by every token)."""
+        """`bind` takes the coefficients as one float per slot (shared by every token)."""
         return len(self.experts) == 1 or (self.num_tokens == 1 and len(self.experts) <= FLOAT_SLOTS)
+
+    def bind(self, A: torch.Tensor, B: torch.Tensor, coef: tuple[float, ...]) -> BoundSlots:
+        """This plan's forward on the bank (A, B) with one coefficient per slot."""
+        slots = tuple((A[e], B[e].t(), c) for e, c in zip(self.experts, coef) if e >= 0)  # B[e]^T: (r, out)
+        return BoundSlots(slots, B.shape[1])
 
     def walk(self, rank: int, *tensors: torch.Tensor) -> str:
         return "uniform"
@@ -404,18 +409,9 @@ class UniformPlan:
             u.view(T, k, r)[:, [j for j, e in enumerate(self.experts) if e < 0]] = 0
         return u.view(T * k, r)
 
-    def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor | tuple[float, ...],
-               out: torch.Tensor | None) -> torch.Tensor:
+    def expand(self, u: torch.Tensor, B: torch.Tensor, coef: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         dtype = u.dtype if out is None else out.dtype
         T, k = self.num_tokens, len(self.experts)
-        if isinstance(coef, tuple) and u.dtype == dtype:  # floats, no cast: each slot's matmul with alpha
-            target = u.new_zeros(T, B.shape[1]) if out is None else out
-            for j, (e, c) in enumerate(zip(self.experts, coef)):
-                if e >= 0:  # slot j's rows of u (one slot: u itself); B[e]^T: contiguous (r, out) for a rank-major B
-                    target.addmm_(u if k == 1 else u.view(T, k, -1)[:, j], _as(B[e].t(), dtype), alpha=c)
-            return target
-        if isinstance(coef, tuple):  # into a lower-precision out: scaled in u's precision, then cast
-            coef = torch.tensor(coef, dtype=u.dtype, device=u.device).repeat(T)  # (T*k,)
         Bt = _as(self._side_by_side(B.transpose(1, 2)), dtype)  # (k*r, out); contiguous for a rank-major B
         scaled = _as(u * coef.unsqueeze(1), dtype)  # (T*k, r); empty slots: coef 0
         if k > 1:
@@ -433,6 +429,27 @@ class UniformPlan:
         per_slot = torch.bmm(left.view(T, k, a).permute(1, 2, 0), right.expand(k, T, b))  # (k, a, b)
         valid = [j for j, e in enumerate(self.experts) if e >= 0]
         return g.index_add_(0, self.index[valid], per_slot[valid])  # an expert in several slots: summed
+
+
+@dataclass(frozen=True)
+class BoundSlots:
+    """A UniformPlan's shrink and expand on one bank, coefficients as floats: for each slot with an expert, views of
+    its A [r, in] and B^T [r, out] and its coefficient. Called with x [T, in] and out [T, out] in x's dtype (or None:
+    a new delta); each slot is one matmul each way, the k slots summed in the output."""
+
+    slots: tuple[tuple[torch.Tensor, torch.Tensor, float], ...]
+    out_features: int
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        acc = accum_dtype(x.dtype)
+        target = x.new_zeros(x.shape[0], self.out_features, dtype=acc) if out is None else out
+        for A_e, Bt_e, c in self.slots:
+            u = _as(torch.nn.functional.linear(x, A_e), acc)  # (T, r)
+            if target.dtype == acc:
+                target.addmm_(u, _as(Bt_e, acc), alpha=c)
+            else:  # into a lower-precision out: scaled in u's precision, then cast
+                target.addmm_(_as(u * c, target.dtype), Bt_e)
+        return target if out is not None else _as(target, x.dtype)
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,23 @@ def test_coefficients_are_computed_once_per_scale_and_follow_in_place_changes(mo
     assert routing.coefficients(scale) is not routing.coefficients(scale)
 
 
+def test_a_uniform_routing_binds_each_bank_once_and_rebinds_when_the_coefficients_change():
+    """One token, one expert: each layer's bank is bound once (views and float coefficients), kept while the gates
+    and its scale are unchanged; another bank gets its own, a scale or gates changed in place a new one."""
+    _, A, B, scale, _, _ = make_case(1, 3, 2, 5, 4, 1, seed=0, dtype=torch.float32)
+    gates = torch.tensor([[0.5]])
+    routing = TokenRouting(torch.tensor([[2]]), gates)
+    plan = routing.plan(torch_backend, 3)
+    first = routing.bound(plan, A, B, scale)
+    assert routing.bound(plan, A, B, scale) is first
+    assert first.slots[0][2] == pytest.approx(0.5 * float(scale[2]))
+    assert routing.bound(plan, A.clone(), B, scale) is not first
+    scale.mul_(2)
+    assert routing.bound(plan, A, B, scale).slots[0][2] == pytest.approx(0.5 * float(scale[2]))
+    gates.mul_(3)
+    assert routing.bound(plan, A, B, scale).slots[0][2] == pytest.approx(1.5 * float(scale[2]))
+
+
 def test_per_token_gates_keep_the_tensor_coefficients():
     idx = torch.tensor([[1]]).expand(4, -1)
     assert TokenRouting(idx, torch.rand(4, 1)).uniform_coefficients(torch.ones(3)) is None  # gates differ per token
