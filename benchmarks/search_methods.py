@@ -71,6 +71,13 @@ def search_validated_fallback(ctx: Context) -> MethodOutput:
     return _search(ctx, folds=5, validate="exact_match_fallback")
 
 
+@register_method("search_adam_validated")
+def search_adam_validated(ctx: Context) -> MethodOutput:
+    """`lorahub_search(optimizer="adam")`: Adam through the grouped op (lr 0.3, budget 40 = 13 steps), validated
+    leave-one-out by held-out exact match, ties going to w = 0 / the single adapter."""
+    return _search(ctx, folds=5, optimizer="adam", validate="exact_match_fallback")
+
+
 @register_method("search_mixture_validated")
 def search_mixture_validated(ctx: Context) -> MethodOutput:
     """The validated search in the exact space: weights of sum_i w_i dW_i (mode="mixture")."""

@@ -28,7 +28,6 @@ import lorahub_engine as le
 from lorahub_engine._io import write_json_atomic
 from lorahub_engine.fewshot import generate_answers
 from lorahub_engine.search import FewShotObjective, SearchConfig, encode_pairs, random_modules, search_history
-from lorahub_engine.search.fit import FitConfig, descend
 
 SHOTS = 5
 MIN_GAP = 0.5  # nats: problems whose teacher is closer to the base are left out of the summary (counted in the JSON)
@@ -49,15 +48,11 @@ SETTINGS = {
     "cma_single_step0.25": {"optimizer": "cma", "start": "single", "step": 0.25},
     "ngopt_single": {"optimizer": "NGOpt", "start": "single", "population": 1},  # COBYLA from the best single
     "powell": {"optimizer": "Powell", "start": "zero", "population": 1},
+    # Adam through the grouped op's backward, budget // 3 steps (a step costs about 3 evaluations; each run's seconds
+    # are recorded beside the searches')
+    "adam": {"optimizer": "adam", "lr": 0.1},  # fit_weights' default learning rate
+    "adam_lr0.3": {"optimizer": "adam", "lr": 0.3},  # SearchConfig's
 }
-# name -> FitConfig overrides: Adam through the grouped op's backward (`le.fit_weights`' descent) on the same
-# objective, budget // STEP_COST steps (a forward and backward of every example costs about STEP_COST forwards;
-# each run's seconds are recorded beside the searches')
-FITS = {
-    "adam": {},  # FitConfig's defaults: lr 0.1, fusion from w ~ N(0, 0.1^2)
-    "adam_lr0.3": {"lr": 0.3},
-}
-STEP_COST = 3
 
 
 def problem(base, zoo, n: int, seed: int, mode: str):
@@ -93,13 +88,8 @@ def run_problem(base, zoo, n: int, seed: int, mode: str, budgets, settings, done
             ce0, ce_teacher = objective.cross_entropy(torch.tensor([[0.0] * n, teacher])).tolist()
             for setting, budget in todo:
                 start = time.process_time()
-                if setting in FITS:
-                    config = FitConfig(**{**FITS[setting], "steps": max(1, budget // STEP_COST), "mode": mode,
-                                          "seed": seed})
-                    history = descend(objective, config, progress=False)
-                else:
-                    config = SearchConfig(**{**SETTINGS[setting], "budget": budget, "mode": mode, "seed": seed})
-                    history = search_history(objective, config, progress=False)
+                config = SearchConfig(**{**SETTINGS[setting], "budget": budget, "mode": mode, "seed": seed})
+                history = search_history(objective, config, progress=False)
                 best = min(history, key=lambda e: e.loss)
                 records[_key(setting, mode, n, budget, seed)] = {
                     "setting": setting, "mode": mode, "n": n, "budget": budget, "seed": seed, "ce0": ce0,
@@ -132,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--first-seed", type=int, default=100, help="seeds first..first+seeds-1 (defaults were "
                         "tuned on seeds 0-7; report on others)")
     parser.add_argument("--settings", nargs="+", default=["default", "cma_random", "cma_single"],
-                        choices=sorted(SETTINGS | FITS))
+                        choices=sorted(SETTINGS))
     parser.add_argument("--mode", choices=("fusion", "mixture"), default="fusion")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_quality.json")

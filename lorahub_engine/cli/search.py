@@ -47,11 +47,13 @@ def add_search(commands) -> None:
     p.add_argument("--budget", type=positive_int, default=d.budget, help="objective evaluations")
     p.add_argument("--bound", type=positive_float, default=d.bound, help="weights stay in [-bound, bound]")
     p.add_argument("--l1", type=float, default=d.l1, help="weight of mean |w| in the objective")
-    p.add_argument("--optimizer", default=d.optimizer, help="a nevergrad optimizer name or 'cma' (NGOpt: LoraHub's)")
+    p.add_argument("--optimizer", default=d.optimizer,
+                   help="a nevergrad optimizer name, 'cma', or 'adam' (gradient descent) (NGOpt: LoraHub's)")
     p.add_argument("--population", type=positive_int, default=d.population,
                    help="candidates per batched forward (None: the optimizer's own; nevergrad 1)")
     p.add_argument("--start", choices=STARTS, default=d.start, help="start point")
     p.add_argument("--step", type=positive_float, default=d.step, help="cma's initial step size")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="adam's learning rate")
     p.add_argument("--mode", choices=MODES, default=d.mode,
                    help="fusion: LoraHub's factor mix; mixture: the exact sum of weighted deltas")
     p.add_argument("--folds", type=int, default=d.folds,
@@ -88,7 +90,7 @@ def run_search(args: argparse.Namespace) -> int:
     result = lorahub_search(model, tokenizer, adapters, examples, budget=args.budget, bound=args.bound, l1=args.l1,
                             optimizer=args.optimizer, population=args.population, start=args.start, step=args.step,
                             mode=args.mode, folds=args.folds, validate=args.validate, seed=args.seed,
-                            batch_size=args.batch_size, progress=show_progress())
+                            batch_size=args.batch_size, lr=args.lr, progress=show_progress())
     result.adapter(args.name).save(args.output, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
@@ -104,12 +106,13 @@ def run_search(args: argparse.Namespace) -> int:
 def _check_search_options(args: argparse.Namespace, n: int) -> None:
     """The search's options, validated (an optimizer built and dropped) before any model loads."""
     from lorahub_engine.search.config import SearchConfig
-    from lorahub_engine.search.optimizers import make_optimizer
+    from lorahub_engine.search.loop import check_search
 
     config = SearchConfig(budget=args.budget, bound=args.bound, l1=args.l1, optimizer=args.optimizer,
                           population=args.population, start=args.start, step=args.step, mode=args.mode,
-                          folds=args.folds, validate=args.validate, seed=args.seed, batch_size=args.batch_size)
-    make_optimizer(config, n).close()
+                          folds=args.folds, validate=args.validate, seed=args.seed, batch_size=args.batch_size,
+                          lr=args.lr)
+    check_search(config, n)
 
 
 def load_index(folder: str):

@@ -6,11 +6,12 @@ fit_weights, the same weights learned by gradient descent through the grouped op
 """
 
 from lorahub_engine.search.answers import HeldOutAnswers
-from lorahub_engine.search.config import DEFAULTS, VALIDATIONS, SearchConfig
+from lorahub_engine.search.config import DEFAULTS, VALIDATIONS, FitConfig, SearchConfig
+from lorahub_engine.search.descent import descend
 from lorahub_engine.search.errors import SearchError
-from lorahub_engine.search.fit import FitConfig, first_token_entropy, fit_weights
+from lorahub_engine.search.fit import first_token_entropy, fit_weights
 from lorahub_engine.search.lorahub import lorahub_search, search_with
-from lorahub_engine.search.loop import evaluate, run_search, search_history
+from lorahub_engine.search.loop import check_search, evaluate, run_search, search_history
 from lorahub_engine.search.modules import random_modules, retrieved_modules
 from lorahub_engine.search.objective import FewShotObjective, encode_pairs, l1_penalty
 from lorahub_engine.search.optimizers import AskTellOptimizer, CMAOptimizer, NevergradOptimizer, make_optimizer
@@ -31,7 +32,9 @@ __all__ = [
     "SearchError",
     "SearchResult",
     "VALIDATIONS",
+    "check_search",
     "cross_validate",
+    "descend",
     "encode_pairs",
     "evaluate",
     "first_token_entropy",

@@ -6,6 +6,9 @@ from w = 0, one candidate per forward, closed as much of the gap as any CMA-ES s
 start, steps 0.25-1, populations 4-12, sign symmetry folded or not, the best single adapter first) and more at
 N = 20 and budget 200, so it stays the default; `SearchConfig.lorahub()` names it. optimizer="cma" runs CMA-ES
 with a population per batched forward (the cheaper wall clock where a forward of many rows costs about one).
+optimizer="adam" descends the gradient through the grouped op's backward instead (`fit_weights`' Adam), each step
+charged GRADIENT_STEP_COST evaluations of the budget: ahead of NGOpt at N = 20, behind it at N = 5.
+FitConfig is fit_weights' config (fit.py).
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from lorahub_engine.search.errors import SearchError
 MODES = ("fusion", "mixture")  # fusion: LoraHub's factor mix; mixture: the exact sum of the weighted deltas
 STARTS = ("zero", "random", "single")
 VALIDATIONS = ("exact_match", "exact_match_fallback", "cross_entropy")  # how validation ranks (see validate.py)
+LOSSES = ("cross_entropy", "entropy")  # fit_weights: the answers' CE, or the first answer token's entropy
+GRADIENT = "adam"  # the optimizer name of gradient descent in a search
+GRADIENT_STEP_COST = 3  # evaluations of the budget one step costs: a forward and a backward of every example (on
+#                         planted problems 66 steps took 0.78x the CPU time of NGOpt's 200 evaluations, RESULTS.md)
 
 
 class JsonConfig:
@@ -48,7 +55,8 @@ class SearchConfig(JsonConfig):
     budget: int = 40  # objective evaluations in all (LoraHub: 40)
     bound: float = 1.5  # every weight stays in [-bound, bound] (LoraHub: 1.5)
     l1: float = 0.05  # objective = mean answer cross-entropy + l1 * mean |w| (LoraHub: 0.05)
-    optimizer: str = "NGOpt"  # a nevergrad optimizer name (LoraHub's code: NGOpt = COBYLA here) or "cma" (pycma)
+    optimizer: str = "NGOpt"  # a nevergrad optimizer name (LoraHub's code: NGOpt = COBYLA here), "cma" (pycma) or
+    #                           "adam" (gradient descent: budget // GRADIENT_STEP_COST steps; start "zero" only)
     population: int | None = None  # candidates per batched forward; None = the optimizer's own (cma: 4 + 3 ln N,
     #                                nevergrad: 1)
     start: str = "zero"  # "zero" (LoraHub), "random" (w = 0 is a stationary point of the factor merge), or
@@ -64,6 +72,7 @@ class SearchConfig(JsonConfig):
     #                   than w = 0), then cross-entropy; "exact_match": cross-entropy breaks ties; "cross_entropy"
     #                   alone (the first rule: it never fell back to w = 0 on the tiny base, RESULTS.md)
     batch_size: int | None = None  # rows per forward (population x examples); None = all rows in one forward
+    lr: float = 0.3  # optimizer="adam": its learning rate (0.3 beat 0.1 at budget 40, RESULTS.md)
 
     @classmethod
     def lorahub(cls, **overrides) -> SearchConfig:
@@ -89,6 +98,56 @@ class SearchConfig(JsonConfig):
             raise SearchError(f"fold must be a bool, got {self.fold!r}")
         check_choice("start", self.start, STARTS)
         check_choice("mode", self.mode, MODES)
+        check_number("lr", self.lr)
+        if self.optimizer == GRADIENT and (self.start != "zero" or self.population is not None):
+            raise SearchError(f"optimizer {GRADIENT!r} descends from its own start (w ~ N(0, 0.1^2) in fusion, 0 in "
+                              f"mixture) one point at a time: start must be 'zero' and population None, got "
+                              f"{self.start!r} and {self.population!r}")
+
+    @property
+    def history_length(self) -> int:
+        """Evaluations a search of this config records: the budget, or the steps of a gradient descent."""
+        return max(1, self.budget // GRADIENT_STEP_COST) if self.optimizer == GRADIENT else self.budget
+
+    def with_history_length(self, length: int) -> SearchConfig:
+        """This config with the budget that records `length` evaluations (validation picks a length)."""
+        return self.replace(budget=length * GRADIENT_STEP_COST if self.optimizer == GRADIENT else length)
+
+    def descent(self) -> FitConfig:
+        """The gradient descent optimizer="adam" runs: fit_weights' Adam on this objective, budget in steps."""
+        return FitConfig(steps=self.history_length, lr=self.lr, l1=self.l1, bound=self.bound, mode=self.mode,
+                         seed=self.seed)
+
+
+@dataclass(frozen=True)
+class FitConfig(JsonConfig):
+    """fit_weights' settings (fit.py); `descend` runs them."""
+
+    KIND: ClassVar[str] = "fit"
+
+    steps: int = 40  # Adam steps (one forward and backward of all examples each)
+    lr: float = 0.1  # Adam's learning rate
+    l1: float = 0.05  # objective = mean loss + l1 * mean |w| (LoraHub's regularizer)
+    bound: float = 1.5  # weights are clamped to [-bound, bound] after every step
+    mode: str = "fusion"  # "fusion" (LoraHub's factor mix) or "mixture" (exact sum of w_i dW_i)
+    loss: str = "cross_entropy"  # or "entropy" (AdaMerging, on unlabeled inputs)
+    init: float = 0.1  # fusion starts at w ~ N(0, init^2): w = 0 has zero gradient there (dW is quadratic in w)
+    seed: int = 0  # seeds the start
+    folds: int = 0  # 0: no validation; k >= 2: k-fold over the examples (see validate.py)
+    validate: str = "exact_match_fallback"  # with folds: a rule of VALIDATIONS (validate.py)
+
+    def __post_init__(self):
+        check_positive_int("steps", self.steps)
+        for name in ("lr", "bound"):
+            check_number(name, getattr(self, name))
+        for name in ("l1", "init"):
+            check_number(name, getattr(self, name), positive=False)
+        check_choice("mode", self.mode, MODES)
+        check_choice("loss", self.loss, LOSSES)
+        check_int("seed", self.seed)
+        check_validation(self.folds, self.validate)
+        if self.folds and self.loss == "entropy":
+            raise SearchError("validation needs answers: folds must be 0 with loss='entropy'")
 
 
 # ---- checks shared by SearchConfig and FitConfig ---------------------------------------------------------------

@@ -17,56 +17,21 @@ or cross-entropy (validate="cross_entropy").
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from lorahub_engine.adapter import LoraAdapter
 from lorahub_engine.fewshot import IGNORE, Batch, example_losses, positions
-from lorahub_engine.progress import progress_bar
 from lorahub_engine.search.answers import answers_for
-from lorahub_engine.search.config import (MODES, JsonConfig, check_choice, check_int, check_number,
-                                          check_positive_int, check_validation)
+from lorahub_engine.search.config import FitConfig
+from lorahub_engine.search.descent import descend
 from lorahub_engine.search.errors import SearchError
 from lorahub_engine.search.inputs import check_adapters, check_examples, composing
 from lorahub_engine.search.loop import evaluate
 from lorahub_engine.search.objective import FewShotObjective, encode_pairs
-from lorahub_engine.search.result import Evaluation, SearchResult
+from lorahub_engine.search.result import SearchResult
 from lorahub_engine.search.validate import cross_validate, folds_of
-
-LOSSES = ("cross_entropy", "entropy")
-
-
-@dataclass(frozen=True)
-class FitConfig(JsonConfig):
-    KIND: ClassVar[str] = "fit"
-
-    steps: int = 40  # Adam steps (one forward and backward of all examples each)
-    lr: float = 0.1  # Adam's learning rate
-    l1: float = 0.05  # objective = mean loss + l1 * mean |w| (LoraHub's regularizer)
-    bound: float = 1.5  # weights are clamped to [-bound, bound] after every step
-    mode: str = "fusion"  # "fusion" (LoraHub's factor mix) or "mixture" (exact sum of w_i dW_i)
-    loss: str = "cross_entropy"  # or "entropy" (AdaMerging, on unlabeled inputs)
-    init: float = 0.1  # fusion starts at w ~ N(0, init^2): w = 0 has zero gradient there (dW is quadratic in w)
-    seed: int = 0  # seeds the start
-    folds: int = 0  # 0: no validation; k >= 2: k-fold over the examples (see validate.py)
-    validate: str = "exact_match_fallback"  # with folds: a rule of VALIDATIONS (search/config.py; validate.py)
-
-    def __post_init__(self):
-        check_positive_int("steps", self.steps)
-        for name in ("lr", "bound"):
-            check_number(name, getattr(self, name))
-        for name in ("l1", "init"):
-            check_number(name, getattr(self, name), positive=False)
-        check_choice("mode", self.mode, MODES)
-        check_choice("loss", self.loss, LOSSES)
-        check_int("seed", self.seed)
-        check_validation(self.folds, self.validate)
-        if self.folds and self.loss == "entropy":
-            raise SearchError("validation needs answers: folds must be 0 with loss='entropy'")
-
 
 def fit_weights(model, tokenizer, adapters: Sequence[LoraAdapter], examples, *, mode: str = "fusion",
                 steps: int = FitConfig.steps, lr: float = FitConfig.lr, l1: float = FitConfig.l1,
@@ -108,29 +73,6 @@ def fit_weights(model, tokenizer, adapters: Sequence[LoraAdapter], examples, *, 
     return SearchResult(names=names, weights=dict(zip(names, best.weights)), loss=best.loss,
                         cross_entropy=best.cross_entropy, history=history, config=final, adapters=adapters,
                         validation=None if choice is None else choice.to_json())
-
-
-@torch.enable_grad()  # also under a caller's no_grad
-def descend(objective, config: FitConfig, progress: bool = True) -> list[Evaluation]:
-    """`config.steps` Adam steps on the weights; each step's point (before the update) and its objective.
-    objective: anything with num_adapters and cross_entropy(weights [1, N], grad=True) -> [1]."""
-    N = objective.num_adapters
-    start = torch.zeros(N, dtype=torch.float64)
-    if config.mode == "fusion":
-        start = torch.randn(N, generator=torch.Generator().manual_seed(config.seed), dtype=torch.float64) * config.init
-    weights = torch.nn.Parameter(start.clamp(-config.bound, config.bound).float())
-    optimizer = torch.optim.Adam([weights], lr=config.lr)
-    history: list[Evaluation] = []
-    for _ in progress_bar(range(config.steps), desc="fit weights", unit="step", progress=progress):
-        cross_entropy = objective.cross_entropy(weights[None], grad=True)[0]
-        loss = cross_entropy + config.l1 * weights.abs().mean()
-        history.append(Evaluation(tuple(weights.detach().double().tolist()), loss.item(), cross_entropy.item()))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            weights.clamp_(-config.bound, config.bound)
-    return history
 
 
 def first_token_entropy(model, batch: Batch) -> torch.Tensor:

@@ -1,5 +1,7 @@
-"""The search loop: ask the optimizer, evaluate its candidates in one batched forward, tell it the losses.
+"""The search loop: ask the optimizer, evaluate its candidates in one batched forward, tell it the losses (or, for
+optimizer="adam", descend the gradient: descent.py).
 
+    check_search(config, N)                          # before anything is attached
     history = search_history(objective, config)     # every Evaluation, in order
 
 `objective`: anything with `num_adapters` and `cross_entropy(weights [P, N]) -> [P]` (FewShotObjective, a fold).
@@ -11,16 +13,25 @@ import numpy as np
 import torch
 
 from lorahub_engine.progress import progress_bar
-from lorahub_engine.search.config import SearchConfig
+from lorahub_engine.search.config import GRADIENT, SearchConfig
+from lorahub_engine.search.descent import descend
 from lorahub_engine.search.objective import l1_penalty
 from lorahub_engine.search.optimizers import AskTellOptimizer, make_optimizer
 from lorahub_engine.search.result import Evaluation
 
 
+def check_search(config: SearchConfig, num_adapters: int) -> None:
+    """Fails (SearchError) on an optimizer that cannot run this config, before anything is attached."""
+    if config.optimizer != GRADIENT:
+        make_optimizer(config, num_adapters).close()
+
+
 def search_history(objective, config: SearchConfig, progress: bool = True) -> list[Evaluation]:
-    """Every evaluation of one search of `config` on `objective` (the optimizer built and released here).
-    start="single" spends the first N evaluations on the one-hot weights (each adapter alone, one batched
-    forward) and starts the optimizer at the best of them."""
+    """Every evaluation of one search of `config` on `objective` (the optimizer built and released here), in all
+    `config.history_length`. start="single" spends the first N evaluations on the one-hot weights (each adapter
+    alone, one batched forward) and starts the optimizer at the best of them; optimizer="adam" records each step."""
+    if config.optimizer == GRADIENT:
+        return descend(objective, config.descent(), progress)
     N, start, history = objective.num_adapters, None, []
     if config.start == "single":
         history = evaluate(objective, torch.eye(N, dtype=torch.float64)[:config.budget], config.l1)

@@ -20,9 +20,8 @@ from lorahub_engine.search.answers import answers_for
 from lorahub_engine.search.config import DEFAULTS, SearchConfig
 from lorahub_engine.search.errors import SearchError
 from lorahub_engine.search.inputs import check_adapters, check_examples, composing
-from lorahub_engine.search.loop import evaluate, search_history
+from lorahub_engine.search.loop import check_search, evaluate, search_history
 from lorahub_engine.search.objective import FewShotObjective, encode_pairs
-from lorahub_engine.search.optimizers import make_optimizer
 from lorahub_engine.search.result import SearchResult
 from lorahub_engine.search.validate import cross_validate, folds_of
 
@@ -32,7 +31,8 @@ def lorahub_search(model, tokenizer, adapters: Sequence[LoraAdapter], examples: 
                    optimizer: str = DEFAULTS.optimizer, population: int | None = DEFAULTS.population,
                    start: str = DEFAULTS.start, step: float = DEFAULTS.step, seed: int = DEFAULTS.seed,
                    mode: str = DEFAULTS.mode, folds: int = DEFAULTS.folds, validate: str = DEFAULTS.validate,
-                   batch_size: int | None = DEFAULTS.batch_size, progress: bool = True) -> SearchResult:
+                   batch_size: int | None = DEFAULTS.batch_size, lr: float = DEFAULTS.lr,
+                   progress: bool = True) -> SearchResult:
     """Search weights w in [-bound, bound]^N minimizing mean answer CE + l1 * mean |w| (defaults: `DEFAULTS`).
 
     model: a transformers causal or seq2seq LM without adapters attached; it is left as it was (adapters
@@ -42,7 +42,9 @@ def lorahub_search(model, tokenizer, adapters: Sequence[LoraAdapter], examples: 
     mode: "fusion" mixes the adapters' factors (LoraHub); "mixture" applies each adapter's delta with its weight.
     optimizer: "cma" or a nevergrad optimizer name; LoraHub's own setting is optimizer="NGOpt", start="zero",
         population=1 (`SearchConfig.lorahub()`). population: candidates per batched forward (None: the
-        optimizer's own); start: "zero" or "random"; step: cma's initial step size.
+        optimizer's own); start: "zero", "random" or "single"; step: cma's initial step size. "adam" descends the
+        gradient through the grouped op instead (learning rate `lr`; each step costs GRADIENT_STEP_COST = 3
+        evaluations of the budget; result.history holds its steps).
     folds: k >= 2 validates on the examples first (k-fold, leave-one-out when k >= n): it picks l1 and the number
         of evaluations of the final search, or returns w = 0 or the best single adapter when no search beats them
         on held-out examples (`result.validation` records the comparison). 0 (default): search once.
@@ -53,7 +55,7 @@ def lorahub_search(model, tokenizer, adapters: Sequence[LoraAdapter], examples: 
     """
     config = SearchConfig(budget=budget, bound=bound, l1=l1, optimizer=optimizer, population=population,
                           start=start, step=step, seed=seed, mode=mode, folds=folds, validate=validate,
-                          batch_size=batch_size)
+                          batch_size=batch_size, lr=lr)
     return search_with(model, tokenizer, adapters, examples, config, progress)
 
 
@@ -66,7 +68,7 @@ def search_with(model, tokenizer, adapters: Sequence[LoraAdapter], examples: Seq
         batch = encode_pairs(model, tokenizer, examples)
     except ValueError as e:  # e.g. an answer that encodes to no tokens
         raise SearchError(f"cannot encode the examples: {e}") from None
-    make_optimizer(config, len(adapters)).close()  # an unknown optimizer fails before anything is attached
+    check_search(config, len(adapters))  # an unknown optimizer fails before anything is attached
     if config.folds:
         folds_of(len(examples), config.folds)  # too few examples to validate: fails here too
     choice, final = None, config
@@ -75,11 +77,11 @@ def search_with(model, tokenizer, adapters: Sequence[LoraAdapter], examples: Seq
         if config.folds:
             answers = answers_for(config.validate, model, tokenizer, examples, config.mode, config.batch_size)
             choice = cross_validate(objective, lambda fold, l1: search_history(fold, config.replace(l1=l1), False),
-                                    config.budget, config.folds, answers=answers,
+                                    config.history_length, config.folds, answers=answers,
                                     prefer_fallbacks=config.validate == "exact_match_fallback")
         if choice is None or choice.kind == "search":
             if choice is not None:  # the l1 and number of evaluations that validation picked
-                final = config.replace(l1=choice.l1, budget=choice.evaluations)
+                final = config.replace(l1=choice.l1).with_history_length(choice.evaluations)
             history = search_history(objective, final, progress)
         else:  # a fallback: its one evaluation under the configured objective
             weights = torch.zeros(1, len(adapters), dtype=torch.float64)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from benchmarks import search_quality
+from lorahub_engine.search.config import GRADIENT_STEP_COST
 
 
 def test_planted_problem_scores_the_share_of_the_gap_and_resumes(one_thread, tmp_path):
@@ -16,7 +17,7 @@ def test_planted_problem_scores_the_share_of_the_gap_and_resumes(one_thread, tmp
     search_quality.main(argv)
     runs = json.loads(out.read_text())["runs"]
     assert sorted(runs) == ["adam|fusion|3|6|0", "cma_random|fusion|3|6|0", "default|fusion|3|6|0"]
-    assert runs["adam|fusion|3|6|0"]["evaluations"] == 6 // search_quality.STEP_COST
+    assert runs["adam|fusion|3|6|0"]["evaluations"] == 6 // GRADIENT_STEP_COST
     assert runs["default|fusion|3|6|0"]["evaluations"] == 6
     for r in runs.values():
         assert r["share"] == pytest.approx((r["ce0"] - r["ce_found"]) / (r["ce0"] - r["ce_teacher"]))

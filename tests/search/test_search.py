@@ -172,6 +172,9 @@ def test_composed_adapter_of_fp16_adapters_is_what_the_search_evaluated(base, to
     (dict(folds=2, examples=EXAMPLES[:1]), "validation needs at least 2 examples"),
     (dict(folds=5, validate="accuracy"), "validate must be one of"),
     (dict(optimizer="Cobyla", population=2), "optimizer 'Cobyla' is sequential: it needs population=1, got 2"),
+    (dict(optimizer="adam", start="random"), "optimizer 'adam' descends from its own start"),
+    (dict(optimizer="adam", population=4), "start must be 'zero' and population None"),
+    (dict(optimizer="adam", lr=0.0), "lr must be a finite number > 0"),
 ])
 def test_bad_input_raises_typed_errors_before_touching_the_model(base, tokenizer, zoo, options, message):
     arguments = dict(adapters=zoo, examples=EXAMPLES)
@@ -269,3 +272,27 @@ def test_start_single_scans_the_adapters_then_searches_from_the_best(base, token
     assert min(result.history[:4], key=lambda e: e.loss).weights == (0.0, 1.0, 0.0, 0.0)  # the trained adapter
     assert len(result.history) == 12 and result.loss <= result.history[1].loss
     assert search(base, tokenizer, zoo, budget=3, optimizer="cma", start="single").history[-1].weights[2] == 1.0
+
+
+def test_adam_descends_through_the_op_at_three_evaluations_a_step_and_records_each_step(base, tokenizer, zoo):
+    """optimizer="adam": budget 121 buys 40 Adam steps (the same as fit_weights' descent with lr, l1 and seed), each
+    step's point evaluated exactly (the merged base's loss + the l1 term); it finds the trained adapter."""
+    result = search(base, tokenizer, zoo, budget=121, optimizer="adam", lr=0.1, seed=2)
+    assert len(result.history) == 121 // 3 == result.config.history_length
+    fit = le.fit_weights(base, tokenizer, zoo, EXAMPLES, steps=40, lr=0.1, seed=2, progress=False)
+    assert result.history == fit.history
+    for e in result.history[::6]:
+        assert e.loss == pytest.approx(objective_of(base, tokenizer, zoo, e.weights), abs=1e-5)
+    assert result.loss < objective_of(base, tokenizer, zoo, [0.0] * 4) - 0.4
+    assert result.weights["task"] == max(result.weights.values(), key=abs)
+
+
+def test_adam_validation_picks_steps_and_runs_them(base, tokenizer, zoo):
+    """With folds the options are numbers of steps (a quarter, half, all of budget // 3); the final descent runs the
+    steps picked, recorded as their budget."""
+    result = search(base, tokenizer, zoo, budget=24, optimizer="adam", folds=5, validate="cross_entropy")
+    names = {f"l1={l1:g} evaluations={t}" for l1 in (0.05, 0.5) for t in (2, 4, 8)}
+    assert set(result.validation["held_out"]) == {"zero", "single"} | names
+    if result.validation["kind"] == "search":
+        assert result.config.budget == 3 * result.validation["evaluations"]
+        assert len(result.history) == result.validation["evaluations"]
