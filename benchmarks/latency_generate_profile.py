@@ -1,5 +1,8 @@
 """Base / ours / PEFT generate side by side on a few SmolLM2-shaped layers (1 request, 1 adapter, 48 new tokens),
 and per LoRA layer call the time each adds over the base; `--profile` adds cProfile of ours (the dispatch's Python).
+Two floors run in the same model, the LoRA layer's forward replaced for the run: `wrapped` (the wrapper module and
+its base call only, no LoRA) and `two_matmuls` (that plus `out.addmm_(x @ A^T, B^T, alpha=scale)` written by hand):
+ours minus two_matmuls is what the dispatch costs per call.
 
     HF_HUB_OFFLINE=1 python -m benchmarks.latency_generate_profile [--layers 6] [--rounds 5] [--threads 1]
                                                                    [--clock process] [--profile]
@@ -21,6 +24,7 @@ import torch
 import lorahub_engine as le
 from benchmarks.bench_latency import NEW_TOKENS, PROMPT, VOCAB, build_causal_lm, peft_model, random_adapters
 from benchmarks.timing import CLOCKS
+from lorahub_engine.lora_layer import LoraLayer
 
 PROJECTIONS = 7  # LoRA layer calls per decoder layer (every projection adapted)
 
@@ -46,8 +50,17 @@ def main(argv: list[str] | None = None) -> dict:
         with le.routing(ours, torch.zeros(1, 1, dtype=torch.long)):
             return ours.generate(ids, **options)
 
-    runs = {"base": lambda: base.generate(ids, **options), "ours": routed,
-            "peft": lambda: peft.generate(input_ids=ids, **options)}
+    def replaced(forward):
+        def run():
+            original, LoraLayer.forward = LoraLayer.forward, forward
+            try:
+                return routed()
+            finally:
+                LoraLayer.forward = original
+        return run
+
+    runs = {"base": lambda: base.generate(ids, **options), "wrapped": replaced(_wrapped),
+            "two_matmuls": replaced(_two_matmuls), "ours": routed, "peft": lambda: peft.generate(input_ids=ids, **options)}
     best = dict.fromkeys(runs, float("inf"))
     with torch.no_grad():
         for run in runs.values():
@@ -58,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
                 run()
                 best[name] = min(best[name], clock() - start)
         calls = NEW_TOKENS * args.layers * PROJECTIONS
-        added = {name: (best[name] - best["base"]) / calls * 1e6 for name in ("ours", "peft")}
+        added = {name: (best[name] - best["base"]) / calls * 1e6 for name in runs if name != "base"}
         print({name: round(s, 3) for name, s in best.items()},
               {f"{name} - base per call (us)": round(us, 1) for name, us in added.items()})
         if args.profile:
@@ -66,6 +79,20 @@ def main(argv: list[str] | None = None) -> dict:
             profile.runcall(routed)
             pstats.Stats(profile).sort_stats("tottime").print_stats(25)
     return {"seconds": best, "added_us_per_call": added}
+
+
+def _wrapped(layer: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    tokens = x.reshape(-1, x.shape[-1])
+    return layer.base(tokens).view(*x.shape[:-1], -1)
+
+
+def _two_matmuls(layer: LoraLayer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The attached bank's only adapter, by hand: what any LoRA layer must do at one token."""
+    tokens = x.reshape(-1, x.shape[-1])
+    out = layer.base(tokens)
+    A, B, scale = layer.bank()
+    out.addmm_(torch.nn.functional.linear(tokens, A[0]), B[0].t(), alpha=float(scale[0]))
+    return out.view(*x.shape[:-1], -1)
 
 
 if __name__ == "__main__":
