@@ -190,7 +190,7 @@ LORAHUB_MODULES = 20  # LoraHub's default number of composed modules
 def _lorahub(ctx: Context, names: list[str]) -> MethodOutput:
     """LoraHub's search (budget 40, w in [-1.5, 1.5], l1 0.05, NGOpt) on the shots; answers with the composition."""
     result = lorahub_search(ctx.base.model, ctx.base.tokenizer, [ctx.zoo[n] for n in names], ctx.shot_pairs(),
-                            seed=ctx.seed, progress=False)
+                            optimizer="NGOpt", population=1, seed=ctx.seed, progress=False)
     return answer_with(ctx, result.adapter(), {"adapters": names, "weights": list(result.weights.values()),
                                                "loss": result.loss, "zero_loss": result.history[0].loss})
 

@@ -1,5 +1,6 @@
-"""Cross-task rows of issue 12: the LoraHub search with this engine's defaults, validated on the shots, in the
-factor ("fusion") and the exact ("mixture") space; weights fitted by gradient descent; AdaMerging's entropy fit.
+"""Cross-task rows of issue 12: the LoraHub search (NGOpt, as these rows were measured), validated on the shots, in
+the factor ("fusion") and the exact ("mixture") space; weights fitted by gradient descent; AdaMerging's entropy fit;
+the engine's default search (optimizer="adam" since session 16), plain and validated.
 
 Every row composes the 20 modules retrieved for the shots' prompts (as `retrieval_lorahub`, today's best search
 row) and answers the test inputs with the composition. Validation (folds=5) is leave-one-out over the 5 shots: it
@@ -17,6 +18,7 @@ from benchmarks.methods import LORAHUB_MODULES, answer_with
 from lorahub_engine.search import fit_weights, lorahub_search, retrieved_modules
 
 FIT_STEPS = 20  # a forward + backward per step, ~ the time of LoraHub's 40 evaluations (forwards) of the shots
+LORAHUB = {"optimizer": "NGOpt", "population": 1}  # LoraHub's optimizer, which the search rows were measured with
 UNLABELED = 25  # AdaMerging: test inputs read without their answers (transductive, as in the paper)
 
 
@@ -49,39 +51,43 @@ def _fit(ctx: Context, examples, **options) -> MethodOutput:
 
 @register_method("search_default")
 def search_default(ctx: Context) -> MethodOutput:
-    """The engine's default search (SearchConfig()) over the 20 retrieved modules, no validation."""
+    """The engine's default search (SearchConfig(): Adam through the op) over the 20 retrieved modules, no
+    validation."""
     return _search(ctx)
 
 
 @register_method("search_validated")
 def search_validated(ctx: Context) -> MethodOutput:
-    """The default search, validated leave-one-out on the shots by held-out CE (l1, evaluations, or a fallback)."""
-    return _search(ctx, folds=5, validate="cross_entropy")
+    """LoraHub's search (NGOpt), validated leave-one-out on the shots by held-out CE (l1, evaluations, or a
+    fallback)."""
+    return _search(ctx, **LORAHUB, folds=5, validate="cross_entropy")
 
 
 @register_method("search_validated_em")
 def search_validated_em(ctx: Context) -> MethodOutput:
-    """The default search, validated leave-one-out by held-out exact match of the greedy answers (CE breaks ties)."""
-    return _search(ctx, folds=5, validate="exact_match")
+    """LoraHub's search (NGOpt), validated leave-one-out by held-out exact match of the greedy answers (CE breaks
+    ties)."""
+    return _search(ctx, **LORAHUB, folds=5, validate="exact_match")
 
 
 @register_method("search_validated_fallback")
 def search_validated_fallback(ctx: Context) -> MethodOutput:
-    """The default search, validated leave-one-out by held-out exact match, ties going to w = 0 / the single adapter."""
-    return _search(ctx, folds=5, validate="exact_match_fallback")
+    """LoraHub's search (NGOpt), validated leave-one-out by held-out exact match, ties going to w = 0 / the single
+    adapter."""
+    return _search(ctx, **LORAHUB, folds=5, validate="exact_match_fallback")
 
 
 @register_method("search_adam_validated")
 def search_adam_validated(ctx: Context) -> MethodOutput:
-    """`lorahub_search(optimizer="adam")`: Adam through the grouped op (lr 0.3, budget 40 = 13 steps), validated
-    leave-one-out by held-out exact match, ties going to w = 0 / the single adapter."""
+    """The default search, `lorahub_search(optimizer="adam")`: Adam through the grouped op (lr 0.3, budget 40 = 13
+    steps), validated leave-one-out by held-out exact match, ties going to w = 0 / the single adapter."""
     return _search(ctx, folds=5, optimizer="adam", validate="exact_match_fallback")
 
 
 @register_method("search_mixture_validated")
 def search_mixture_validated(ctx: Context) -> MethodOutput:
-    """The validated search in the exact space: weights of sum_i w_i dW_i (mode="mixture")."""
-    return _search(ctx, folds=5, mode="mixture", validate="cross_entropy")
+    """LoraHub's validated search in the exact space: weights of sum_i w_i dW_i (mode="mixture")."""
+    return _search(ctx, **LORAHUB, folds=5, mode="mixture", validate="cross_entropy")
 
 
 @register_method("fit_fusion_validated")

@@ -125,11 +125,11 @@ def test_search_picks_random_or_retrieved_modules(search_folders, tmp_path, caps
     from retrieval import AdapterIndex
 
     root = search_folders
-    assert main(search_argv(root, "--random", "2", "--seed", "1", "--budget", "3", "-o", str(tmp_path / "r"))) == 0
+    assert main(search_argv(root, "--random", "2", "--seed", "1", "--budget", "6", "-o", str(tmp_path / "r"))) == 0
     text = capsys.readouterr().out
     names = random_modules(list(SEARCH_SAMPLES), 2, seed=1)
     assert [line.split()[0] for line in text.splitlines()[:2]] == names
-    assert "after 3 evaluations" in text and f"wrote {tmp_path / 'r'}" in text
+    assert "after 2 Adam steps" in text and f"wrote {tmp_path / 'r'}" in text
     assert main(search_argv(root, "--retrieve", str(root / "idx"), "--modules", "2", "--budget", "3", "--json",
                             "-o", str(tmp_path / "q"))) == 0
     retrieved = retrieved_modules(AdapterIndex.load(root / "idx"), [x for x, _ in SEARCH_EXAMPLES], 2)

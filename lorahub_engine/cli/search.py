@@ -32,8 +32,9 @@ def add_search(commands) -> None:
     from lorahub_engine.search.config import DEFAULTS, MODES, STARTS, VALIDATIONS
 
     p = commands.add_parser("search", help="LoraHub: search weights for N zoo adapters on a few examples",
-                            description="Gradient-free search (nevergrad or CMA-ES) of LoraHub weights for N adapters of a zoo "
-                                        "on few-shot examples; writes the composed adapter as a PEFT folder.")
+                            description="Search of LoraHub weights for N adapters of a zoo on few-shot examples (Adam "
+                                        "through the grouped op by default; gradient-free: --optimizer NGOpt, "
+                                        "LoraHub's, or cma); writes the composed adapter as a PEFT folder.")
     p.add_argument("zoo", help="zoo folder")
     p.add_argument("--model", required=True, help="transformers model folder (causal or seq2seq LM)")
     p.add_argument("--examples", required=True, help='JSON lines file, one {"input": ..., "output": ...} per line')
@@ -44,7 +45,7 @@ def add_search(commands) -> None:
     pick.add_argument("--retrieve", metavar="INDEX", help="index folder: the adapters retrieved for the inputs")
     p.add_argument("--modules", type=positive_int, default=20, help="adapters retrieved with --retrieve")
     d = DEFAULTS
-    p.add_argument("--budget", type=positive_int, default=d.budget, help="objective evaluations")
+    p.add_argument("--budget", type=positive_int, default=d.budget, help="objective evaluations (an Adam step costs 3)")
     p.add_argument("--bound", type=positive_float, default=d.bound, help="weights stay in [-bound, bound]")
     p.add_argument("--l1", type=float, default=d.l1, help="weight of mean |w| in the objective")
     p.add_argument("--optimizer", default=d.optimizer,
@@ -72,6 +73,7 @@ def add_search(commands) -> None:
 
 def run_search(args: argparse.Namespace) -> int:
     from lorahub_engine.search import lorahub_search, random_modules, retrieved_modules
+    from lorahub_engine.search.config import GRADIENT
     from lorahub_engine.zoo import AdapterZoo
 
     set_threads(args)
@@ -98,7 +100,8 @@ def run_search(args: argparse.Namespace) -> int:
     width = max(map(len, result.names))
     for name, weight in result.weights.items():
         print(f"{name:<{width}}  {weight:+.4f}")
-    print(f"loss {result.loss:.4f} (cross-entropy {result.cross_entropy:.4f}) after {len(result.history)} evaluations")
+    unit = "Adam steps" if result.config.optimizer == GRADIENT else "evaluations"
+    print(f"loss {result.loss:.4f} (cross-entropy {result.cross_entropy:.4f}) after {len(result.history)} {unit}")
     print(f"wrote {args.output}")
     return 0
 

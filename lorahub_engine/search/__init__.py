@@ -1,5 +1,6 @@
-"""LoraHub search: gradient-free weights for a composition of N adapters, one batched forward per population; and
-fit_weights, the same weights learned by gradient descent through the grouped op.
+"""LoraHub search: weights for a composition of N adapters on a few examples, by Adam through the grouped op (the
+default) or gradient-free (LoraHub's NGOpt, CMA-ES; one batched forward per population); and fit_weights, the
+gradient fit with its own losses (AdaMerging's entropy).
 
     from lorahub_engine.search import lorahub_search
     result = lorahub_search(model, tokenizer, adapters, examples, budget=40, seed=0)  # defaults: DEFAULTS

@@ -1,13 +1,15 @@
 """SearchConfig: how a LoraHub search runs. Typed, validated on entry, serialized as JSON.
 
 The defaults are written here once; `lorahub_search` and the CLI read them (`DEFAULTS`). They were compared on
-planted problems (benchmarks/search_quality.py, RESULTS.md): LoraHub's own setting, nevergrad's NGOpt (COBYLA here)
-from w = 0, one candidate per forward, closed as much of the gap as any CMA-ES setting tried (random or zero
-start, steps 0.25-1, populations 4-12, sign symmetry folded or not, the best single adapter first) and more at
-N = 20 and budget 200, so it stays the default; `SearchConfig.lorahub()` names it. optimizer="cma" runs CMA-ES
-with a population per batched forward (the cheaper wall clock where a forward of many rows costs about one).
-optimizer="adam" descends the gradient through the grouped op's backward instead (`fit_weights`' Adam), each step
-charged GRADIENT_STEP_COST evaluations of the budget: ahead of NGOpt at N = 20, behind it at N = 5.
+planted problems (benchmarks/search_quality.py, RESULTS.md). Among gradient-free settings LoraHub's own, nevergrad's
+NGOpt (COBYLA here) from w = 0, one candidate per forward, closed as much of the gap as any CMA-ES setting tried
+(random or zero start, steps 0.25-1, populations 4-12, sign symmetry folded or not, the best single adapter first);
+`SearchConfig.lorahub()` names it, the reference. The default is optimizer="adam": Adam through the grouped op's
+backward (`fit_weights`' descent), each step charged GRADIENT_STEP_COST evaluations of the budget. At N = 20 (LoraHub's
+number of modules) it closed more of the gap than NGOpt at budgets 40 and 200, on the seeds it was tuned on and on
+held-out ones, in less CPU time; at N = 5 it lost on the first seeds and won on the held-out ones; on the 20 held-out
+tasks of the cross-task table, validated, it tied NGOpt in 0.56x the time. optimizer="cma" runs
+CMA-ES with a population per batched forward (the cheaper wall clock where a forward of many rows costs about one).
 FitConfig is fit_weights' config (fit.py).
 """
 
@@ -26,7 +28,8 @@ VALIDATIONS = ("exact_match", "exact_match_fallback", "cross_entropy")  # how va
 LOSSES = ("cross_entropy", "entropy")  # fit_weights: the answers' CE, or the first answer token's entropy
 GRADIENT = "adam"  # the optimizer name of gradient descent in a search
 GRADIENT_STEP_COST = 3  # evaluations of the budget one step costs: a forward and a backward of every example (on
-#                         planted problems 66 steps took 0.78x the CPU time of NGOpt's 200 evaluations, RESULTS.md)
+#                         planted problems 66 steps took 0.71-0.78x the CPU time of NGOpt's 200 evaluations: 3 is
+#                         conservative, RESULTS.md)
 
 
 class JsonConfig:
@@ -55,8 +58,8 @@ class SearchConfig(JsonConfig):
     budget: int = 40  # objective evaluations in all (LoraHub: 40)
     bound: float = 1.5  # every weight stays in [-bound, bound] (LoraHub: 1.5)
     l1: float = 0.05  # objective = mean answer cross-entropy + l1 * mean |w| (LoraHub: 0.05)
-    optimizer: str = "NGOpt"  # a nevergrad optimizer name (LoraHub's code: NGOpt = COBYLA here), "cma" (pycma) or
-    #                           "adam" (gradient descent: budget // GRADIENT_STEP_COST steps; start "zero" only)
+    optimizer: str = "adam"  # "adam" (gradient descent: budget // GRADIENT_STEP_COST steps; start "zero" only), a
+    #                          nevergrad optimizer name (LoraHub's: NGOpt, COBYLA here) or "cma" (pycma)
     population: int | None = None  # candidates per batched forward; None = the optimizer's own (cma: 4 + 3 ln N,
     #                                nevergrad: 1)
     start: str = "zero"  # "zero" (LoraHub), "random" (w = 0 is a stationary point of the factor merge), or
@@ -76,8 +79,7 @@ class SearchConfig(JsonConfig):
 
     @classmethod
     def lorahub(cls, **overrides) -> SearchConfig:
-        """LoraHub's released setting, the reference (today also the default): NGOpt from w = 0, one candidate per
-        forward."""
+        """LoraHub's released setting, the gradient-free reference: NGOpt from w = 0, one candidate per forward."""
         return cls(**{"optimizer": "NGOpt", "start": "zero", "population": 1, **overrides})
 
     def __post_init__(self):

@@ -1,4 +1,5 @@
-"""lorahub_search: LoraHub's gradient-free search for the weights of a composition (Huang et al. 2023).
+"""lorahub_search: LoraHub's search for the weights of a composition (Huang et al. 2023), by default with Adam through
+the grouped op's backward instead of its gradient-free optimizer (`SearchConfig.lorahub()`, optimizer="NGOpt").
 
     result = lorahub_search(model, tokenizer, adapters, [("input", "answer"), ...], seed=0)
     result.weights, result.loss          # best weights per adapter, its objective
@@ -6,7 +7,8 @@
 
 LoraHub merges full state dicts and reruns the model for each of its 40 evaluations. Here the adapters are
 attached once and a candidate only sets the fusion gates (see objective.py); with population=P, P candidates are
-asked, evaluated in one batched forward, and told together. population=1 is LoraHub's sequential loop.
+asked, evaluated in one batched forward, and told together. population=1 is LoraHub's sequential loop. With
+optimizer="adam" (the default) the gates require grad and each step is one forward and backward of the examples.
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ def lorahub_search(model, tokenizer, adapters: Sequence[LoraAdapter], examples: 
     adapters: the N LoraAdapter to compose (LoraHub: 20). examples: (input, answer) pairs; the input is the
         prompt as the model reads it.
     mode: "fusion" mixes the adapters' factors (LoraHub); "mixture" applies each adapter's delta with its weight.
-    optimizer: "cma" or a nevergrad optimizer name; LoraHub's own setting is optimizer="NGOpt", start="zero",
+    optimizer: "adam" (default) descends the gradient through the grouped op (learning rate `lr`; each step costs
+        GRADIENT_STEP_COST = 3 evaluations of the budget; result.history holds its steps); else "cma" or a
+        nevergrad optimizer name, gradient-free: LoraHub's own setting is optimizer="NGOpt", start="zero",
         population=1 (`SearchConfig.lorahub()`). population: candidates per batched forward (None: the
-        optimizer's own); start: "zero", "random" or "single"; step: cma's initial step size. "adam" descends the
-        gradient through the grouped op instead (learning rate `lr`; each step costs GRADIENT_STEP_COST = 3
-        evaluations of the budget; result.history holds its steps).
+        optimizer's own); start: "zero", "random" or "single"; step: cma's initial step size.
     folds: k >= 2 validates on the examples first (k-fold, leave-one-out when k >= n): it picks l1 and the number
         of evaluations of the final search, or returns w = 0 or the best single adapter when no search beats them
         on held-out examples (`result.validation` records the comparison). 0 (default): search once.

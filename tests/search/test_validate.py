@@ -146,7 +146,7 @@ def zero_by_hand(base, tokenizer, max_new_tokens: int) -> float:
 
 def test_search_validated_by_exact_match_records_both_scores(base, tokenizer, zoo):
     result = lorahub_search(base, tokenizer, zoo, EXAMPLES, budget=12, folds=5, validate="exact_match",
-                            progress=False)
+                            optimizer="NGOpt", progress=False)
     assert result.config.validate == "exact_match"
     held = result.validation["held_out"]
     assert set(held) == {"zero", "single"} | {f"l1={l1:g} evaluations={t}" for l1 in (0.05, 0.5) for t in (3, 6, 12)}
