@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import weakref
 from types import ModuleType
 
 import torch
@@ -55,7 +54,7 @@ class TokenRouting:
         self._plans: dict[tuple[str, int], object] = {}
         self._pairs: tuple | None = None  # (gates' version, masked gates [T*k], clamped idx [T*k])
         self._uniform: tuple | None = None  # (gates' version, ((expert, gate) per slot) when every token shares them)
-        self._per_scale: dict[tuple, tuple] = {}  # (kind, ids of the tensors) -> (weakrefs, versions, value)
+        self._per_scale: dict[tuple, tuple] = {}  # (kind, ids of the tensors) -> (the tensors, versions, value)
 
     @property
     def num_tokens(self) -> int:
@@ -111,24 +110,22 @@ class TokenRouting:
         views of its bank and the coefficients as floats, kept per bank while the gates and the scales are unchanged
         (in place changes of the bank need nothing: its views see them); None where the coefficients are not floats.
         A decode step's layer call then costs its two matmuls and a lookup."""
-        version = version_of(self.gates)
-
         def bind():
             floats = self.uniform_coefficients(scale)
             return None if floats is None else plan.bind(A, B, floats)
-        return self._kept("bound", (A, B, scale), version, bind)
+        return self._kept("bound", (A, B, scale), version_of(self.gates), bind)
 
     def _kept(self, kind, tensors: tuple[torch.Tensor, ...], version: int | None, compute):
         """compute(), kept per (kind, tensors) while the gates (at `version`) and the last tensor (a scale) are
-        unchanged; the tensors are matched by identity (held weakly)."""
+        unchanged. The tensors are matched by id and held with the value (a layer's bank and scale, which its layer
+        holds anyway), so no other tensor can take their ids while the routing lives."""
         key, scale_version = (kind, *map(id, tensors)), version_of(tensors[-1])
         kept = self._per_scale.get(key)
-        if kept is not None and kept[1] == (version, scale_version) and all(
-                ref() is t for ref, t in zip(kept[0], tensors)):  # never None: not kept
+        if kept is not None and kept[1] == (version, scale_version):  # never None: not kept
             return kept[2]
         value = compute()
         if version is not None and scale_version is not None:
-            self._per_scale[key] = (tuple(map(weakref.ref, tensors)), (version, scale_version), value)
+            self._per_scale[key] = (tensors, (version, scale_version), value)
         return value
 
     def _shared_slots(self) -> tuple[tuple[int, float], ...] | None:

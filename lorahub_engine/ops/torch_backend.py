@@ -381,7 +381,7 @@ class UniformPlan:
     num_tokens: int
     num_experts: int
 
-    @property
+    @functools.cached_property
     def float_coefficients(self) -> bool:
         """`bind` takes the coefficients as one float per slot (shared by every token)."""
         return len(self.experts) == 1 or (self.num_tokens == 1 and len(self.experts) <= FLOAT_SLOTS)
@@ -389,7 +389,7 @@ class UniformPlan:
     def bind(self, A: torch.Tensor, B: torch.Tensor, coef: tuple[float, ...]) -> BoundSlots:
         """This plan's forward on the bank (A, B) with one coefficient per slot."""
         slots = tuple((A[e], B[e].t(), c) for e, c in zip(self.experts, coef) if e >= 0)  # B[e]^T: (r, out)
-        return BoundSlots(slots, B.shape[1])
+        return BoundSlots(slots, B.shape[1], accum_dtype(A.dtype) == A.dtype)
 
     def walk(self, rank: int, *tensors: torch.Tensor) -> str:
         return "uniform"
@@ -439,8 +439,13 @@ class BoundSlots:
 
     slots: tuple[tuple[torch.Tensor, torch.Tensor, float], ...]
     out_features: int
+    full_precision: bool  # the bank (so x and out) in fp32 / fp64: no cast anywhere
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        if out is not None and self.full_precision:  # a layer's call: the two matmuls per slot, nothing else
+            for A_e, Bt_e, c in self.slots:
+                out.addmm_(torch.nn.functional.linear(x, A_e), Bt_e, alpha=c)
+            return out
         acc = accum_dtype(x.dtype)
         target = x.new_zeros(x.shape[0], self.out_features, dtype=acc) if out is None else out
         for A_e, Bt_e, c in self.slots:
