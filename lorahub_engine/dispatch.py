@@ -165,14 +165,19 @@ class RowRouting:
         return A, B, scale, self._tokens(layout, ctx)
 
     def _tokens(self, layout: TokenLayout, ctx: ForwardContext) -> TokenRouting:
+        """This forward's TokenRouting for the layout: the first layer call finds or builds it, the others read it
+        from the forward's context."""
+        key = (id(self), layout.rows, layout.length)
+        routing = ctx.shared.get(key)
+        if routing is None:
+            routing = ctx.shared[key] = self._routing_for(layout)
+        return routing
+
+    def _routing_for(self, layout: TokenLayout) -> TokenRouting:
         shape = (layout.rows, layout.length)
         versions = (version_of(self.idx), version_of(self.gates))
         if self.mode == "fusion" or self.gates.requires_grad or None in versions:
-            key = (id(self), *shape)  # one per forward
-            routing = ctx.shared.get(key)
-            if routing is None:
-                routing = ctx.shared[key] = TokenRouting(*self._per_token(layout))
-            return routing
+            return TokenRouting(*self._per_token(layout))  # one per forward
         kept = self._kept.get(shape)
         if kept is None or kept[0] != versions:
             kept = self._kept[shape] = (versions, TokenRouting(*self._per_token(layout)))
