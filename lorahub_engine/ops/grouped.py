@@ -105,16 +105,18 @@ class TokenRouting:
             return tuple(0.0 if e < 0 else gate * values[e] for e, gate in slots)
         return self._kept("floats", (scale,), version, floats)
 
-    def bound(self, backend: str, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor):
-        """`plan.bind(A, B, floats)` where the backend's plan has `float_coefficients`: the layer's shrink and expand
-        with views of its bank and the coefficients as floats, kept per bank while the gates and the scales are
-        unchanged (in place changes of the bank need nothing: its views see them); None (kept too) where the
-        coefficients are not floats. A decode step's layer call then costs its two matmuls and a lookup."""
+    def bound(self, plan, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor):
+        """`plan.bind(A, B, floats)` where the plan takes float coefficients (`float_coefficients`: every token routed
+        alike, on the CPU): the layer's shrink and expand with views of its bank and the coefficients as floats, kept
+        per bank while the gates and the scales are unchanged (in place changes of the bank need nothing: its views
+        see them); None otherwise. A decode step's layer call then costs its two matmuls and a lookup."""
+        if not getattr(plan, "float_coefficients", False):
+            return None
+
         def bind():
-            plan = self.plan(resolve_backend(backend, A), A.shape[0])
-            floats = self.uniform_coefficients(scale) if getattr(plan, "float_coefficients", False) else None
+            floats = self.uniform_coefficients(scale)
             return None if floats is None else plan.bind(A, B, floats)
-        return self._kept(("bound", backend), (A, B, scale), version_of(self.gates), bind)
+        return self._kept("bound", (A, B, scale), version_of(self.gates), bind)
 
     def _kept(self, kind, tensors: tuple[torch.Tensor, ...], version: int | None, compute):
         """compute(), kept per (kind, tensors) while the gates (at `version`) and the last tensor (a scale) are
@@ -179,15 +181,15 @@ def grouped_lora_routed(
     LoraLayer: its bank is built to fit, and routings are built for its tokens)."""
     if check:
         _check_shapes(x, A, B, scale, routing, out)
+    impl = resolve_backend(backend, x)
+    plan = routing.plan(impl, A.shape[0])
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
                                     or routing.gates.requires_grad or (out is not None and out.requires_grad)):
-        impl = resolve_backend(backend, x)
-        return _GroupedLora.apply(out, x, A, B, scale, routing.gates, routing, impl, routing.plan(impl, A.shape[0]))
-    bound = routing.bound(backend, A, B, scale)  # every token alike: the coefficients as the matmuls' alphas
+        return _GroupedLora.apply(out, x, A, B, scale, routing.gates, routing, impl, plan)
+    bound = routing.bound(plan, A, B, scale)  # every token alike: the coefficients as the matmuls' alphas
     if bound is not None:
         return bound(x, out)
-    impl = resolve_backend(backend, x)
-    return _forward(impl, routing.plan(impl, A.shape[0]), routing.coefficients(scale), x, A, B, out)[0]
+    return _forward(impl, plan, routing.coefficients(scale), x, A, B, out)[0]
 
 
 def resolve_backend(name: str, x: torch.Tensor) -> ModuleType:

@@ -442,18 +442,19 @@ class BoundSlots:
     full_precision: bool  # the bank (so x and out) in fp32 / fp64: no cast anywhere
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        if out is not None and self.full_precision:  # a layer's call: the two matmuls per slot, nothing else
+        if self.full_precision:  # the two matmuls per slot, nothing else (a layer's call adds into its base output)
+            target = x.new_zeros(x.shape[0], self.out_features) if out is None else out
             for A_e, Bt_e, c in self.slots:
-                out.addmm_(torch.nn.functional.linear(x, A_e), Bt_e, alpha=c)
-            return out
-        acc = accum_dtype(x.dtype)
+                target.addmm_(torch.nn.functional.linear(x, A_e), Bt_e, alpha=c)
+            return target
+        acc = accum_dtype(x.dtype)  # half precision: rank-r products accumulated in fp32
         target = x.new_zeros(x.shape[0], self.out_features, dtype=acc) if out is None else out
         for A_e, Bt_e, c in self.slots:
             u = _as(torch.nn.functional.linear(x, A_e), acc)  # (T, r)
-            if target.dtype == acc:
+            if out is None:
                 target.addmm_(u, _as(Bt_e, acc), alpha=c)
-            else:  # into a lower-precision out: scaled in u's precision, then cast
-                target.addmm_(_as(u * c, target.dtype), Bt_e)
+            else:  # into the half-precision out: scaled in fp32, then cast
+                target.addmm_(_as(u * c, out.dtype), Bt_e)
         return target if out is not None else _as(target, x.dtype)
 
 

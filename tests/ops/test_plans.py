@@ -158,15 +158,17 @@ def test_a_uniform_routing_binds_each_bank_once_and_rebinds_when_the_coefficient
     _, A, B, scale, _, _ = make_case(1, 3, 2, 5, 4, 1, seed=0, dtype=torch.float32)
     gates = torch.tensor([[0.5]])
     routing = TokenRouting(torch.tensor([[2]]), gates)
-    first = routing.bound("torch", A, B, scale)
-    assert routing.bound("torch", A, B, scale) is first
+    plan = routing.plan(torch_backend, 3)
+    first = routing.bound(plan, A, B, scale)
+    assert routing.bound(plan, A, B, scale) is first
     assert first.slots[0][2] == pytest.approx(0.5 * float(scale[2]))
-    assert routing.bound("torch", A.clone(), B, scale) is not first
+    assert routing.bound(plan, A.clone(), B, scale) is not first
     scale.mul_(2)
-    assert routing.bound("torch", A, B, scale).slots[0][2] == pytest.approx(0.5 * float(scale[2]))
+    assert routing.bound(plan, A, B, scale).slots[0][2] == pytest.approx(0.5 * float(scale[2]))
     gates.mul_(3)
-    assert routing.bound("torch", A, B, scale).slots[0][2] == pytest.approx(1.5 * float(scale[2]))
-    assert TokenRouting(torch.tensor([[0], [2]])).bound("torch", A, B, scale) is None  # per token: no floats
+    assert routing.bound(plan, A, B, scale).slots[0][2] == pytest.approx(1.5 * float(scale[2]))
+    per_token = TokenRouting(torch.tensor([[0], [2]]))
+    assert per_token.bound(per_token.plan(torch_backend, 3), A, B, scale) is None  # per token: no floats
 
 
 def test_per_token_gates_keep_the_tensor_coefficients():

@@ -296,3 +296,5 @@ def test_adam_validation_picks_steps_and_runs_them(base, tokenizer, zoo):
     if result.validation["kind"] == "search":
         assert result.config.budget == 3 * result.validation["evaluations"]
         assert len(result.history) == result.validation["evaluations"]
+    else:  # a fallback: its one evaluation
+        assert len(result.history) == 1
